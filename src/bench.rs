@@ -1,0 +1,374 @@
+//! The kernel cases shared by `modelpress demo`, `modelpress bench` and
+//! `benches/throughput.rs`: each runs one operation on a device over seeded
+//! sample data, and can be compared with the CPU reference.
+//!
+//! Timings are end to end as a caller sees them (upload, kernel, readback
+//! on a GPU), best of several repetitions; throughput counts the bytes the
+//! operation reads and writes.
+
+use crate::device::Device;
+use crate::error::{Error, Result};
+use crate::ops::{mix, prune, quantize, transfer};
+use crate::sample::{self, Rng};
+use crate::tensor::{max_ulp_diff, DType, Tensor};
+use std::time::Instant;
+
+/// Sample inputs: two weight matrices of the same shape and a small row-mix
+/// matrix, all in one dtype.
+pub struct Sample {
+    pub a: Tensor,
+    pub b: Tensor,
+    /// 64 rows of the same width, for row mixing.
+    pub rows: Tensor,
+    pub row_weights: Vec<f32>,
+}
+
+impl Sample {
+    /// About `elements` weights per matrix, shaped (elements/1024, 1024).
+    pub fn new(dtype: DType, elements: usize, seed: u64) -> Sample {
+        let mut rng = Rng::new(seed);
+        let cols = 1024.min(elements.max(1));
+        let shape = [elements.div_ceil(cols), cols];
+        let row_shape = [64, (elements / 64).max(1)];
+        Sample {
+            a: sample::weight(&mut rng, dtype, &shape),
+            b: sample::weight(&mut rng, dtype, &shape),
+            rows: sample::weight(&mut rng, dtype, &row_shape),
+            row_weights: (0..64).map(|_| rng.uniform() as f32).collect(),
+        }
+    }
+}
+
+/// One result: a float tensor, or int8 values with their scales.
+pub enum Output {
+    Float(Tensor),
+    Int8(crate::tensor::QTensor),
+}
+
+/// How a device's result compares with the CPU's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Agreement {
+    Identical,
+    /// Floats differ by at most this many ulps of the output dtype.
+    Ulps(u64),
+    Differs,
+}
+
+impl std::fmt::Display for Agreement {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Agreement::Identical => f.write_str("identical"),
+            Agreement::Ulps(u) => write!(f, "≤ {u} ulp"),
+            Agreement::Differs => f.write_str("DIFFERS"),
+        }
+    }
+}
+
+pub fn agreement(x: &Output, y: &Output) -> Agreement {
+    match (x, y) {
+        (Output::Float(a), Output::Float(b)) => match max_ulp_diff(a, b) {
+            Some(0) if a.data == b.data => Agreement::Identical,
+            Some(0) => Agreement::Ulps(0),
+            Some(u) if u != u64::MAX => Agreement::Ulps(u),
+            _ => Agreement::Differs,
+        },
+        (Output::Int8(a), Output::Int8(b)) => {
+            if a == b {
+                Agreement::Identical
+            } else {
+                Agreement::Differs
+            }
+        }
+        _ => Agreement::Differs,
+    }
+}
+
+type RunFn = fn(&Device, &Sample) -> Result<Output>;
+
+/// A named operation over a sample, and the bytes it reads and writes.
+pub struct Case {
+    pub name: &'static str,
+    pub run: RunFn,
+    pub bytes: fn(&Sample) -> u64,
+}
+
+fn float_rw(s: &Sample) -> u64 {
+    2 * s.a.data.len() as u64
+}
+
+fn two_in_one_out(s: &Sample) -> u64 {
+    3 * s.a.data.len() as u64
+}
+
+fn quant_rw(s: &Sample) -> u64 {
+    (s.a.data.len() + s.a.numel()) as u64
+}
+
+/// Every kernel, as the demo and the benchmarks run it.
+pub fn cases() -> Vec<Case> {
+    vec![
+        Case {
+            name: "prune.threshold",
+            run: |d, s| Ok(Output::Float(prune::threshold(d, &s.a.view(), 0.02)?.0)),
+            bytes: float_rw,
+        },
+        Case {
+            name: "prune.neurons.l2",
+            run: |d, s| {
+                let cols = s.a.shape[1] as f32;
+                Ok(Output::Float(
+                    prune::prune_neurons(
+                        d,
+                        &s.a.view(),
+                        1.0 - 2.0 / cols.sqrt(),
+                        prune::NeuronNorm::L2,
+                    )?
+                    .0,
+                ))
+            },
+            // Statistics pass plus masking pass.
+            bytes: |s| 3 * s.a.data.len() as u64,
+        },
+        Case {
+            name: "prune.neurons.max",
+            run: |d, s| {
+                let cols = s.a.shape[1] as f32;
+                Ok(Output::Float(
+                    prune::prune_neurons(
+                        d,
+                        &s.a.view(),
+                        3.3 / cols.sqrt(),
+                        prune::NeuronNorm::Max,
+                    )?
+                    .0,
+                ))
+            },
+            bytes: |s| 3 * s.a.data.len() as u64,
+        },
+        Case {
+            name: "quantize.round",
+            run: |d, s| {
+                Ok(Output::Int8(
+                    quantize::quantize_round(d, &s.a.view(), 1000.0)?.0,
+                ))
+            },
+            bytes: quant_rw,
+        },
+        Case {
+            name: "quantize.absmax.tensor",
+            run: |d, s| {
+                Ok(Output::Int8(
+                    quantize::quantize_absmax(d, &s.a.view(), quantize::Granularity::PerTensor)?.0,
+                ))
+            },
+            bytes: |s| quant_rw(s) + s.a.data.len() as u64,
+        },
+        Case {
+            name: "quantize.absmax.row",
+            run: |d, s| {
+                Ok(Output::Int8(
+                    quantize::quantize_absmax(d, &s.a.view(), quantize::Granularity::PerRow)?.0,
+                ))
+            },
+            bytes: |s| quant_rw(s) + s.a.data.len() as u64,
+        },
+        Case {
+            name: "quantize.dequantize",
+            run: |d, s| {
+                // Quantizing on the CPU keeps this case about dequantization.
+                let (q, _) = quantize::quantize_absmax(
+                    &Device::Cpu,
+                    &s.a.view(),
+                    quantize::Granularity::PerRow,
+                )?;
+                Ok(Output::Float(quantize::dequantize(d, &q, s.a.dtype)?))
+            },
+            bytes: quant_rw,
+        },
+        Case {
+            name: "quantize.convert",
+            run: |d, s| {
+                let to = if s.a.dtype == DType::F32 {
+                    DType::BF16
+                } else {
+                    DType::F32
+                };
+                Ok(Output::Float(quantize::convert(d, &s.a.view(), to)?))
+            },
+            bytes: |s| {
+                let to = if s.a.dtype == DType::F32 { 2 } else { 4 };
+                (s.a.data.len() + s.a.numel() * to) as u64
+            },
+        },
+        Case {
+            name: "transfer.scalar",
+            run: |d, s| {
+                Ok(Output::Float(transfer::transfer(
+                    d,
+                    &s.a.view(),
+                    transfer::Delta::Scalar(0.001),
+                    0.5,
+                )?))
+            },
+            bytes: float_rw,
+        },
+        Case {
+            name: "transfer.tensor",
+            run: |d, s| {
+                Ok(Output::Float(transfer::transfer(
+                    d,
+                    &s.a.view(),
+                    transfer::Delta::Tensor(s.b.view()),
+                    0.3,
+                )?))
+            },
+            bytes: two_in_one_out,
+        },
+        Case {
+            name: "mix.weighted",
+            run: |d, s| {
+                Ok(Output::Float(mix::mix(
+                    d,
+                    &[s.a.view(), s.b.view()],
+                    &[0.7, 0.3],
+                )?))
+            },
+            bytes: two_in_one_out,
+        },
+        Case {
+            name: "mix.rows",
+            run: |d, s| {
+                Ok(Output::Float(mix::mix_rows(
+                    d,
+                    &s.rows.view(),
+                    &s.row_weights,
+                )?))
+            },
+            bytes: |s| (s.rows.data.len() + s.rows.data.len() / 64) as u64,
+        },
+    ]
+}
+
+/// Best wall time of `reps` runs (after one warm-up run that compiles the
+/// pipelines), and the last output.
+pub fn time_case(case: &Case, dev: &Device, s: &Sample, reps: usize) -> Result<(f64, Output)> {
+    let mut out = (case.run)(dev, s)?;
+    let mut best = f64::INFINITY;
+    for _ in 0..reps.max(1) {
+        let t = Instant::now();
+        out = (case.run)(dev, s)?;
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    Ok((best, out))
+}
+
+/// "16M" -> 16·2^20; "64k" -> 64·2^10; "1000" -> 1000.
+pub fn parse_count(s: &str) -> Result<usize> {
+    let s = s.trim();
+    let (num, mult) = match s.chars().last() {
+        Some('k' | 'K') => (&s[..s.len() - 1], 1usize << 10),
+        Some('m' | 'M') => (&s[..s.len() - 1], 1 << 20),
+        Some('g' | 'G') => (&s[..s.len() - 1], 1 << 30),
+        _ => (s, 1),
+    };
+    num.parse::<usize>()
+        .map(|n| n * mult)
+        .map_err(|_| Error::input(format!("'{s}' is not a count (like 1000, 64k, 16M)")))
+}
+
+fn gbps(bytes: u64, secs: f64) -> f64 {
+    bytes as f64 / secs / 1e9
+}
+
+/// `modelpress demo`: every kernel on `dev` against the CPU reference, on a
+/// seeded LLaMA-scale bf16 sample.
+pub fn demo(dev: &Device, elements: usize, seed: u64) -> Result<()> {
+    let s = Sample::new(DType::BF16, elements, seed);
+    println!("modelpress demo: device {}", dev.name());
+    println!(
+        "sample: seed {seed}, {} weights of {} in shape {:?}; times are best of 3, end to end",
+        s.a.numel(),
+        s.a.dtype,
+        s.a.shape
+    );
+    println!();
+    println!(
+        "{:<24} {:>10} {:>10} {:>10} {:>10}  {}",
+        "kernel", "device ms", "cpu ms", "dev GB/s", "cpu GB/s", "device vs cpu"
+    );
+    let mut worst = Agreement::Identical;
+    for case in cases() {
+        let (td, od) = time_case(&case, dev, &s, 3)?;
+        let (tc, oc) = time_case(&case, &Device::Cpu, &s, 3)?;
+        let agree = agreement(&od, &oc);
+        if agree == Agreement::Differs {
+            worst = Agreement::Differs;
+        }
+        let bytes = (case.bytes)(&s);
+        println!(
+            "{:<24} {:>10.2} {:>10.2} {:>10.2} {:>10.2}  {agree}",
+            case.name,
+            td * 1e3,
+            tc * 1e3,
+            gbps(bytes, td),
+            gbps(bytes, tc)
+        );
+    }
+    println!();
+    if !dev.is_gpu() {
+        println!("(no hardware GPU: the device is the CPU backend; `--device gpu` uses any adapter, software ones included)");
+    }
+    if worst == Agreement::Differs {
+        return Err(Error::Gpu(
+            "a kernel disagreed with the CPU reference".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// What `bench::run` measures.
+pub struct BenchOptions {
+    pub sizes: Vec<usize>,
+    pub reps: usize,
+    /// Case names (or prefixes) to run; empty runs all.
+    pub kernels: Vec<String>,
+}
+
+/// GPU vs CPU throughput per kernel and size, printed as a table.
+pub fn run(dev: &Device, opt: &BenchOptions) -> Result<()> {
+    println!("device: {}", dev.name());
+    println!("cpu:    {}", Device::Cpu.name());
+    println!(
+        "{:<24} {:>6} {:>10} {:>10} {:>10} {:>10} {:>8}",
+        "kernel", "dtype", "elements", "dev GB/s", "cpu GB/s", "dev/cpu", "agree"
+    );
+    for &n in &opt.sizes {
+        for dtype in [DType::F32, DType::BF16] {
+            let s = Sample::new(dtype, n, 7);
+            for case in cases() {
+                if !opt.kernels.is_empty()
+                    && !opt
+                        .kernels
+                        .iter()
+                        .any(|k| case.name.starts_with(k.as_str()))
+                {
+                    continue;
+                }
+                let (td, od) = time_case(&case, dev, &s, opt.reps)?;
+                let (tc, oc) = time_case(&case, &Device::Cpu, &s, opt.reps)?;
+                let bytes = (case.bytes)(&s);
+                println!(
+                    "{:<24} {:>6} {:>10} {:>10.2} {:>10.2} {:>10.2} {:>8}",
+                    case.name,
+                    dtype.name(),
+                    s.a.numel(),
+                    gbps(bytes, td),
+                    gbps(bytes, tc),
+                    tc / td,
+                    agreement(&od, &oc).to_string()
+                );
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,59 @@
+//! The one error type of the crate. Every wgpu failure, bad parameter and bad
+//! file ends up here, so callers never see a panic from the GPU stack.
+
+use std::path::PathBuf;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// A file that is not what it claims to be.
+    #[error("{file}: tensor '{tensor}': {why}")]
+    Format {
+        file: String,
+        tensor: String,
+        why: String,
+    },
+
+    /// A parameter or tensor the operation cannot accept (negative threshold,
+    /// shape mismatch, wrong number of weights, ...).
+    #[error("invalid input: {0}")]
+    Input(String),
+
+    /// A dtype the operation does not handle.
+    #[error("unsupported: {0}")]
+    Unsupported(String),
+
+    /// No adapter matched the request.
+    #[error("no GPU adapter: {0}")]
+    NoAdapter(String),
+
+    /// A validation, out-of-memory or internal error reported by wgpu.
+    #[error("GPU error: {0}")]
+    Gpu(String),
+
+    /// The device is gone; every later call on it fails. Fall back to the CPU.
+    #[error("GPU device lost: {0}")]
+    DeviceLost(String),
+
+    /// A request above what the device allows.
+    #[error("{what}: asked for {asked}, the device allows at most {max}")]
+    Limit {
+        what: &'static str,
+        asked: u64,
+        max: u64,
+    },
+}
+
+impl Error {
+    pub(crate) fn input(msg: impl Into<String>) -> Self {
+        Error::Input(msg.into())
+    }
+}

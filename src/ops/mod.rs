@@ -1,0 +1,202 @@
+//! The four families of operations. Each module holds, side by side, the
+//! parameter checks, the CPU reference (the specification) and the GPU
+//! dispatch; the public function picks one by `Device`.
+
+pub mod mix;
+pub mod prune;
+pub mod quantize;
+pub mod reduce;
+pub mod transfer;
+
+use crate::device::Gpu;
+use crate::error::{Error, Result};
+use crate::tensor::{DType, Tensor, TensorRef};
+use rayon::prelude::*;
+use std::ops::Range;
+
+/// Elements one CPU task handles: large enough to amortize rayon, small
+/// enough to balance across cores.
+pub(crate) const CPU_BLOCK: usize = 1 << 15;
+
+/// Longest row the row-aware kernels index with 32-bit arithmetic.
+pub(crate) const MAX_ROW_LEN: usize = 1 << 30;
+
+/// Elements per GPU chunk such that no binding exceeds the handle's chunk
+/// bytes, given the most bytes any binding spends per element and a few
+/// bytes of fixed overhead. A multiple of 64 so that every chunk starts on
+/// a word boundary for 16-bit and 8-bit packing.
+/// Never more than `n` rounded up to 64, so small tensors get small buffers.
+pub(crate) fn chunk_elems(
+    gpu: &Gpu,
+    n: usize,
+    bytes_per_elem: f64,
+    overhead: u64,
+) -> Result<usize> {
+    let room = gpu.chunk_bytes().saturating_sub(overhead) as f64;
+    let elems = ((room / bytes_per_elem) as usize) / 64 * 64;
+    if elems == 0 {
+        return Err(Error::Limit {
+            what: "chunk bytes for this kernel",
+            asked: gpu.chunk_bytes(),
+            max: (64.0 * bytes_per_elem) as u64 + overhead,
+        });
+    }
+    Ok(elems.min(1 << 30).min(n.max(1).next_multiple_of(64)))
+}
+
+/// Consecutive ranges of at most `chunk` elements covering 0..n.
+pub(crate) fn chunks(n: usize, chunk: usize) -> impl Iterator<Item = Range<usize>> {
+    (0..n.div_ceil(chunk)).map(move |k| k * chunk..((k + 1) * chunk).min(n))
+}
+
+/// Bytes per element that per-row vectors (one f32 per row) cost a chunk.
+pub(crate) fn row_vector_bytes_per_elem(row_len: usize) -> f64 {
+    4.0 / row_len.clamp(1, 4) as f64
+}
+
+pub(crate) fn check_row_len(row_len: usize) -> Result<()> {
+    if row_len > MAX_ROW_LEN {
+        return Err(Error::Limit {
+            what: "row length",
+            asked: row_len as u64,
+            max: MAX_ROW_LEN as u64,
+        });
+    }
+    Ok(())
+}
+
+/// The rows a chunk of elements touches, and the column its first element
+/// sits at.
+pub(crate) struct ChunkRows {
+    pub first_row: usize,
+    pub rows: usize,
+    pub col0: usize,
+}
+
+pub(crate) fn chunk_rows(range: &Range<usize>, row_len: usize) -> ChunkRows {
+    let first_row = range.start / row_len;
+    let last_row = (range.end - 1) / row_len;
+    ChunkRows {
+        first_row,
+        rows: last_row - first_row + 1,
+        col0: range.start % row_len,
+    }
+}
+
+pub(crate) fn f32_bytes(v: &[f32]) -> &[u8] {
+    bytemuck::cast_slice(v)
+}
+
+pub(crate) fn u32_at(bytes: &[u8], i: usize) -> u32 {
+    u32::from_le_bytes(bytes[4 * i..4 * i + 4].try_into().unwrap())
+}
+
+pub(crate) fn f32_at(bytes: &[u8], i: usize) -> f32 {
+    f32::from_bits(u32_at(bytes, i))
+}
+
+pub(crate) fn params(words: &[u32]) -> Vec<u8> {
+    bytemuck::cast_slice(words).to_vec()
+}
+
+/// Subnormal f32 -> signed zero (see flush_subnormal in common.wgsl).
+#[inline(always)]
+pub(crate) fn flush_subnormal(b: u32) -> u32 {
+    if b & 0x7f80_0000 == 0 {
+        b & 0x8000_0000
+    } else {
+        b
+    }
+}
+
+pub(crate) const CANONICAL_NAN: u32 = 0x7fc0_0000;
+
+/// Special-value state of a term p·x: 1 NaN, 2 +inf, 4 -inf (mirrors
+/// term_special in common.wgsl).
+#[inline(always)]
+pub(crate) fn term_special(p: f32, xb: u32) -> u32 {
+    let a = xb & 0x7fff_ffff;
+    if a < 0x7f80_0000 {
+        0
+    } else if a > 0x7f80_0000 || p.to_bits() & 0x7fff_ffff == 0 {
+        1
+    } else if (xb ^ p.to_bits()) & 0x8000_0000 != 0 {
+        4
+    } else {
+        2
+    }
+}
+
+/// The f32 bits of a sum with finite part `sum` and specials `state`
+/// (mirrors finish_special in common.wgsl).
+#[inline(always)]
+pub(crate) fn finish_special(state: u32, sum: f32) -> u32 {
+    if state & 1 != 0 || state & 6 == 6 {
+        CANONICAL_NAN
+    } else if state == 2 {
+        0x7f80_0000
+    } else if state == 4 {
+        0xff80_0000
+    } else if sum.is_nan() {
+        CANONICAL_NAN
+    } else {
+        sum.to_bits()
+    }
+}
+
+/// The CPU backend's elementwise driver: `f(index, raw_in) -> (raw_out,
+/// counts)` over every element in parallel blocks, writing `out_dtype`.
+pub(crate) fn cpu_map<const C: usize>(
+    src: &TensorRef,
+    out_dtype: DType,
+    f: impl Fn(usize, u32) -> (u32, [u64; C]) + Sync,
+) -> (Tensor, [u64; C]) {
+    let n = src.numel();
+    let mut out = Tensor::zeros(out_dtype, src.shape);
+    let osize = out_dtype.size();
+    let counts = out
+        .data
+        .par_chunks_mut(CPU_BLOCK * osize)
+        .enumerate()
+        .map(|(b, ob)| {
+            let start = b * CPU_BLOCK;
+            let mut c = [0u64; C];
+            for j in 0..ob.len() / osize {
+                let i = start + j;
+                let (raw, k) = f(i, src.dtype.read_raw(src.data, i));
+                out_dtype.write_raw(ob, j, raw);
+                for (a, b) in c.iter_mut().zip(k) {
+                    *a += b;
+                }
+            }
+            c
+        })
+        .reduce(
+            || [0u64; C],
+            |mut a, b| {
+                for (x, y) in a.iter_mut().zip(b) {
+                    *x += y;
+                }
+                a
+            },
+        );
+    debug_assert_eq!(out.numel(), n);
+    (out, counts)
+}
+
+/// Err naming the operation when two shapes differ.
+pub(crate) fn same_shape(what: &str, a: &[usize], b: &[usize]) -> Result<()> {
+    if a != b {
+        return Err(Error::input(format!(
+            "{what}: shape {a:?} differs from {b:?}"
+        )));
+    }
+    Ok(())
+}
+
+pub(crate) fn finite_param(what: &str, v: f32) -> Result<()> {
+    if !v.is_finite() {
+        return Err(Error::input(format!("{what} must be finite, got {v}")));
+    }
+    Ok(())
+}

@@ -1,0 +1,412 @@
+//! Rounding to int8 and back, and exact dtype conversion.
+//!
+//! Rules (the CPU reference below is the specification):
+//! - `quantize_round(Q)`: q = clamp(round_ties_even(w·Q), -128, 127) for
+//!   finite Q > 0; the stored scale is fl(1/Q). NaN -> 0 (counted); ±inf
+//!   and |w·Q| beyond the range saturate (counted as clipped).
+//! - `quantize_absmax`: symmetric int8, m = 127/absmax (f32 division on the
+//!   host), q = clamp(round_ties_even(w·m), -127, 127), scale = absmax/127,
+//!   per tensor or per row (rows of the (shape[0], rest) view). Refuses
+//!   non-finite weights. A tensor or row whose 127/absmax is not finite (all
+//!   zeros, or only values below ~4e-37) gets scale 0 and q = 0.
+//! - Subnormal weights are treated as zero (drivers may flush them; doing it
+//!   on both sides keeps the integers identical on every adapter).
+//! - `dequantize`: w = q·scale in f32, then rounded to the dtype asked for.
+//!   With the round-mode scale fl(1/Q) this is within 1 ulp of q/Q.
+
+use super::reduce::{row_stats, tensor_stats};
+use super::{
+    check_row_len, chunk_elems, chunk_rows, chunks, cpu_map, f32_bytes, flush_subnormal, params,
+    row_vector_bytes_per_elem, u32_at, CPU_BLOCK,
+};
+use crate::device::{Chunk, Device, Gpu, Kernel, StreamLayout};
+use crate::error::{Error, Result};
+use crate::tensor::{DType, QTensor, Tensor, TensorRef};
+use rayon::prelude::*;
+
+/// What a quantization did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct QuantStats {
+    /// Values beyond the int8 range (±inf included), saturated.
+    pub clipped: u64,
+    /// NaN values, written as 0.
+    pub nan: u64,
+}
+
+/// Scale granularity of symmetric int8.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Granularity {
+    PerTensor,
+    PerRow,
+}
+
+/// q = round(w·Q) as saturating int8.
+pub fn quantize_round(dev: &Device, t: &TensorRef, q: f32) -> Result<(QTensor, QuantStats)> {
+    t.dtype.require_float("quantize")?;
+    if !(q.is_finite() && q > 0.0) {
+        return Err(Error::input(format!(
+            "quantization factor Q must be finite and > 0, got {q}"
+        )));
+    }
+    let (qs, st) = quantize_with(dev, t, &[q], false, -128, 127)?;
+    Ok((
+        QTensor {
+            shape: t.shape.to_vec(),
+            q: qs,
+            scales: vec![1.0 / q],
+            per_row: false,
+        },
+        st,
+    ))
+}
+
+/// The multiplier and dequantization scale for an abs-max (see module doc).
+fn absmax_scale(max_abs_bits: u32) -> (f32, f32) {
+    let absmax = f32::from_bits(flush_subnormal(max_abs_bits));
+    let m = 127.0 / absmax;
+    if m.is_finite() {
+        (m, absmax / 127.0)
+    } else {
+        (0.0, 0.0)
+    }
+}
+
+/// Symmetric int8 with scale absmax/127, per tensor or per row.
+pub fn quantize_absmax(
+    dev: &Device,
+    t: &TensorRef,
+    gran: Granularity,
+) -> Result<(QTensor, QuantStats)> {
+    t.dtype.require_float("quantize")?;
+    let (mults, scales): (Vec<f32>, Vec<f32>) = match gran {
+        Granularity::PerTensor => {
+            let s = tensor_stats(dev, t)?;
+            if s.nonfinite > 0 {
+                return Err(Error::input(format!(
+                    "{} non-finite weights: abs-max scaling needs finite weights",
+                    s.nonfinite
+                )));
+            }
+            let (m, sc) = absmax_scale(s.max_abs_bits);
+            (vec![m], vec![sc])
+        }
+        Granularity::PerRow => {
+            let s = row_stats(dev, t)?;
+            let bad = s.max_abs_bits.iter().filter(|&&b| b >= 0x7f80_0000).count();
+            if bad > 0 {
+                return Err(Error::input(format!(
+                    "{bad} rows hold non-finite weights: abs-max scaling needs finite weights"
+                )));
+            }
+            s.max_abs_bits.iter().map(|&b| absmax_scale(b)).unzip()
+        }
+    };
+    let per_row = gran == Granularity::PerRow;
+    let (qs, st) = quantize_with(dev, t, &mults, per_row, -127, 127)?;
+    Ok((
+        QTensor {
+            shape: t.shape.to_vec(),
+            q: qs,
+            scales,
+            per_row,
+        },
+        st,
+    ))
+}
+
+/// The CPU reference for one weight.
+#[inline(always)]
+fn quantize_one(bits: u32, m: f32, qmin: i32, qmax: i32) -> (i8, QuantStats) {
+    let xb = flush_subnormal(bits);
+    let x = f32::from_bits(xb);
+    let mut st = QuantStats::default();
+    let q = if x.is_nan() {
+        st.nan = 1;
+        0
+    } else if x.is_infinite() {
+        st.clipped = 1;
+        if x < 0.0 {
+            qmin
+        } else {
+            qmax
+        }
+    } else {
+        let v = (x * m).round_ties_even();
+        if v < qmin as f32 {
+            st.clipped = 1;
+            qmin
+        } else if v > qmax as f32 {
+            st.clipped = 1;
+            qmax
+        } else {
+            v as i32
+        }
+    };
+    (q as i8, st)
+}
+
+fn quantize_with(
+    dev: &Device,
+    t: &TensorRef,
+    mults: &[f32],
+    per_row: bool,
+    qmin: i32,
+    qmax: i32,
+) -> Result<(Vec<i8>, QuantStats)> {
+    match dev {
+        Device::Cpu => Ok(quantize_cpu(t, mults, per_row, qmin, qmax)),
+        Device::Gpu(g) => quantize_gpu(g, t, mults, per_row, qmin, qmax),
+    }
+}
+
+fn quantize_cpu(
+    t: &TensorRef,
+    mults: &[f32],
+    per_row: bool,
+    qmin: i32,
+    qmax: i32,
+) -> (Vec<i8>, QuantStats) {
+    let (_, row_len) = t.rows();
+    let dt = t.dtype;
+    let mut q = vec![0i8; t.numel()];
+    let st = q
+        .par_chunks_mut(CPU_BLOCK)
+        .enumerate()
+        .map(|(b, qb)| {
+            let mut st = QuantStats::default();
+            for (j, out) in qb.iter_mut().enumerate() {
+                let i = b * CPU_BLOCK + j;
+                let m = if per_row {
+                    mults[i / row_len]
+                } else {
+                    mults[0]
+                };
+                let bits = dt.raw_to_f32(dt.read_raw(t.data, i)).to_bits();
+                let (v, s) = quantize_one(bits, m, qmin, qmax);
+                *out = v;
+                st.clipped += s.clipped;
+                st.nan += s.nan;
+            }
+            st
+        })
+        .reduce(QuantStats::default, |a, b| QuantStats {
+            clipped: a.clipped + b.clipped,
+            nan: a.nan + b.nan,
+        });
+    (q, st)
+}
+
+fn quantize_gpu(
+    g: &Gpu,
+    t: &TensorRef,
+    mults: &[f32],
+    per_row: bool,
+    qmin: i32,
+    qmax: i32,
+) -> Result<(Vec<i8>, QuantStats)> {
+    let n = t.numel();
+    let es = t.dtype.size();
+    // Per tensor, every element uses multiplier 0: rows do not matter.
+    let row_len = if per_row { t.rows().1 } else { 1 };
+    let mut q = vec![0i8; n];
+    let mut st = QuantStats::default();
+    if n == 0 {
+        return Ok((q, st));
+    }
+    check_row_len(row_len)?;
+    let per_elem = if per_row {
+        (es as f64).max(row_vector_bytes_per_elem(row_len))
+    } else {
+        es as f64
+    };
+    let ce = chunk_elems(g, n, per_elem, 8)?;
+    let mult_cap = if per_row { ce / row_len + 2 } else { 1 };
+    let layout = StreamLayout {
+        inputs: vec![(ce * es) as u64, (mult_cap * 4) as u64],
+        outputs: vec![(ce as u64, false), (8, true)],
+    };
+    let pipeline = g
+        .ctx
+        .pipeline(Kernel::QuantizeI8, t.dtype.shader_code(), 0)?;
+    let ranges: Vec<_> = chunks(n, ce).collect();
+    let jobs = ranges.iter().map(|r| {
+        let cr = chunk_rows(r, row_len);
+        let m = if per_row {
+            &mults[cr.first_row..cr.first_row + cr.rows]
+        } else {
+            mults
+        };
+        Chunk {
+            params: params(&[
+                r.len() as u32,
+                row_len as u32,
+                cr.col0 as u32,
+                per_row as u32,
+                qmin as u32,
+                qmax as u32,
+                0,
+                0,
+            ]),
+            inputs: vec![
+                (&t.data[r.start * es..r.end * es]).into(),
+                f32_bytes(m).into(),
+            ],
+            read: vec![r.len() as u64, 8],
+            workgroups: g.ctx.workgroups_for(r.len().div_ceil(4) as u64),
+        }
+    });
+    g.ctx.stream(&pipeline, &layout, jobs, |k, outs| {
+        let r = &ranges[k];
+        q[r.clone()].copy_from_slice(bytemuck::cast_slice(outs[0]));
+        st.clipped += u32_at(outs[1], 0) as u64;
+        st.nan += u32_at(outs[1], 1) as u64;
+        Ok(())
+    })?;
+    Ok((q, st))
+}
+
+fn check_qtensor(q: &QTensor) -> Result<(usize, usize)> {
+    let (rows, row_len) = crate::tensor::matrix_view(&q.shape);
+    if q.q.len() != q.numel() {
+        return Err(Error::input(format!(
+            "quantized tensor of shape {:?} holds {} values",
+            q.shape,
+            q.q.len()
+        )));
+    }
+    let want = if q.per_row { rows } else { 1 };
+    if q.scales.len() != want {
+        return Err(Error::input(format!(
+            "quantized tensor of shape {:?} needs {want} scales, has {}",
+            q.shape,
+            q.scales.len()
+        )));
+    }
+    Ok((rows, row_len))
+}
+
+/// w = q·scale, written in `dtype`.
+pub fn dequantize(dev: &Device, q: &QTensor, dtype: DType) -> Result<Tensor> {
+    dtype.require_float("dequantize")?;
+    let (_, row_len) = check_qtensor(q)?;
+    match dev {
+        Device::Cpu => {
+            let mut out = Tensor::zeros(dtype, &q.shape);
+            let es = dtype.size();
+            out.data
+                .par_chunks_mut(CPU_BLOCK * es)
+                .enumerate()
+                .for_each(|(b, ob)| {
+                    for j in 0..ob.len() / es {
+                        let i = b * CPU_BLOCK + j;
+                        let s = if q.per_row {
+                            q.scales[i / row_len]
+                        } else {
+                            q.scales[0]
+                        };
+                        dtype.write_raw(ob, j, dtype.f32_to_raw(q.q[i] as f32 * s));
+                    }
+                });
+            Ok(out)
+        }
+        Device::Gpu(g) => dequantize_gpu(g, q, dtype, if q.per_row { row_len } else { 1 }),
+    }
+}
+
+fn dequantize_gpu(g: &Gpu, q: &QTensor, dtype: DType, row_len: usize) -> Result<Tensor> {
+    let n = q.numel();
+    let es = dtype.size();
+    let mut out = Tensor::zeros(dtype, &q.shape);
+    if n == 0 {
+        return Ok(out);
+    }
+    check_row_len(row_len)?;
+    let per_elem = if q.per_row {
+        (es as f64).max(row_vector_bytes_per_elem(row_len))
+    } else {
+        es as f64
+    };
+    let ce = chunk_elems(g, n, per_elem, 8)?;
+    let scale_cap = if q.per_row { ce / row_len + 2 } else { 1 };
+    let layout = StreamLayout {
+        inputs: vec![ce as u64, (scale_cap * 4) as u64],
+        outputs: vec![((ce * es) as u64, false)],
+    };
+    let pipeline = g
+        .ctx
+        .pipeline(Kernel::DequantizeI8, dtype.shader_code(), 0)?;
+    let ranges: Vec<_> = chunks(n, ce).collect();
+    let bytes: &[u8] = bytemuck::cast_slice(&q.q);
+    let jobs = ranges.iter().map(|r| {
+        let cr = chunk_rows(r, row_len);
+        let s = if q.per_row {
+            &q.scales[cr.first_row..cr.first_row + cr.rows]
+        } else {
+            &q.scales[..]
+        };
+        Chunk {
+            params: params(&[
+                r.len() as u32,
+                row_len as u32,
+                cr.col0 as u32,
+                q.per_row as u32,
+            ]),
+            inputs: vec![(&bytes[r.clone()]).into(), f32_bytes(s).into()],
+            read: vec![(r.len() * es) as u64],
+            workgroups: g.ctx.workgroups_for((r.len() * es).div_ceil(4) as u64),
+        }
+    });
+    g.ctx.stream(&pipeline, &layout, jobs, |k, outs| {
+        let r = &ranges[k];
+        out.data[r.start * es..r.end * es].copy_from_slice(outs[0]);
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+/// The tensor in another float dtype, rounding to nearest even (exactly as
+/// the `half` crate converts).
+pub fn convert(dev: &Device, t: &TensorRef, dtype: DType) -> Result<Tensor> {
+    t.dtype.require_float("convert")?;
+    dtype.require_float("convert")?;
+    if dtype == t.dtype {
+        return Ok(t.to_owned());
+    }
+    match dev {
+        Device::Cpu => {
+            let src = t.dtype;
+            Ok(cpu_map(t, dtype, |_, raw| {
+                (dtype.f32_to_raw(src.raw_to_f32(raw)), [])
+            })
+            .0)
+        }
+        Device::Gpu(g) => convert_gpu(g, t, dtype),
+    }
+}
+
+fn convert_gpu(g: &Gpu, t: &TensorRef, dtype: DType) -> Result<Tensor> {
+    let n = t.numel();
+    let (ei, eo) = (t.dtype.size(), dtype.size());
+    let mut out = Tensor::zeros(dtype, t.shape);
+    let ce = chunk_elems(g, n, ei.max(eo) as f64, 0)?;
+    let layout = StreamLayout {
+        inputs: vec![(ce * ei) as u64],
+        outputs: vec![((ce * eo) as u64, false)],
+    };
+    let pipeline = g
+        .ctx
+        .pipeline(Kernel::Convert, t.dtype.shader_code(), dtype.shader_code())?;
+    let ranges: Vec<_> = chunks(n, ce).collect();
+    let jobs = ranges.iter().map(|r| Chunk {
+        params: params(&[r.len() as u32, 0, 0, 0]),
+        inputs: vec![(&t.data[r.start * ei..r.end * ei]).into()],
+        read: vec![(r.len() * eo) as u64],
+        workgroups: g.ctx.workgroups_for((r.len() * eo).div_ceil(4) as u64),
+    });
+    g.ctx.stream(&pipeline, &layout, jobs, |k, outs| {
+        let r = &ranges[k];
+        out.data[r.start * eo..r.end * eo].copy_from_slice(outs[0]);
+        Ok(())
+    })?;
+    Ok(out)
+}

@@ -1,0 +1,251 @@
+//! Reductions other operations stand on: per-row norms and abs-max (neuron
+//! pruning, per-row int8 scales) and whole-tensor abs-max and counts.
+//!
+//! Maxima are exact everywhere (taken on bits). Sums on the GPU are f32 in
+//! an order of the kernel's choosing, so they are approximate: callers that
+//! need a decision identical to the CPU's use `RowStats::sumsq_bound` and ask
+//! the CPU reference for the rows that land too close to call.
+
+use super::{
+    check_row_len, chunk_elems, chunk_rows, chunks, f32_at, params, row_vector_bytes_per_elem,
+    u32_at, CPU_BLOCK,
+};
+use crate::device::{Chunk, Device, Gpu, Kernel, StreamLayout};
+use crate::error::Result;
+use crate::tensor::TensorRef;
+use rayon::prelude::*;
+
+/// Elements one workgroup reduces in `row_stats` (a row longer than this is
+/// split into pieces the host adds up).
+const PIECE_LEN: usize = 4096;
+
+/// Per-row figures of a tensor seen as (rows, row length).
+#[derive(Clone, Debug, PartialEq)]
+pub struct RowStats {
+    pub row_len: usize,
+    /// Σ w² per row (f64 on the CPU; f32 pieces summed in f64 on the GPU).
+    pub sumsq: Vec<f64>,
+    /// Σ |w| per row.
+    pub sumabs: Vec<f64>,
+    /// Bits of max |w| per row: exact; above 0x7f800000 when the row holds a
+    /// NaN, equal to it for an infinity.
+    pub max_abs_bits: Vec<u32>,
+    /// Whether the sums came from the GPU (and so are approximate).
+    pub approximate: bool,
+}
+
+impl RowStats {
+    /// A bound on |sumsq[r] - exact Σ w²| when the sums are approximate:
+    /// each f32 square and addition rounds once (relative 2^-24) over at most
+    /// PIECE_LEN/256 + 8 sequential steps, and a driver may flush subnormal
+    /// squares (2^-126 each). Used with a safety factor of about 2.5.
+    pub fn sumsq_bound(&self, r: usize) -> f64 {
+        if !self.approximate {
+            return 0.0;
+        }
+        let rel = 64.0 * 2f64.powi(-24);
+        let abs = (self.row_len as f64 + 1.0) * 2f64.powi(-125);
+        rel * self.sumsq[r].abs() + abs
+    }
+}
+
+/// Whole-tensor figures.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TensorStats {
+    /// Bits of max |w| (NaN sorts above +inf).
+    pub max_abs_bits: u32,
+    pub nonfinite: u64,
+    pub zeros: u64,
+}
+
+impl TensorStats {
+    pub fn max_abs(&self) -> f32 {
+        f32::from_bits(self.max_abs_bits)
+    }
+}
+
+/// Per-row Σw², Σ|w| and max |w| on `dev`.
+pub fn row_stats(dev: &Device, t: &TensorRef) -> Result<RowStats> {
+    t.dtype.require_float("row statistics")?;
+    match dev {
+        Device::Cpu => Ok(row_stats_cpu(t)),
+        Device::Gpu(g) => row_stats_gpu(g, t),
+    }
+}
+
+/// The CPU reference for one row: sequential f64 sums, exact max.
+pub(crate) fn row_figures(t: &TensorRef, r: usize) -> (f64, f64, u32) {
+    let (_, row_len) = t.rows();
+    let (mut sq, mut ab, mut mx) = (0f64, 0f64, 0u32);
+    for i in r * row_len..(r + 1) * row_len {
+        let b = t.dtype.raw_to_f32(t.dtype.read_raw(t.data, i)).to_bits();
+        let x = f32::from_bits(b) as f64;
+        sq += x * x;
+        ab += x.abs();
+        mx = mx.max(b & 0x7fff_ffff);
+    }
+    (sq, ab, mx)
+}
+
+fn row_stats_cpu(t: &TensorRef) -> RowStats {
+    let (rows, row_len) = t.rows();
+    let figs: Vec<(f64, f64, u32)> = if t.numel() == 0 {
+        vec![(0.0, 0.0, 0); rows]
+    } else {
+        (0..rows)
+            .into_par_iter()
+            .map(|r| row_figures(t, r))
+            .collect()
+    };
+    RowStats {
+        row_len,
+        sumsq: figs.iter().map(|f| f.0).collect(),
+        sumabs: figs.iter().map(|f| f.1).collect(),
+        max_abs_bits: figs.iter().map(|f| f.2).collect(),
+        approximate: false,
+    }
+}
+
+fn row_stats_gpu(g: &Gpu, t: &TensorRef) -> Result<RowStats> {
+    let (rows, row_len) = t.rows();
+    let mut st = RowStats {
+        row_len,
+        sumsq: vec![0.0; rows],
+        sumabs: vec![0.0; rows],
+        max_abs_bits: vec![0; rows],
+        approximate: true,
+    };
+    let n = t.numel();
+    if n == 0 {
+        return Ok(st);
+    }
+    check_row_len(row_len)?;
+    let es = t.dtype.size();
+    let per_elem = (es as f64).max(row_vector_bytes_per_elem(row_len.min(PIECE_LEN)));
+    let ce = chunk_elems(g, n, per_elem, 16)?;
+    let piece_cap = ce / row_len.min(PIECE_LEN) + 2;
+    let layout = StreamLayout {
+        inputs: vec![(ce * es) as u64],
+        outputs: vec![((piece_cap * 4) as u64, false); 3],
+    };
+    let ppr = row_len.div_ceil(PIECE_LEN);
+    let pipeline = g.ctx.pipeline(Kernel::RowStats, t.dtype.shader_code(), 0)?;
+    let ranges: Vec<_> = chunks(n, ce).collect();
+    // (first piece's row, first piece's index within that row) per chunk.
+    let firsts: Vec<(usize, usize)> = ranges
+        .iter()
+        .map(|r| {
+            let cr = chunk_rows(r, row_len);
+            (cr.first_row, cr.col0 / PIECE_LEN)
+        })
+        .collect();
+    let jobs = ranges.iter().map(|r| {
+        let cr = chunk_rows(r, row_len);
+        let p0 = cr.col0 / PIECE_LEN;
+        let last = cr.col0 + r.len() - 1;
+        let last_g = (last / row_len) * ppr + (last % row_len) / PIECE_LEN;
+        let pieces = last_g - p0 + 1;
+        Chunk {
+            params: params(&[
+                r.len() as u32,
+                row_len as u32,
+                cr.col0 as u32,
+                PIECE_LEN as u32,
+                pieces as u32,
+                ppr as u32,
+                p0 as u32,
+                0,
+            ]),
+            inputs: vec![(&t.data[r.start * es..r.end * es]).into()],
+            read: vec![(pieces * 4) as u64; 3],
+            workgroups: (pieces as u32).min(g.ctx.limits.max_compute_workgroups_per_dimension),
+        }
+    });
+    g.ctx.stream(&pipeline, &layout, jobs, |k, outs| {
+        let (first_row, p0) = firsts[k];
+        for p in 0..outs[0].len() / 4 {
+            let row = first_row + (p0 + p) / ppr;
+            st.sumsq[row] += f32_at(outs[0], p) as f64;
+            st.sumabs[row] += f32_at(outs[1], p) as f64;
+            st.max_abs_bits[row] = st.max_abs_bits[row].max(u32_at(outs[2], p));
+        }
+        Ok(())
+    })?;
+    Ok(st)
+}
+
+/// Whole-tensor max |w| (exact), non-finite and zero counts on `dev`.
+pub fn tensor_stats(dev: &Device, t: &TensorRef) -> Result<TensorStats> {
+    t.dtype.require_float("tensor statistics")?;
+    match dev {
+        Device::Cpu => Ok(tensor_stats_cpu(t)),
+        Device::Gpu(g) => tensor_stats_gpu(g, t),
+    }
+}
+
+fn tensor_stats_cpu(t: &TensorRef) -> TensorStats {
+    let n = t.numel();
+    let blocks = n.div_ceil(CPU_BLOCK);
+    (0..blocks)
+        .into_par_iter()
+        .map(|b| {
+            let mut s = TensorStats {
+                max_abs_bits: 0,
+                nonfinite: 0,
+                zeros: 0,
+            };
+            for i in b * CPU_BLOCK..((b + 1) * CPU_BLOCK).min(n) {
+                let a = t.dtype.raw_to_f32(t.dtype.read_raw(t.data, i)).to_bits() & 0x7fff_ffff;
+                s.max_abs_bits = s.max_abs_bits.max(a);
+                s.nonfinite += (a >= 0x7f80_0000) as u64;
+                s.zeros += (a == 0) as u64;
+            }
+            s
+        })
+        .reduce(
+            || TensorStats {
+                max_abs_bits: 0,
+                nonfinite: 0,
+                zeros: 0,
+            },
+            |a, b| TensorStats {
+                max_abs_bits: a.max_abs_bits.max(b.max_abs_bits),
+                nonfinite: a.nonfinite + b.nonfinite,
+                zeros: a.zeros + b.zeros,
+            },
+        )
+}
+
+fn tensor_stats_gpu(g: &Gpu, t: &TensorRef) -> Result<TensorStats> {
+    let mut s = TensorStats {
+        max_abs_bits: 0,
+        nonfinite: 0,
+        zeros: 0,
+    };
+    let n = t.numel();
+    if n == 0 {
+        return Ok(s);
+    }
+    let es = t.dtype.size();
+    let ce = chunk_elems(g, n, es as f64, 0)?;
+    let layout = StreamLayout {
+        inputs: vec![(ce * es) as u64],
+        outputs: vec![(12, true)],
+    };
+    let pipeline = g
+        .ctx
+        .pipeline(Kernel::TensorStats, t.dtype.shader_code(), 0)?;
+    let jobs = chunks(n, ce).map(|r| Chunk {
+        params: params(&[r.len() as u32, 0, 0, 0]),
+        inputs: vec![(&t.data[r.start * es..r.end * es]).into()],
+        read: vec![12],
+        workgroups: g.ctx.workgroups_for(r.len() as u64),
+    });
+    g.ctx.stream(&pipeline, &layout, jobs, |_, outs| {
+        s.max_abs_bits = s.max_abs_bits.max(u32_at(outs[0], 0));
+        s.nonfinite += u32_at(outs[0], 1) as u64;
+        s.zeros += u32_at(outs[0], 2) as u64;
+        Ok(())
+    })?;
+    Ok(s)
+}

@@ -1,0 +1,313 @@
+//! Host tensors: a dtype, a row-major shape and little-endian bytes.
+//!
+//! `TensorRef` borrows its bytes (a memory map, a slice of a file) so that
+//! large inputs are never copied before they reach a kernel; `Tensor` owns
+//! them (results). Byte slices may be unaligned: every reader here decodes
+//! with `from_le_bytes`, never by casting.
+
+use crate::error::{Error, Result};
+use half::{bf16, f16};
+
+/// Element types as safetensors names them. The kernels compute on the three
+/// float types; the others pass through whole-model jobs untouched.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DType {
+    F32,
+    F16,
+    BF16,
+    F64,
+    I64,
+    I32,
+    I16,
+    I8,
+    U8,
+    Bool,
+}
+
+impl DType {
+    pub fn size(self) -> usize {
+        match self {
+            DType::F64 | DType::I64 => 8,
+            DType::F32 | DType::I32 => 4,
+            DType::F16 | DType::BF16 | DType::I16 => 2,
+            DType::I8 | DType::U8 | DType::Bool => 1,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "F32",
+            DType::F16 => "F16",
+            DType::BF16 => "BF16",
+            DType::F64 => "F64",
+            DType::I64 => "I64",
+            DType::I32 => "I32",
+            DType::I16 => "I16",
+            DType::I8 => "I8",
+            DType::U8 => "U8",
+            DType::Bool => "BOOL",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<DType> {
+        Some(match s.to_ascii_uppercase().as_str() {
+            "F32" => DType::F32,
+            "F16" => DType::F16,
+            "BF16" => DType::BF16,
+            "F64" => DType::F64,
+            "I64" => DType::I64,
+            "I32" => DType::I32,
+            "I16" => DType::I16,
+            "I8" => DType::I8,
+            "U8" => DType::U8,
+            "BOOL" => DType::Bool,
+            _ => return None,
+        })
+    }
+
+    /// The float types every kernel reads and writes.
+    pub fn is_kernel_float(self) -> bool {
+        matches!(self, DType::F32 | DType::F16 | DType::BF16)
+    }
+
+    /// The code the shaders use for this dtype (`DTYPE` override constant).
+    pub(crate) fn shader_code(self) -> u32 {
+        match self {
+            DType::F32 => 0,
+            DType::F16 => 1,
+            DType::BF16 => 2,
+            _ => unreachable!("checked by require_float"),
+        }
+    }
+
+    /// Err unless the kernels can compute on this dtype.
+    pub(crate) fn require_float(self, what: &str) -> Result<()> {
+        if self.is_kernel_float() {
+            Ok(())
+        } else {
+            Err(Error::Unsupported(format!(
+                "{what}: dtype {} (the kernels take F32, F16 and BF16)",
+                self.name()
+            )))
+        }
+    }
+
+    /// Decodes element `raw` (the dtype's own bits, zero-extended) to f32.
+    #[inline(always)]
+    pub(crate) fn raw_to_f32(self, raw: u32) -> f32 {
+        match self {
+            DType::F32 => f32::from_bits(raw),
+            DType::F16 => f16::from_bits(raw as u16).to_f32(),
+            _ => bf16::from_bits(raw as u16).to_f32(),
+        }
+    }
+
+    /// Encodes `v` in this dtype, rounding to nearest even (the `half` crate's
+    /// rules, which the shaders reproduce bit for bit).
+    #[inline(always)]
+    pub(crate) fn f32_to_raw(self, v: f32) -> u32 {
+        match self {
+            DType::F32 => v.to_bits(),
+            DType::F16 => f16::from_f32(v).to_bits() as u32,
+            _ => bf16::from_f32(v).to_bits() as u32,
+        }
+    }
+
+    /// Reads element `i` of little-endian `bytes` as raw bits.
+    #[inline(always)]
+    pub(crate) fn read_raw(self, bytes: &[u8], i: usize) -> u32 {
+        match self.size() {
+            4 => u32::from_le_bytes(bytes[4 * i..4 * i + 4].try_into().unwrap()),
+            _ => u16::from_le_bytes(bytes[2 * i..2 * i + 2].try_into().unwrap()) as u32,
+        }
+    }
+
+    #[inline(always)]
+    pub(crate) fn write_raw(self, bytes: &mut [u8], i: usize, raw: u32) {
+        match self.size() {
+            4 => bytes[4 * i..4 * i + 4].copy_from_slice(&raw.to_le_bytes()),
+            _ => bytes[2 * i..2 * i + 2].copy_from_slice(&(raw as u16).to_le_bytes()),
+        }
+    }
+}
+
+impl std::fmt::Display for DType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+fn numel(shape: &[usize]) -> usize {
+    shape.iter().product()
+}
+
+/// A borrowed tensor: what every operation reads.
+#[derive(Clone, Copy, Debug)]
+pub struct TensorRef<'a> {
+    pub dtype: DType,
+    pub shape: &'a [usize],
+    pub data: &'a [u8],
+}
+
+impl<'a> TensorRef<'a> {
+    pub fn new(dtype: DType, shape: &'a [usize], data: &'a [u8]) -> Result<Self> {
+        let want = numel(shape)
+            .checked_mul(dtype.size())
+            .ok_or_else(|| Error::input(format!("shape {shape:?} overflows")))?;
+        if want != data.len() {
+            return Err(Error::input(format!(
+                "shape {shape:?} of {dtype} needs {want} bytes, got {}",
+                data.len()
+            )));
+        }
+        Ok(TensorRef { dtype, shape, data })
+    }
+
+    pub fn numel(&self) -> usize {
+        numel(self.shape)
+    }
+
+    /// (rows, row length) of the tensor seen as a matrix: the first dimension
+    /// is the output neuron, the rest is flattened. A 1-D or 0-D tensor is one
+    /// row.
+    pub fn rows(&self) -> (usize, usize) {
+        matrix_view(self.shape)
+    }
+
+    /// Decodes every element to f32 (tests, small tensors).
+    pub fn to_f32_vec(&self) -> Vec<f32> {
+        (0..self.numel())
+            .map(|i| self.dtype.raw_to_f32(self.dtype.read_raw(self.data, i)))
+            .collect()
+    }
+
+    pub fn to_owned(&self) -> Tensor {
+        Tensor {
+            dtype: self.dtype,
+            shape: self.shape.to_vec(),
+            data: self.data.to_vec(),
+        }
+    }
+}
+
+/// (rows, row length) of a shape seen as a matrix; see `TensorRef::rows`.
+pub(crate) fn matrix_view(shape: &[usize]) -> (usize, usize) {
+    match shape.len() {
+        0 => (1, 1),
+        1 => (1, shape[0]),
+        _ => (shape[0], shape[1..].iter().product()),
+    }
+}
+
+/// An owned tensor: what operations return.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Tensor {
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+    pub data: Vec<u8>,
+}
+
+impl Tensor {
+    /// Zero-filled tensor.
+    pub fn zeros(dtype: DType, shape: &[usize]) -> Tensor {
+        Tensor {
+            dtype,
+            shape: shape.to_vec(),
+            data: vec![0; numel(shape) * dtype.size()],
+        }
+    }
+
+    /// Encodes f32 values in `dtype` (rounding to nearest even).
+    pub fn from_f32(dtype: DType, shape: &[usize], values: &[f32]) -> Result<Tensor> {
+        dtype.require_float("Tensor::from_f32")?;
+        if values.len() != numel(shape) {
+            return Err(Error::input(format!(
+                "shape {shape:?} holds {} values, got {}",
+                numel(shape),
+                values.len()
+            )));
+        }
+        let mut t = Tensor::zeros(dtype, shape);
+        for (i, &v) in values.iter().enumerate() {
+            dtype.write_raw(&mut t.data, i, dtype.f32_to_raw(v));
+        }
+        Ok(t)
+    }
+
+    pub fn view(&self) -> TensorRef<'_> {
+        TensorRef {
+            dtype: self.dtype,
+            shape: &self.shape,
+            data: &self.data,
+        }
+    }
+
+    pub fn numel(&self) -> usize {
+        numel(&self.shape)
+    }
+
+    pub fn to_f32_vec(&self) -> Vec<f32> {
+        self.view().to_f32_vec()
+    }
+
+    /// The raw bits of each element (exact comparisons in tests).
+    pub fn raw_bits(&self) -> Vec<u32> {
+        (0..self.numel())
+            .map(|i| self.dtype.read_raw(&self.data, i))
+            .collect()
+    }
+}
+
+/// An int8 tensor with its dequantization scales: w ≈ q · scale.
+#[derive(Clone, Debug, PartialEq)]
+pub struct QTensor {
+    pub shape: Vec<usize>,
+    pub q: Vec<i8>,
+    /// `[scale]` for the whole tensor, or one per row (`rows()` of them).
+    pub scales: Vec<f32>,
+    pub per_row: bool,
+}
+
+impl QTensor {
+    pub fn numel(&self) -> usize {
+        numel(&self.shape)
+    }
+}
+
+/// Distance in units in the last place of `dtype` between two raw values:
+/// 0 for identical bits and for +0 vs -0; `u64::MAX` when exactly one is NaN.
+pub fn ulp_distance(dtype: DType, a: u32, b: u32) -> u64 {
+    let (sign, nan_above) = match dtype.size() {
+        4 => (0x8000_0000u32, 0x7f80_0000u32),
+        _ => (0x8000, if dtype == DType::F16 { 0x7c00 } else { 0x7f80 }),
+    };
+    let mag = |x: u32| x & (sign - 1);
+    let (na, nb) = (mag(a) > nan_above, mag(b) > nan_above);
+    if na || nb {
+        return if na && nb { 0 } else { u64::MAX };
+    }
+    let ord = |x: u32| {
+        if x & sign != 0 {
+            -(mag(x) as i64)
+        } else {
+            mag(x) as i64
+        }
+    };
+    (ord(a) - ord(b)).unsigned_abs()
+}
+
+/// The largest `ulp_distance` between two tensors' elements, or None when
+/// their dtypes or shapes differ.
+pub fn max_ulp_diff(a: &Tensor, b: &Tensor) -> Option<u64> {
+    if a.dtype != b.dtype || a.shape != b.shape {
+        return None;
+    }
+    Some(
+        a.raw_bits()
+            .iter()
+            .zip(b.raw_bits())
+            .map(|(&x, y)| ulp_distance(a.dtype, x, y))
+            .max()
+            .unwrap_or(0),
+    )
+}
