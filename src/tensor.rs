@@ -167,6 +167,23 @@ impl<'a> TensorRef<'a> {
         numel(self.shape)
     }
 
+    /// Err unless the kernels compute on this dtype and the bytes match the
+    /// shape (the fields are public, so a caller can build an inconsistent
+    /// view; every operation checks before it touches the bytes).
+    pub fn check_float(&self, what: &str) -> Result<()> {
+        self.dtype.require_float(what)?;
+        let want = numel(self.shape).checked_mul(self.dtype.size());
+        if want != Some(self.data.len()) {
+            return Err(Error::input(format!(
+                "{what}: shape {:?} of {} does not match {} bytes",
+                self.shape,
+                self.dtype,
+                self.data.len()
+            )));
+        }
+        Ok(())
+    }
+
     /// (rows, row length) of the tensor seen as a matrix: the first dimension
     /// is the output neuron, the rest is flattened. A 1-D or 0-D tensor is one
     /// row.

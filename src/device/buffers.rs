@@ -8,7 +8,7 @@
 use super::GpuContext;
 use crate::error::{Error, Result};
 use std::borrow::Cow;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 /// Bytes of the parameter uniform (every kernel's `Params` fits).
@@ -58,7 +58,13 @@ pub(crate) struct Chunk<'a> {
     pub workgroups: u32,
 }
 
-type MapResult = Arc<Mutex<Option<std::result::Result<(), wgpu::BufferAsyncError>>>>;
+/// Set by the map callback. The callback runs inside whichever thread's
+/// `poll` processes it, possibly after our own `poll(Wait)` returned, so the
+/// waiter also waits on the condition variable.
+type MapResult = Arc<(
+    Mutex<Option<std::result::Result<(), wgpu::BufferAsyncError>>>,
+    Condvar,
+)>;
 
 struct Pending {
     index: usize,
@@ -258,7 +264,7 @@ impl GpuContext {
                 end = end.max(slot.offsets[k] + r4);
             }
         }
-        let mapped: MapResult = Arc::new(Mutex::new(None));
+        let mapped: MapResult = Arc::new((Mutex::new(None), Condvar::new()));
         let mapped_len = end.div_ceil(8) * 8;
         if end > 0 {
             let m = mapped.clone();
@@ -267,7 +273,8 @@ impl GpuContext {
                 wgpu::MapMode::Read,
                 0..mapped_len,
                 move |r| {
-                    *m.lock().unwrap() = Some(r);
+                    *m.0.lock().unwrap() = Some(r);
+                    m.1.notify_all();
                 },
             );
         }
@@ -298,11 +305,29 @@ impl GpuContext {
         if p.read.iter().all(|&r| r == 0) {
             return sink(p.index, &vec![&[][..]; p.read.len()]);
         }
-        match p.mapped.lock().unwrap().take() {
-            Some(Ok(())) => {}
-            Some(Err(e)) => return Err(Error::Gpu(format!("reading results back: {e}"))),
-            None => return Err(Error::Gpu("readback never completed".into())),
+        let started = std::time::Instant::now();
+        let mut done = p.mapped.0.lock().unwrap();
+        while done.is_none() {
+            if started.elapsed() > POLL_TIMEOUT {
+                return Err(Error::Gpu("readback never completed".into()));
+            }
+            // Another thread is running our callback, or nobody polled yet.
+            drop(done);
+            let _ = self.device.poll(wgpu::PollType::Poll);
+            done = p.mapped.0.lock().unwrap();
+            if done.is_none() {
+                done = p
+                    .mapped
+                    .1
+                    .wait_timeout(done, Duration::from_millis(1))
+                    .unwrap()
+                    .0;
+            }
         }
+        if let Some(Err(e)) = done.take() {
+            return Err(Error::Gpu(format!("reading results back: {e}")));
+        }
+        drop(done);
         let result = {
             let view = slot
                 .readback

@@ -42,8 +42,9 @@ pub fn mix(dev: &Device, inputs: &[TensorRef], weights: &[f32]) -> Result<Tensor
         finite_param(&format!("mixing weight {i}"), p)?;
     }
     let first = &inputs[0];
-    first.dtype.require_float("mix")?;
+    first.check_float("mix")?;
     for (i, t) in inputs.iter().enumerate().skip(1) {
+        t.check_float(&format!("mix input {i}"))?;
         same_shape(&format!("mix input {i}"), t.shape, first.shape)?;
         if t.dtype != first.dtype {
             return Err(Error::input(format!(
@@ -138,7 +139,7 @@ fn mix_gpu(g: &Gpu, inputs: &[TensorRef], weights: &[f32]) -> Result<Tensor> {
 /// Σᵢ pᵢ·W[i,:] over the rows of a tensor seen as (shape[0], rest); the
 /// result has shape `shape[1..]`, in W's dtype.
 pub fn mix_rows(dev: &Device, t: &TensorRef, weights: &[f32]) -> Result<Tensor> {
-    t.dtype.require_float("row mix")?;
+    t.check_float("row mix")?;
     if t.shape.len() < 2 {
         return Err(Error::input(format!(
             "row mix needs a tensor of rank ≥ 2, got shape {:?}",

@@ -74,7 +74,7 @@ fn check_tau(tau: f32) -> Result<u32> {
 
 /// w -> 0 where |w| < τ.
 pub fn threshold(dev: &Device, t: &TensorRef, tau: f32) -> Result<(Tensor, PruneStats)> {
-    t.dtype.require_float("threshold prune")?;
+    t.check_float("threshold prune")?;
     let tau_bits = check_tau(tau)?;
     match dev {
         Device::Cpu => Ok(threshold_cpu(t, tau_bits)),
@@ -145,7 +145,7 @@ pub fn prune_neurons(
     tau: f32,
     norm: NeuronNorm,
 ) -> Result<(Tensor, NeuronPruneStats)> {
-    t.dtype.require_float("neuron prune")?;
+    t.check_float("neuron prune")?;
     let tau_bits = check_tau(tau)?;
     if t.shape.len() <= 1 {
         // Each activation is a neuron of one weight: √(x²) = max|x| = |x|.
@@ -217,7 +217,7 @@ pub fn neuron_mask(dev: &Device, t: &TensorRef, tau: f32, norm: NeuronNorm) -> R
 /// Zeroes the rows named by `mask` (one entry per row of the matrix view).
 /// Returns the result and its count of zeros.
 pub fn zero_rows(dev: &Device, t: &TensorRef, mask: &[bool]) -> Result<(Tensor, u64)> {
-    t.dtype.require_float("zero rows")?;
+    t.check_float("zero rows")?;
     let (rows, row_len) = t.rows();
     if mask.len() != rows {
         return Err(Error::input(format!(

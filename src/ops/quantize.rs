@@ -42,7 +42,7 @@ pub enum Granularity {
 
 /// q = round(w·Q) as saturating int8.
 pub fn quantize_round(dev: &Device, t: &TensorRef, q: f32) -> Result<(QTensor, QuantStats)> {
-    t.dtype.require_float("quantize")?;
+    t.check_float("quantize")?;
     if !(q.is_finite() && q > 0.0) {
         return Err(Error::input(format!(
             "quantization factor Q must be finite and > 0, got {q}"
@@ -77,7 +77,7 @@ pub fn quantize_absmax(
     t: &TensorRef,
     gran: Granularity,
 ) -> Result<(QTensor, QuantStats)> {
-    t.dtype.require_float("quantize")?;
+    t.check_float("quantize")?;
     let (mults, scales): (Vec<f32>, Vec<f32>) = match gran {
         Granularity::PerTensor => {
             let s = tensor_stats(dev, t)?;
@@ -367,7 +367,7 @@ fn dequantize_gpu(g: &Gpu, q: &QTensor, dtype: DType, row_len: usize) -> Result<
 /// The tensor in another float dtype, rounding to nearest even (exactly as
 /// the `half` crate converts).
 pub fn convert(dev: &Device, t: &TensorRef, dtype: DType) -> Result<Tensor> {
-    t.dtype.require_float("convert")?;
+    t.check_float("convert")?;
     dtype.require_float("convert")?;
     if dtype == t.dtype {
         return Ok(t.to_owned());

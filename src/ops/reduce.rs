@@ -66,7 +66,7 @@ impl TensorStats {
 
 /// Per-row Σw², Σ|w| and max |w| on `dev`.
 pub fn row_stats(dev: &Device, t: &TensorRef) -> Result<RowStats> {
-    t.dtype.require_float("row statistics")?;
+    t.check_float("row statistics")?;
     match dev {
         Device::Cpu => Ok(row_stats_cpu(t)),
         Device::Gpu(g) => row_stats_gpu(g, t),
@@ -121,9 +121,11 @@ fn row_stats_gpu(g: &Gpu, t: &TensorRef) -> Result<RowStats> {
     }
     check_row_len(row_len)?;
     let es = t.dtype.size();
-    let per_elem = (es as f64).max(row_vector_bytes_per_elem(row_len.min(PIECE_LEN)));
+    // A chunk of c elements holds at most c/PIECE_LEN whole pieces plus one
+    // partial piece per row it touches (c/row_len + 2 rows): one f32 each.
+    let per_elem = (es as f64).max(4.0 / PIECE_LEN as f64 + 4.0 / row_len as f64);
     let ce = chunk_elems(g, n, per_elem, 16)?;
-    let piece_cap = ce / row_len.min(PIECE_LEN) + 2;
+    let piece_cap = ce / PIECE_LEN + ce / row_len + 4;
     let layout = StreamLayout {
         inputs: vec![(ce * es) as u64],
         outputs: vec![((piece_cap * 4) as u64, false); 3],
@@ -176,7 +178,7 @@ fn row_stats_gpu(g: &Gpu, t: &TensorRef) -> Result<RowStats> {
 
 /// Whole-tensor max |w| (exact), non-finite and zero counts on `dev`.
 pub fn tensor_stats(dev: &Device, t: &TensorRef) -> Result<TensorStats> {
-    t.dtype.require_float("tensor statistics")?;
+    t.check_float("tensor statistics")?;
     match dev {
         Device::Cpu => Ok(tensor_stats_cpu(t)),
         Device::Gpu(g) => tensor_stats_gpu(g, t),

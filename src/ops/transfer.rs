@@ -25,7 +25,7 @@ pub enum Delta<'a> {
 
 /// w + λ·Δ.
 pub fn transfer(dev: &Device, w: &TensorRef, delta: Delta, lambda: f32) -> Result<Tensor> {
-    w.dtype.require_float("transfer")?;
+    w.check_float("transfer")?;
     finite_param("λ", lambda)?;
     match delta {
         Delta::Scalar(x) => {
@@ -42,7 +42,7 @@ pub fn transfer(dev: &Device, w: &TensorRef, delta: Delta, lambda: f32) -> Resul
             }
         }
         Delta::Tensor(d) => {
-            d.dtype.require_float("transfer delta")?;
+            d.check_float("transfer delta")?;
             same_shape("transfer delta", d.shape, w.shape)?;
             match dev {
                 Device::Cpu => Ok(offset_tensor_cpu(w, &d, lambda)),
