@@ -141,6 +141,13 @@ fn numel(shape: &[usize]) -> usize {
     shape.iter().product()
 }
 
+/// Bytes a shape of `dtype` needs, or None when that overflows.
+fn checked_bytes(dtype: DType, shape: &[usize]) -> Option<usize> {
+    shape
+        .iter()
+        .try_fold(dtype.size(), |acc, &d| acc.checked_mul(d))
+}
+
 /// A borrowed tensor: what every operation reads.
 #[derive(Clone, Copy, Debug)]
 pub struct TensorRef<'a> {
@@ -151,8 +158,7 @@ pub struct TensorRef<'a> {
 
 impl<'a> TensorRef<'a> {
     pub fn new(dtype: DType, shape: &'a [usize], data: &'a [u8]) -> Result<Self> {
-        let want = numel(shape)
-            .checked_mul(dtype.size())
+        let want = checked_bytes(dtype, shape)
             .ok_or_else(|| Error::input(format!("shape {shape:?} overflows")))?;
         if want != data.len() {
             return Err(Error::input(format!(
@@ -172,8 +178,7 @@ impl<'a> TensorRef<'a> {
     /// view; every operation checks before it touches the bytes).
     pub fn check_float(&self, what: &str) -> Result<()> {
         self.dtype.require_float(what)?;
-        let want = numel(self.shape).checked_mul(self.dtype.size());
-        if want != Some(self.data.len()) {
+        if checked_bytes(self.dtype, self.shape) != Some(self.data.len()) {
             return Err(Error::input(format!(
                 "{what}: shape {:?} of {} does not match {} bytes",
                 self.shape,
@@ -237,10 +242,9 @@ impl Tensor {
     /// Encodes f32 values in `dtype` (rounding to nearest even).
     pub fn from_f32(dtype: DType, shape: &[usize], values: &[f32]) -> Result<Tensor> {
         dtype.require_float("Tensor::from_f32")?;
-        if values.len() != numel(shape) {
+        if checked_bytes(dtype, shape) != values.len().checked_mul(dtype.size()) {
             return Err(Error::input(format!(
-                "shape {shape:?} holds {} values, got {}",
-                numel(shape),
+                "shape {shape:?} does not hold {} values",
                 values.len()
             )));
         }
@@ -288,6 +292,30 @@ pub struct QTensor {
 impl QTensor {
     pub fn numel(&self) -> usize {
         numel(&self.shape)
+    }
+
+    /// Err unless the values and scales match the shape.
+    pub fn check(&self) -> Result<()> {
+        if checked_bytes(DType::I8, &self.shape) != Some(self.q.len()) {
+            return Err(Error::input(format!(
+                "quantized tensor of shape {:?} holds {} values",
+                self.shape,
+                self.q.len()
+            )));
+        }
+        let want = if self.per_row {
+            matrix_view(&self.shape).0
+        } else {
+            1
+        };
+        if self.scales.len() != want {
+            return Err(Error::input(format!(
+                "quantized tensor of shape {:?} needs {want} scales, has {}",
+                self.shape,
+                self.scales.len()
+            )));
+        }
+        Ok(())
     }
 }
 

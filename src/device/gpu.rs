@@ -224,6 +224,13 @@ impl GpuContext {
         units.div_ceil(256).clamp(1, max) as u32
     }
 
+    /// Releases the device's memory now. Every later call on it returns
+    /// `Err` (a long-running host can drop to the CPU backend this way).
+    pub fn destroy(&self) {
+        self.device.destroy();
+        self.trouble.lock().unwrap().lost = Some("destroyed by the caller".into());
+    }
+
     /// Err if the device was lost or reported an error outside a scope.
     pub(crate) fn check(&self) -> Result<()> {
         let mut t = self.trouble.lock().unwrap();

@@ -265,30 +265,11 @@ fn quantize_gpu(
     Ok((q, st))
 }
 
-fn check_qtensor(q: &QTensor) -> Result<(usize, usize)> {
-    let (rows, row_len) = crate::tensor::matrix_view(&q.shape);
-    if q.q.len() != q.numel() {
-        return Err(Error::input(format!(
-            "quantized tensor of shape {:?} holds {} values",
-            q.shape,
-            q.q.len()
-        )));
-    }
-    let want = if q.per_row { rows } else { 1 };
-    if q.scales.len() != want {
-        return Err(Error::input(format!(
-            "quantized tensor of shape {:?} needs {want} scales, has {}",
-            q.shape,
-            q.scales.len()
-        )));
-    }
-    Ok((rows, row_len))
-}
-
 /// w = q·scale, written in `dtype`.
 pub fn dequantize(dev: &Device, q: &QTensor, dtype: DType) -> Result<Tensor> {
     dtype.require_float("dequantize")?;
-    let (_, row_len) = check_qtensor(q)?;
+    q.check()?;
+    let (_, row_len) = crate::tensor::matrix_view(&q.shape);
     match dev {
         Device::Cpu => {
             let mut out = Tensor::zeros(dtype, &q.shape);

@@ -6,10 +6,7 @@
 //! need a decision identical to the CPU's use `RowStats::sumsq_bound` and ask
 //! the CPU reference for the rows that land too close to call.
 
-use super::{
-    check_row_len, chunk_elems, chunk_rows, chunks, f32_at, params, row_vector_bytes_per_elem,
-    u32_at, CPU_BLOCK,
-};
+use super::{check_row_len, chunk_elems, chunk_rows, chunks, f32_at, params, u32_at, CPU_BLOCK};
 use crate::device::{Chunk, Device, Gpu, Kernel, StreamLayout};
 use crate::error::Result;
 use crate::tensor::TensorRef;
