@@ -13,9 +13,10 @@
 //!
 //! // `auto` picks a hardware GPU when there is one, else the CPU backend.
 //! let dev = Device::choose("auto")?;
-//! let w = Tensor::from_f32(DType::BF16, &[2, 3], &[0.5, -0.01, 0.2, -0.7, 0.03, 0.0])?;
+//! // Values bf16 holds exactly, so the comparison below is exact.
+//! let w = Tensor::from_f32(DType::BF16, &[2, 3], &[0.5, -0.0078125, 0.25, -0.75, 0.03125, 0.0])?;
 //! let (pruned, stats) = prune::threshold(&dev, &w.view(), 0.1)?;
-//! assert_eq!(pruned.to_f32_vec(), [0.5, 0.0, 0.2, -0.7, 0.0, 0.0]);
+//! assert_eq!(pruned.to_f32_vec(), [0.5, 0.0, 0.25, -0.75, 0.0, 0.0]);
 //! assert_eq!(stats.zeros, 3);
 //! # Ok::<(), modelpress::Error>(())
 //! ```
@@ -27,6 +28,11 @@ pub mod error;
 pub mod ops;
 pub mod sample;
 pub mod tensor;
+
+// The README's example compiles and runs as a doctest.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
 
 pub use device::{list_adapters, AdapterSummary, Device, Gpu};
 pub use error::{Error, Result};
