@@ -25,7 +25,9 @@ fn main() {
     let dev = match Device::choose(&spec) {
         Ok(d) => d,
         Err(e) => {
-            eprintln!("throughput: no device '{spec}' ({e}); measuring the CPU backend against itself");
+            eprintln!(
+                "throughput: no device '{spec}' ({e}); measuring the CPU backend against itself"
+            );
             Device::Cpu
         }
     };

@@ -21,6 +21,8 @@ pub struct Sample {
     /// 64 rows of the same width, for row mixing.
     pub rows: Tensor,
     pub row_weights: Vec<f32>,
+    /// `a` quantized per row (on the CPU), for dequantization.
+    pub q: crate::tensor::QTensor,
 }
 
 impl Sample {
@@ -30,11 +32,16 @@ impl Sample {
         let cols = 1024.min(elements.max(1));
         let shape = [elements.div_ceil(cols), cols];
         let row_shape = [64, (elements / 64).max(1)];
+        let a = sample::weight(&mut rng, dtype, &shape);
+        let q = quantize::quantize_absmax(&Device::Cpu, &a.view(), quantize::Granularity::PerRow)
+            .expect("finite sample")
+            .0;
         Sample {
-            a: sample::weight(&mut rng, dtype, &shape),
+            a,
             b: sample::weight(&mut rng, dtype, &shape),
             rows: sample::weight(&mut rng, dtype, &row_shape),
             row_weights: (0..64).map(|_| rng.uniform() as f32).collect(),
+            q,
         }
     }
 }
@@ -107,6 +114,13 @@ fn quant_rw(s: &Sample) -> u64 {
 /// Every kernel, as the demo and the benchmarks run it.
 pub fn cases() -> Vec<Case> {
     vec![
+        Case {
+            // The yardstick: a copy of the same bytes (what any kernel over
+            // host memory costs at least).
+            name: "baseline.copy",
+            run: |_, s| Ok(Output::Float(s.a.clone())),
+            bytes: float_rw,
+        },
         Case {
             name: "prune.threshold",
             run: |d, s| Ok(Output::Float(prune::threshold(d, &s.a.view(), 0.02)?.0)),
@@ -293,8 +307,8 @@ pub fn demo(dev: &Device, elements: usize, seed: u64) -> Result<()> {
     );
     println!();
     println!(
-        "{:<24} {:>10} {:>10} {:>10} {:>10}  {}",
-        "kernel", "device ms", "cpu ms", "dev GB/s", "cpu GB/s", "device vs cpu"
+        "{:<24} {:>10} {:>10} {:>10} {:>10}  device vs cpu",
+        "kernel", "device ms", "cpu ms", "dev GB/s", "cpu GB/s"
     );
     let mut worst = Agreement::Identical;
     for case in cases() {
@@ -371,4 +385,29 @@ pub fn run(dev: &Device, opt: &BenchOptions) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_parse_with_suffixes() {
+        assert_eq!(parse_count("1000").unwrap(), 1000);
+        assert_eq!(parse_count("64k").unwrap(), 65536);
+        assert_eq!(parse_count(" 16M").unwrap(), 16 << 20);
+        assert!(parse_count("16MB").is_err());
+        assert!(parse_count("").is_err());
+    }
+
+    #[test]
+    fn every_case_runs_on_the_cpu_and_agrees_with_itself() {
+        let s = Sample::new(DType::F16, 3000, 1);
+        for case in cases() {
+            let a = (case.run)(&Device::Cpu, &s).unwrap();
+            let b = (case.run)(&Device::Cpu, &s).unwrap();
+            assert_eq!(agreement(&a, &b), Agreement::Identical, "{}", case.name);
+            assert!((case.bytes)(&s) > 0);
+        }
+    }
 }

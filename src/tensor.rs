@@ -356,3 +356,34 @@ pub fn max_ulp_diff(a: &Tensor, b: &Tensor) -> Option<u64> {
             .unwrap_or(0),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ulp_distance_counts_representable_steps() {
+        let d = |a: f32, b: f32| ulp_distance(DType::F32, a.to_bits(), b.to_bits());
+        assert_eq!(d(1.0, 1.0), 0);
+        assert_eq!(d(0.0, -0.0), 0);
+        assert_eq!(d(1.0, f32::from_bits(1.0f32.to_bits() + 3)), 3);
+        assert_eq!(d(f32::from_bits(1), -f32::from_bits(1)), 2);
+        assert_eq!(d(f32::NAN, 1.0), u64::MAX);
+        assert_eq!(d(f32::NAN, -f32::NAN), 0);
+        assert_eq!(ulp_distance(DType::BF16, 0x3f80, 0x3f81), 1);
+        assert_eq!(ulp_distance(DType::F16, 0x7c00, 0x7bff), 1);
+        assert_eq!(ulp_distance(DType::F16, 0x7c01, 0x7c00), u64::MAX);
+    }
+
+    #[test]
+    fn views_check_their_bytes() {
+        assert!(TensorRef::new(DType::F32, &[2, 2], &[0; 16]).is_ok());
+        assert!(TensorRef::new(DType::F32, &[2, 2], &[0; 15]).is_err());
+        assert!(TensorRef::new(DType::BF16, &[usize::MAX, 4], &[]).is_err());
+        assert_eq!(matrix_view(&[]), (1, 1));
+        assert_eq!(matrix_view(&[7]), (1, 7));
+        assert_eq!(matrix_view(&[2, 3, 4]), (2, 12));
+        assert!(Tensor::from_f32(DType::F16, &[3], &[1.0, 2.0]).is_err());
+        assert!(Tensor::from_f32(DType::I8, &[1], &[1.0]).is_err());
+    }
+}

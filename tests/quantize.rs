@@ -107,6 +107,7 @@ fn absmax_follows_the_rule() {
                     let ctx = format!("{name} {dtype} {shape:?} {gran:?}");
                     let (got, st) = quantize::quantize_absmax(&dev, &t.view(), gran).unwrap();
                     assert_eq!(st.clipped + st.nan, 0, "{ctx}");
+                    #[allow(clippy::single_range_in_vec_init)]
                     let groups: Vec<std::ops::Range<usize>> = match gran {
                         Granularity::PerTensor => vec![0..n],
                         Granularity::PerRow => {

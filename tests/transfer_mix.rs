@@ -295,7 +295,7 @@ fn invalid_parameters_are_errors() {
         input(mix::mix(dev, &[a.view(), h.view()], &[0.5, 0.5]));
         input(mix::mix(dev, &[a.view(), a.view()], &[0.5, f32::NAN]));
         let many: Vec<_> = (0..MAX_MIX_INPUTS + 1).map(|_| a.view()).collect();
-        input(mix::mix(dev, &many, &vec![0.1; MAX_MIX_INPUTS + 1]));
+        input(mix::mix(dev, &many, &[0.1; MAX_MIX_INPUTS + 1]));
         input(mix::mix_rows(dev, &a.view(), &[1.0]));
         input(mix::mix_rows(dev, &a.view(), &[1.0, f32::INFINITY]));
         let v = tensor(DType::F32, &[3], &[1.0; 3]);

@@ -11,6 +11,7 @@
 //!   tiles: results agree with the reference within a few ulps of Σ|pᵢwᵢ|
 //!   (the tests state the bound).
 
+use super::codec::{with_codec, Codec};
 use super::{
     chunk_elems, chunks, f32_at, finish_special, finite_param, params, same_shape, term_special,
     u32_at, CPU_BLOCK,
@@ -59,37 +60,33 @@ pub fn mix(dev: &Device, inputs: &[TensorRef], weights: &[f32]) -> Result<Tensor
     }
 }
 
-/// The reference for one element: terms left to right from the first.
-#[inline(always)]
-fn mix_terms(weights: &[f32], bits: impl Fn(usize) -> u32) -> u32 {
-    let mut st = 0;
-    let mut acc = 0f32;
-    for (i, &p) in weights.iter().enumerate() {
-        let xb = bits(i);
-        let s = term_special(p, xb);
-        st |= s;
-        let t = p * if s != 0 { 0.0 } else { f32::from_bits(xb) };
-        acc = if i == 0 { t } else { acc + t };
-    }
-    finish_special(st, acc)
-}
-
+/// The reference: per element, terms left to right from the first. Inputs
+/// are the outer loop over a block of f32 accumulators, which keeps that
+/// order per element and lets each pass vectorize.
 fn mix_cpu(inputs: &[TensorRef], weights: &[f32]) -> Tensor {
     let dt = inputs[0].dtype;
-    let es = dt.size();
     let mut out = Tensor::zeros(dt, inputs[0].shape);
-    out.data
-        .par_chunks_mut(CPU_BLOCK * es)
-        .enumerate()
-        .for_each(|(b, ob)| {
-            for j in 0..ob.len() / es {
-                let e = b * CPU_BLOCK + j;
-                let r = mix_terms(weights, |i| {
-                    dt.raw_to_f32(dt.read_raw(inputs[i].data, e)).to_bits()
-                });
-                dt.write_raw(ob, j, dt.f32_to_raw(f32::from_bits(r)));
+    with_codec!(dt, C => out.data
+    .par_chunks_mut(CPU_BLOCK * C::SIZE)
+    .enumerate()
+    .for_each(|(b, ob)| {
+        let start = b * CPU_BLOCK;
+        let len = ob.len() / C::SIZE;
+        let mut acc = vec![0f32; len];
+        let mut state = vec![0u32; len];
+        for (i, (t, &p)) in inputs.iter().zip(weights).enumerate() {
+            for j in 0..len {
+                let xb = C::to_f32(C::read(t.data, start + j)).to_bits();
+                let s = term_special(p, xb);
+                state[j] |= s;
+                let term = p * if s != 0 { 0.0 } else { f32::from_bits(xb) };
+                acc[j] = if i == 0 { term } else { acc[j] + term };
             }
-        });
+        }
+        for j in 0..len {
+            C::write(ob, j, C::from_f32(f32::from_bits(finish_special(state[j], acc[j]))));
+        }
+    }));
     out
 }
 
@@ -172,14 +169,13 @@ pub fn mix_rows(dev: &Device, t: &TensorRef, weights: &[f32]) -> Result<Tensor> 
 /// Per column: the sum of the finite terms, and the special state.
 fn mix_rows_cpu(t: &TensorRef, weights: &[f32]) -> (Vec<f32>, Vec<u32>) {
     let (_, cols) = t.rows();
-    let dt = t.dtype;
-    (0..cols)
+    with_codec!(t.dtype, C => (0..cols)
         .into_par_iter()
         .map(|c| {
             let mut st = 0;
             let mut acc = 0f32;
             for (i, &p) in weights.iter().enumerate() {
-                let xb = dt.raw_to_f32(dt.read_raw(t.data, i * cols + c)).to_bits();
+                let xb = C::to_f32(C::read(t.data, i * cols + c)).to_bits();
                 let s = term_special(p, xb);
                 st |= s;
                 let term = p * if s != 0 { 0.0 } else { f32::from_bits(xb) };
@@ -187,7 +183,7 @@ fn mix_rows_cpu(t: &TensorRef, weights: &[f32]) -> (Vec<f32>, Vec<u32>) {
             }
             (acc, st)
         })
-        .unzip()
+        .unzip())
 }
 
 /// Tiles of (rows × columns) gathered into one binding each; the host adds

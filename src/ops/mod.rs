@@ -2,6 +2,7 @@
 //! parameter checks, the CPU reference (the specification) and the GPU
 //! dispatch; the public function picks one by `Device`.
 
+pub(crate) mod codec;
 pub mod mix;
 pub mod prune;
 pub mod quantize;
@@ -11,6 +12,7 @@ pub mod transfer;
 use crate::device::Gpu;
 use crate::error::{Error, Result};
 use crate::tensor::{DType, Tensor, TensorRef};
+use codec::Codec;
 use rayon::prelude::*;
 use std::ops::Range;
 
@@ -47,6 +49,27 @@ pub(crate) fn chunk_elems(
 /// Consecutive ranges of at most `chunk` elements covering 0..n.
 pub(crate) fn chunks(n: usize, chunk: usize) -> impl Iterator<Item = Range<usize>> {
     (0..n.div_ceil(chunk)).map(move |k| k * chunk..((k + 1) * chunk).min(n))
+}
+
+/// The rows crossing `range` of flat indices, with the part of the range
+/// in each: lets per-row loops look up a row's value once, not per element.
+pub(crate) fn row_segments(
+    range: Range<usize>,
+    row_len: usize,
+) -> impl Iterator<Item = (usize, Range<usize>)> {
+    let row_len = row_len.max(1);
+    let first = range.start / row_len;
+    let last = if range.is_empty() {
+        first
+    } else {
+        (range.end - 1) / row_len + 1
+    };
+    (first..last).map(move |r| {
+        (
+            r,
+            (r * row_len).max(range.start)..((r + 1) * row_len).min(range.end),
+        )
+    })
 }
 
 /// Bytes per element that per-row vectors (one f32 per row) cost a chunk.
@@ -145,26 +168,24 @@ pub(crate) fn finish_special(state: u32, sum: f32) -> u32 {
 }
 
 /// The CPU backend's elementwise driver: `f(index, raw_in) -> (raw_out,
-/// counts)` over every element in parallel blocks, writing `out_dtype`.
-pub(crate) fn cpu_map<const C: usize>(
+/// counts)` over every element in parallel blocks, reading codec `I` and
+/// writing codec `O` (both fixed at compile time; see `codec::with_codec`).
+pub(crate) fn cpu_map<I: Codec, O: Codec, const C: usize>(
     src: &TensorRef,
     out_dtype: DType,
     f: impl Fn(usize, u32) -> (u32, [u64; C]) + Sync,
 ) -> (Tensor, [u64; C]) {
-    let n = src.numel();
     let mut out = Tensor::zeros(out_dtype, src.shape);
-    let osize = out_dtype.size();
     let counts = out
         .data
-        .par_chunks_mut(CPU_BLOCK * osize)
+        .par_chunks_mut(CPU_BLOCK * O::SIZE)
+        .zip(src.data.par_chunks(CPU_BLOCK * I::SIZE))
         .enumerate()
-        .map(|(b, ob)| {
-            let start = b * CPU_BLOCK;
+        .map(|(b, (ob, ib))| {
             let mut c = [0u64; C];
-            for j in 0..ob.len() / osize {
-                let i = start + j;
-                let (raw, k) = f(i, src.dtype.read_raw(src.data, i));
-                out_dtype.write_raw(ob, j, raw);
+            for j in 0..ob.len() / O::SIZE {
+                let (raw, k) = f(b * CPU_BLOCK + j, I::read(ib, j));
+                O::write(ob, j, raw);
                 for (a, b) in c.iter_mut().zip(k) {
                     *a += b;
                 }
@@ -180,7 +201,6 @@ pub(crate) fn cpu_map<const C: usize>(
                 a
             },
         );
-    debug_assert_eq!(out.numel(), n);
     (out, counts)
 }
 
@@ -199,4 +219,56 @@ pub(crate) fn finite_param(what: &str, v: f32) -> Result<()> {
         return Err(Error::input(format!("{what} must be finite, got {v}")));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_cover_the_range_exactly() {
+        for n in [0, 1, 63, 64, 65, 1000] {
+            for c in [64, 128, 1024] {
+                let v: Vec<_> = chunks(n, c).collect();
+                assert_eq!(v.iter().map(|r| r.len()).sum::<usize>(), n);
+                assert!(v.windows(2).all(|w| w[0].end == w[1].start));
+                assert!(v
+                    .iter()
+                    .all(|r| !r.is_empty() && r.len() <= c && r.start % c == 0));
+            }
+        }
+    }
+
+    #[test]
+    fn chunk_rows_and_segments_agree() {
+        for row_len in [1, 3, 64, 1000] {
+            for r in [0..1, 5..17, 63..200, 999..2001] {
+                let cr = chunk_rows(&r, row_len);
+                let segs: Vec<_> = row_segments(r.clone(), row_len).collect();
+                assert_eq!(segs.len(), cr.rows);
+                assert_eq!(segs[0].0, cr.first_row);
+                assert_eq!(segs[0].1.start % row_len, cr.col0);
+                assert_eq!(segs.iter().map(|s| s.1.len()).sum::<usize>(), r.len());
+                for (row, s) in &segs {
+                    assert!(s.clone().all(|i| i / row_len == *row));
+                }
+            }
+        }
+        assert_eq!(row_segments(5..5, 3).count(), 0);
+        assert_eq!(row_segments(0..10, usize::MAX).count(), 1);
+    }
+
+    #[test]
+    fn special_terms() {
+        assert_eq!(term_special(1.0, 1.0f32.to_bits()), 0);
+        assert_eq!(term_special(1.0, f32::NAN.to_bits()), 1);
+        assert_eq!(term_special(0.0, f32::INFINITY.to_bits()), 1);
+        assert_eq!(term_special(-2.0, f32::INFINITY.to_bits()), 4);
+        assert_eq!(term_special(-2.0, f32::NEG_INFINITY.to_bits()), 2);
+        assert_eq!(finish_special(6, 1.0), CANONICAL_NAN);
+        assert_eq!(finish_special(0, f32::NAN), CANONICAL_NAN);
+        assert_eq!(finish_special(0, -0.0), 0x8000_0000);
+        assert_eq!(flush_subnormal(0x8000_0001), 0x8000_0000);
+        assert_eq!(flush_subnormal(0x0080_0000), 0x0080_0000);
+    }
 }

@@ -10,6 +10,7 @@
 //!   τ. A row holding a NaN is never zeroed. A 1-D tensor is an activation
 //!   vector: each element is its own neuron, so the rule is elementwise.
 
+use super::codec::{with_codec, Codec};
 use super::reduce::{row_figures, row_stats};
 use super::{
     check_row_len, chunk_elems, chunk_rows, chunks, cpu_map, params, row_vector_bytes_per_elem,
@@ -83,15 +84,11 @@ pub fn threshold(dev: &Device, t: &TensorRef, tau: f32) -> Result<(Tensor, Prune
 }
 
 fn threshold_cpu(t: &TensorRef, tau_bits: u32) -> (Tensor, PruneStats) {
-    let dt = t.dtype;
-    let (out, [pruned, zeros]) = cpu_map(t, dt, |_, raw| {
-        let a = dt.raw_to_f32(raw).to_bits() & 0x7fff_ffff;
+    let (out, [pruned, zeros]) = with_codec!(t.dtype, C => cpu_map::<C, C, 2>(t, t.dtype, |_, raw| {
+        let a = C::to_f32(raw).to_bits() & 0x7fff_ffff;
         let cut = a < tau_bits;
-        (
-            if cut { 0 } else { raw },
-            [cut as u64, (cut || a == 0) as u64],
-        )
-    });
+        (if cut { 0 } else { raw }, [cut as u64, (cut || a == 0) as u64])
+    }));
     let numel = t.numel() as u64;
     (
         out,
@@ -227,14 +224,10 @@ pub fn zero_rows(dev: &Device, t: &TensorRef, mask: &[bool]) -> Result<(Tensor, 
     }
     match dev {
         Device::Cpu => {
-            let dt = t.dtype;
-            let (out, [zeros]) = cpu_map(t, dt, |i, raw| {
+            let (out, [zeros]) = with_codec!(t.dtype, C => cpu_map::<C, C, 1>(t, t.dtype, |i, raw| {
                 let kept = if mask[i / row_len] { 0 } else { raw };
-                (
-                    kept,
-                    [(dt.raw_to_f32(kept).to_bits() & 0x7fff_ffff == 0) as u64],
-                )
-            });
+                (kept, [(C::to_f32(kept).to_bits() & 0x7fff_ffff == 0) as u64])
+            }));
             Ok((out, zeros))
         }
         Device::Gpu(g) => zero_rows_gpu(g, t, mask),

@@ -14,10 +14,11 @@
 //! - `dequantize`: w = q·scale in f32, then rounded to the dtype asked for.
 //!   With the round-mode scale fl(1/Q) this is within 1 ulp of q/Q.
 
+use super::codec::{round_even_small, with_codec, Codec};
 use super::reduce::{row_stats, tensor_stats};
 use super::{
     check_row_len, chunk_elems, chunk_rows, chunks, cpu_map, f32_bytes, flush_subnormal, params,
-    row_vector_bytes_per_elem, u32_at, CPU_BLOCK,
+    row_segments, row_vector_bytes_per_elem, u32_at, CPU_BLOCK,
 };
 use crate::device::{Chunk, Device, Gpu, Kernel, StreamLayout};
 use crate::error::{Error, Result};
@@ -131,7 +132,8 @@ fn quantize_one(bits: u32, m: f32, qmin: i32, qmax: i32) -> (i8, QuantStats) {
             qmax
         }
     } else {
-        let v = (x * m).round_ties_even();
+        // Clamped first (the range is ±128), so the fast rounding is exact.
+        let v = round_even_small((x * m).clamp(-256.0, 256.0));
         if v < qmin as f32 {
             st.clipped = 1;
             qmin
@@ -167,32 +169,29 @@ fn quantize_cpu(
     qmax: i32,
 ) -> (Vec<i8>, QuantStats) {
     let (_, row_len) = t.rows();
-    let dt = t.dtype;
+    let seg_len = if per_row { row_len } else { usize::MAX };
     let mut q = vec![0i8; t.numel()];
-    let st = q
-        .par_chunks_mut(CPU_BLOCK)
-        .enumerate()
-        .map(|(b, qb)| {
-            let mut st = QuantStats::default();
-            for (j, out) in qb.iter_mut().enumerate() {
-                let i = b * CPU_BLOCK + j;
-                let m = if per_row {
-                    mults[i / row_len]
-                } else {
-                    mults[0]
-                };
-                let bits = dt.raw_to_f32(dt.read_raw(t.data, i)).to_bits();
-                let (v, s) = quantize_one(bits, m, qmin, qmax);
-                *out = v;
+    let st = with_codec!(t.dtype, C => q
+    .par_chunks_mut(CPU_BLOCK)
+    .enumerate()
+    .map(|(b, qb)| {
+        let mut st = QuantStats::default();
+        let start = b * CPU_BLOCK;
+        for (row, seg) in row_segments(start..start + qb.len(), seg_len) {
+            let m = mults[if per_row { row } else { 0 }];
+            for i in seg {
+                let (v, s) = quantize_one(C::to_f32(C::read(t.data, i)).to_bits(), m, qmin, qmax);
+                qb[i - start] = v;
                 st.clipped += s.clipped;
                 st.nan += s.nan;
             }
-            st
-        })
-        .reduce(QuantStats::default, |a, b| QuantStats {
-            clipped: a.clipped + b.clipped,
-            nan: a.nan + b.nan,
-        });
+        }
+        st
+    })
+    .reduce(QuantStats::default, |a, b| QuantStats {
+        clipped: a.clipped + b.clipped,
+        nan: a.nan + b.nan,
+    }));
     (q, st)
 }
 
@@ -273,21 +272,20 @@ pub fn dequantize(dev: &Device, q: &QTensor, dtype: DType) -> Result<Tensor> {
     match dev {
         Device::Cpu => {
             let mut out = Tensor::zeros(dtype, &q.shape);
-            let es = dtype.size();
-            out.data
-                .par_chunks_mut(CPU_BLOCK * es)
-                .enumerate()
-                .for_each(|(b, ob)| {
-                    for j in 0..ob.len() / es {
-                        let i = b * CPU_BLOCK + j;
-                        let s = if q.per_row {
-                            q.scales[i / row_len]
-                        } else {
-                            q.scales[0]
-                        };
-                        dtype.write_raw(ob, j, dtype.f32_to_raw(q.q[i] as f32 * s));
+            let seg_len = if q.per_row { row_len } else { usize::MAX };
+            with_codec!(dtype, O => out.data
+            .par_chunks_mut(CPU_BLOCK * O::SIZE)
+            .zip(q.q.par_chunks(CPU_BLOCK))
+            .enumerate()
+            .for_each(|(b, (ob, qb))| {
+                let start = b * CPU_BLOCK;
+                for (row, seg) in row_segments(start..start + qb.len(), seg_len) {
+                    let s = q.scales[if q.per_row { row } else { 0 }];
+                    for i in seg {
+                        O::write(ob, i - start, O::from_f32(qb[i - start] as f32 * s));
                     }
-                });
+                }
+            }));
             Ok(out)
         }
         Device::Gpu(g) => dequantize_gpu(g, q, dtype, if q.per_row { row_len } else { 1 }),
@@ -354,13 +352,9 @@ pub fn convert(dev: &Device, t: &TensorRef, dtype: DType) -> Result<Tensor> {
         return Ok(t.to_owned());
     }
     match dev {
-        Device::Cpu => {
-            let src = t.dtype;
-            Ok(cpu_map(t, dtype, |_, raw| {
-                (dtype.f32_to_raw(src.raw_to_f32(raw)), [])
-            })
-            .0)
-        }
+        Device::Cpu => Ok(with_codec!(t.dtype, I => with_codec!(dtype, O => {
+            cpu_map::<I, O, 0>(t, dtype, |_, raw| (O::from_f32(I::to_f32(raw)), [])).0
+        }))),
         Device::Gpu(g) => convert_gpu(g, t, dtype),
     }
 }

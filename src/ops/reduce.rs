@@ -6,6 +6,7 @@
 //! need a decision identical to the CPU's use `RowStats::sumsq_bound` and ask
 //! the CPU reference for the rows that land too close to call.
 
+use super::codec::{with_codec, Codec};
 use super::{check_row_len, chunk_elems, chunk_rows, chunks, f32_at, params, u32_at, CPU_BLOCK};
 use crate::device::{Chunk, Device, Gpu, Kernel, StreamLayout};
 use crate::error::Result;
@@ -74,13 +75,13 @@ pub fn row_stats(dev: &Device, t: &TensorRef) -> Result<RowStats> {
 pub(crate) fn row_figures(t: &TensorRef, r: usize) -> (f64, f64, u32) {
     let (_, row_len) = t.rows();
     let (mut sq, mut ab, mut mx) = (0f64, 0f64, 0u32);
-    for i in r * row_len..(r + 1) * row_len {
-        let b = t.dtype.raw_to_f32(t.dtype.read_raw(t.data, i)).to_bits();
+    with_codec!(t.dtype, C => for i in r * row_len..(r + 1) * row_len {
+        let b = C::to_f32(C::read(t.data, i)).to_bits();
         let x = f32::from_bits(b) as f64;
         sq += x * x;
         ab += x.abs();
         mx = mx.max(b & 0x7fff_ffff);
-    }
+    });
     (sq, ab, mx)
 }
 
@@ -193,12 +194,12 @@ fn tensor_stats_cpu(t: &TensorRef) -> TensorStats {
                 nonfinite: 0,
                 zeros: 0,
             };
-            for i in b * CPU_BLOCK..((b + 1) * CPU_BLOCK).min(n) {
-                let a = t.dtype.raw_to_f32(t.dtype.read_raw(t.data, i)).to_bits() & 0x7fff_ffff;
+            with_codec!(t.dtype, C => for i in b * CPU_BLOCK..((b + 1) * CPU_BLOCK).min(n) {
+                let a = C::to_f32(C::read(t.data, i)).to_bits() & 0x7fff_ffff;
                 s.max_abs_bits = s.max_abs_bits.max(a);
                 s.nonfinite += (a >= 0x7f80_0000) as u64;
                 s.zeros += (a == 0) as u64;
-            }
+            });
             s
         })
         .reduce(

@@ -9,6 +9,7 @@
 //!   finite = inf, inf - inf = NaN, λ = 0 times inf = NaN); every NaN result
 //!   is the canonical quiet NaN.
 
+use super::codec::{with_codec, Codec};
 use super::{
     chunk_elems, chunks, cpu_map, finish_special, finite_param, params, same_shape, term_special,
 };
@@ -53,29 +54,24 @@ pub fn transfer(dev: &Device, w: &TensorRef, delta: Delta, lambda: f32) -> Resul
 }
 
 fn offset_scalar_cpu(w: &TensorRef, c: f32) -> Tensor {
-    let dt = w.dtype;
-    cpu_map(w, dt, |_, raw| {
-        let xb = dt.raw_to_f32(raw).to_bits();
+    with_codec!(w.dtype, C => cpu_map::<C, C, 0>(w, w.dtype, |_, raw| {
+        let xb = C::to_f32(raw).to_bits();
         let st = term_special(1.0, xb);
         let x = if st != 0 { 0.0 } else { f32::from_bits(xb) };
-        (dt.f32_to_raw(f32::from_bits(finish_special(st, x + c))), [])
-    })
+        (C::from_f32(f32::from_bits(finish_special(st, x + c))), [])
+    }))
     .0
 }
 
 fn offset_tensor_cpu(w: &TensorRef, d: &TensorRef, lambda: f32) -> Tensor {
-    let (dt, ddt) = (w.dtype, d.dtype);
-    cpu_map(w, dt, |i, raw| {
-        let xb = dt.raw_to_f32(raw).to_bits();
-        let db = ddt.raw_to_f32(ddt.read_raw(d.data, i)).to_bits();
+    with_codec!(w.dtype, C => with_codec!(d.dtype, D => cpu_map::<C, C, 0>(w, w.dtype, |i, raw| {
+        let xb = C::to_f32(raw).to_bits();
+        let db = D::to_f32(D::read(d.data, i)).to_bits();
         let (sx, sd) = (term_special(1.0, xb), term_special(lambda, db));
         let x = if sx != 0 { 0.0 } else { f32::from_bits(xb) };
         let dv = if sd != 0 { 0.0 } else { f32::from_bits(db) };
-        (
-            dt.f32_to_raw(f32::from_bits(finish_special(sx | sd, x + lambda * dv))),
-            [],
-        )
-    })
+        (C::from_f32(f32::from_bits(finish_special(sx | sd, x + lambda * dv))), [])
+    })))
     .0
 }
 
