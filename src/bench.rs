@@ -294,11 +294,11 @@ fn gbps(bytes: u64, secs: f64) -> f64 {
     bytes as f64 / secs / 1e9
 }
 
-/// `modelpress demo`: every kernel on `dev` against the CPU reference, on a
+/// `modelpress check`: every kernel on `dev` against the CPU reference, on a
 /// seeded LLaMA-scale bf16 sample.
-pub fn demo(dev: &Device, elements: usize, seed: u64) -> Result<()> {
+pub fn check(dev: &Device, elements: usize, seed: u64) -> Result<()> {
     let s = Sample::new(DType::BF16, elements, seed);
-    println!("modelpress demo: device {}", dev.name());
+    println!("modelpress check: device {}", dev.name());
     println!(
         "sample: seed {seed}, {} weights of {} in shape {:?}; times are best of 3, end to end",
         s.a.numel(),

@@ -2,8 +2,15 @@
 
 use crate::bench::{self, BenchOptions};
 use crate::device::{list_adapters, Device};
-use crate::error::Result;
-use clap::{Parser, Subcommand};
+use crate::error::{Error, Result};
+use crate::formats::model::Model;
+use crate::jobs::{Dequantize, Mix, Prune, QuantScheme, Quantize, Transfer};
+use crate::ops::prune::NeuronNorm;
+use crate::ops::quantize::Granularity;
+use crate::pipeline::{self, JobOptions, Selection, TensorOp};
+use crate::report::Report;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::path::{Path, PathBuf};
 
 #[derive(Parser)]
 #[command(
@@ -16,16 +23,137 @@ struct Cli {
     command: Command,
 }
 
+/// Options every model operation takes.
+#[derive(Args, Clone)]
+struct Common {
+    /// Output: a .safetensors file for a file input, a directory for a
+    /// model directory.
+    #[arg(short, long)]
+    output: PathBuf,
+    /// auto (a hardware GPU, else the CPU), gpu (any adapter), cpu, or an
+    /// adapter name substring.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// Touch only tensors whose name matches (repeatable). Default: float
+    /// tensors of rank ≥ 2.
+    #[arg(long)]
+    include: Vec<String>,
+    /// Leave tensors whose name matches untouched (repeatable).
+    #[arg(long)]
+    exclude: Vec<String>,
+    /// Write a JSON report: per tensor and in total.
+    #[arg(long)]
+    report: Option<PathBuf>,
+    /// Replace an existing output.
+    #[arg(long)]
+    force: bool,
+    /// Process tensors holding NaN or infinite weights instead of refusing.
+    #[arg(long)]
+    allow_nonfinite: bool,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum NormArg {
+    L2,
+    Max,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Int8Arg {
+    PerTensor,
+    PerRow,
+}
+
 #[derive(Subcommand)]
 enum Command {
+    /// Tensors, dtypes, shapes, bytes and statistics of a model.
+    Inspect {
+        model: PathBuf,
+        /// JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Zero weights with |w| < T, or whole output neurons (--rows).
+    Prune {
+        model: PathBuf,
+        #[arg(long)]
+        threshold: f32,
+        /// Zero whole rows (output neurons) whose norm is below T.
+        #[arg(long)]
+        rows: bool,
+        /// Row norm for --rows.
+        #[arg(long, value_enum, default_value = "l2")]
+        norm: NormArg,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// int8: q = round(w·Q) (--scale Q) or symmetric abs-max scales (--int8).
+    Quantize {
+        model: PathBuf,
+        #[arg(long, conflicts_with = "int8", required_unless_present = "int8")]
+        scale: Option<f32>,
+        #[arg(long, value_enum)]
+        int8: Option<Int8Arg>,
+        /// Write the round trip in the input's float dtype instead.
+        #[arg(long)]
+        dequantize: bool,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Turn a model quantized by `quantize` back into floats.
+    Dequantize {
+        model: PathBuf,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// w + L·Δ: Δ a model with the same tensors (--delta) or a scalar (--offset).
+    Transfer {
+        model: PathBuf,
+        #[arg(long, conflicts_with = "offset", required_unless_present = "offset")]
+        delta: Option<PathBuf>,
+        #[arg(long)]
+        offset: Option<f32>,
+        #[arg(long, default_value_t = 1.0)]
+        lambda: f32,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// The task vector FINETUNED − BASE.
+    Delta {
+        finetuned: PathBuf,
+        base: PathBuf,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Σ Pᵢ·wᵢ over models with the same tensors.
+    Mix {
+        #[arg(required = true, num_args = 2..)]
+        models: Vec<PathBuf>,
+        #[arg(long, value_delimiter = ',', required = true)]
+        weights: Vec<f32>,
+        /// Divide the weights by their sum.
+        #[arg(long)]
+        normalize: bool,
+        #[command(flatten)]
+        common: Common,
+    },
     /// List the GPU adapters wgpu finds, with the limits that matter.
     Devices,
-    /// Run every kernel on a built-in sample on the chosen device and
-    /// compare it with the CPU reference.
+    /// Build a small LLaMA-shaped sample model and run every operation on it.
     Demo {
-        /// auto (a hardware GPU, else the CPU), gpu (any adapter), cpu, or an
-        /// adapter name substring.
         #[arg(long, default_value = "auto")]
+        device: String,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        /// Keep the sample and outputs in this directory instead of a
+        /// temporary one.
+        #[arg(long)]
+        keep: Option<PathBuf>,
+    },
+    /// Run every kernel on a seeded sample on the device and compare it
+    /// with the CPU reference.
+    Check {
+        #[arg(long, default_value = "gpu")]
         device: String,
         /// Elements per sample tensor.
         #[arg(long, default_value_t = 1 << 20)]
@@ -33,7 +161,7 @@ enum Command {
         #[arg(long, default_value_t = 42)]
         seed: u64,
     },
-    /// Measure GPU and CPU throughput (GB/s) per kernel and size.
+    /// Measure device and CPU throughput (GB/s) per kernel and size.
     Bench {
         #[arg(long, default_value = "gpu")]
         device: String,
@@ -65,8 +193,214 @@ pub fn main() -> i32 {
     }
 }
 
+fn command_line() -> String {
+    std::env::args().collect::<Vec<_>>().join(" ")
+}
+
+fn options(c: &Common) -> Result<JobOptions> {
+    Ok(JobOptions {
+        device: Device::choose(&c.device)?,
+        selection: Selection::new(&c.include, &c.exclude)?,
+        allow_nonfinite: c.allow_nonfinite,
+        force: c.force,
+        progress: true,
+        command: command_line(),
+    })
+}
+
+/// Runs one job and prints its summary; writes the report when asked.
+fn job(op: &dyn TensorOp, models: &[Model], c: &Common) -> Result<Report> {
+    let opts = options(c)?;
+    let report = pipeline::run(op, models, &c.output, &opts)?;
+    if let Some(p) = &c.report {
+        write_report(p, &report)?;
+    }
+    print_summary(&report);
+    Ok(report)
+}
+
+fn write_report(path: &Path, report: &Report) -> Result<()> {
+    let text = serde_json::to_string_pretty(report).expect("report serializes");
+    std::fs::write(path, text + "\n").map_err(|e| Error::Io {
+        path: path.to_path_buf(),
+        source: e,
+    })
+}
+
+fn print_summary(r: &Report) {
+    let t = &r.totals;
+    let mut line = format!(
+        "wrote {}: {} tensors ({} touched), {} in, {} out, {:.2} s ({:.2} GB/s) on {}",
+        r.output,
+        t.tensors,
+        t.touched,
+        human_bytes(t.bytes_in),
+        human_bytes(t.bytes_out),
+        t.seconds,
+        t.gb_per_s,
+        r.device
+    );
+    if t.weights_touched > 0 {
+        line += &format!(
+            "; sparsity of touched {:.2}%",
+            100.0 * t.zeros_touched as f64 / t.weights_touched as f64
+        );
+    }
+    if let Some((mx, rmse)) = r.worst_error() {
+        line += &format!("; worst max |Δ| {mx:.3e}, worst RMSE {rmse:.3e}");
+    }
+    println!("{line}");
+}
+
+fn open(p: &Path) -> Result<Model> {
+    Model::open(p)
+}
+
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Inspect { model, json } => {
+            let m = open(&model)?;
+            let rows = crate::inspect::inspect(&m)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows).expect("json"));
+                return Ok(());
+            }
+            println!(
+                "{:<48} {:>5} {:>16} {:>10} {:>10} {:>10} {:>10} {:>10} {:>8} {:>5}",
+                "tensor", "dtype", "shape", "bytes", "min", "max", "mean", "std", "zeros%", "!fin"
+            );
+            for r in &rows {
+                let shape = format!("{:?}", r.shape);
+                match r.stats {
+                    Some(s) => println!(
+                        "{:<48} {:>5} {:>16} {:>10} {:>10.4} {:>10.4} {:>10.4} {:>10.4} {:>8.2} {:>5}",
+                        r.name,
+                        r.dtype,
+                        shape,
+                        human_bytes(r.bytes),
+                        s.min,
+                        s.max,
+                        s.mean,
+                        s.std,
+                        100.0 * s.zeros as f64 / r.shape.iter().product::<usize>().max(1) as f64,
+                        s.nonfinite
+                    ),
+                    None => println!("{:<48} {:>5} {:>16} {:>10}", r.name, r.dtype, shape, human_bytes(r.bytes)),
+                }
+            }
+            let total: u64 = rows.iter().map(|r| r.bytes).sum();
+            println!("{} tensors, {}", rows.len(), human_bytes(total));
+            Ok(())
+        }
+        Command::Prune {
+            model,
+            threshold,
+            rows,
+            norm,
+            common,
+        } => {
+            let op = if rows {
+                Prune::Rows(
+                    threshold,
+                    match norm {
+                        NormArg::L2 => NeuronNorm::L2,
+                        NormArg::Max => NeuronNorm::Max,
+                    },
+                )
+            } else {
+                Prune::Threshold(threshold)
+            };
+            check_tau(threshold)?;
+            job(&op, &[open(&model)?], &common).map(|_| ())
+        }
+        Command::Quantize {
+            model,
+            scale,
+            int8,
+            dequantize,
+            common,
+        } => {
+            let scheme = match (scale, int8) {
+                (Some(q), _) => {
+                    if !(q.is_finite() && q > 0.0) {
+                        return Err(Error::input(format!(
+                            "--scale must be finite and > 0, got {q}"
+                        )));
+                    }
+                    QuantScheme::Round(q)
+                }
+                (None, Some(Int8Arg::PerRow)) => QuantScheme::AbsMax(Granularity::PerRow),
+                (None, Some(Int8Arg::PerTensor)) => QuantScheme::AbsMax(Granularity::PerTensor),
+                (None, None) => {
+                    return Err(Error::input("give --scale Q or --int8 per-tensor|per-row"))
+                }
+            };
+            job(&Quantize { scheme, dequantize }, &[open(&model)?], &common).map(|_| ())
+        }
+        Command::Dequantize { model, common } => {
+            let m = open(&model)?;
+            let op = Dequantize::new(&m)?;
+            job(&op, &[m], &common).map(|_| ())
+        }
+        Command::Transfer {
+            model,
+            delta,
+            offset,
+            lambda,
+            common,
+        } => {
+            crate::ops::finite_param("--lambda", lambda)?;
+            let mut models = vec![open(&model)?];
+            if let Some(d) = &delta {
+                models.push(open(d)?);
+            }
+            if let Some(x) = offset {
+                crate::ops::finite_param("--offset", x)?;
+            }
+            job(&Transfer { lambda, offset }, &models, &common).map(|_| ())
+        }
+        Command::Delta {
+            finetuned,
+            base,
+            common,
+        } => {
+            let models = vec![open(&finetuned)?, open(&base)?];
+            job(
+                &Transfer {
+                    lambda: -1.0,
+                    offset: None,
+                },
+                &models,
+                &common,
+            )
+            .map(|_| ())
+        }
+        Command::Mix {
+            models,
+            weights,
+            normalize,
+            common,
+        } => {
+            if weights.len() != models.len() {
+                return Err(Error::input(format!(
+                    "{} weights for {} models",
+                    weights.len(),
+                    models.len()
+                )));
+            }
+            let mut weights = weights;
+            if normalize {
+                let sum: f32 = weights.iter().sum();
+                if sum == 0.0 || !sum.is_finite() {
+                    return Err(Error::input(format!(
+                        "--normalize: the weights sum to {sum}"
+                    )));
+                }
+                weights.iter_mut().for_each(|w| *w /= sum);
+            }
+            let ms = models.iter().map(|p| open(p)).collect::<Result<Vec<_>>>()?;
+            job(&Mix { weights }, &ms, &common).map(|_| ())
+        }
         Command::Devices => {
             let all = list_adapters();
             if all.is_empty() {
@@ -88,14 +422,14 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Demo {
+        Command::Demo { device, seed, keep } => {
+            crate::demo::run(&Device::choose(&device)?, seed, keep.as_deref())
+        }
+        Command::Check {
             device,
             elements,
             seed,
-        } => {
-            let dev = Device::choose(&device)?;
-            crate::bench::demo(&dev, elements, seed)
-        }
+        } => bench::check(&Device::choose(&device)?, elements, seed),
         Command::Bench {
             device,
             sizes,
@@ -117,6 +451,13 @@ fn run(cli: Cli) -> Result<()> {
             )
         }
     }
+}
+
+fn check_tau(t: f32) -> Result<()> {
+    if t.is_nan() || t < 0.0 {
+        return Err(Error::input(format!("--threshold must be ≥ 0, got {t}")));
+    }
+    Ok(())
 }
 
 pub fn human_bytes(b: u64) -> String {

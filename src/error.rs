@@ -22,6 +22,15 @@ pub enum Error {
         why: String,
     },
 
+    /// An operation failed on one tensor of one file.
+    #[error("{file}: tensor '{tensor}': {source}")]
+    At {
+        file: String,
+        tensor: String,
+        #[source]
+        source: Box<Error>,
+    },
+
     /// A parameter or tensor the operation cannot accept (negative threshold,
     /// shape mismatch, wrong number of weights, ...).
     #[error("invalid input: {0}")]
@@ -55,5 +64,18 @@ pub enum Error {
 impl Error {
     pub(crate) fn input(msg: impl Into<String>) -> Self {
         Error::Input(msg.into())
+    }
+
+    /// This error, located at `tensor` of `file` (unless it already names
+    /// a file).
+    pub fn at(self, file: &std::path::Path, tensor: &str) -> Self {
+        match self {
+            e @ (Error::At { .. } | Error::Format { .. } | Error::Io { .. }) => e,
+            e => Error::At {
+                file: file.display().to_string(),
+                tensor: tensor.to_string(),
+                source: Box::new(e),
+            },
+        }
     }
 }

@@ -23,9 +23,15 @@
 
 pub mod bench;
 pub mod cli;
+pub mod demo;
 pub mod device;
 pub mod error;
+pub mod formats;
+pub mod inspect;
+pub mod jobs;
 pub mod ops;
+pub mod pipeline;
+pub mod report;
 pub mod sample;
 pub mod tensor;
 

@@ -51,3 +51,148 @@ pub fn weight(rng: &mut Rng, dtype: DType, shape: &[usize]) -> Tensor {
     let v = normal_f32(rng, n, 1.0 / (cols as f32).sqrt());
     Tensor::from_f32(dtype, shape, &v).expect("float dtype")
 }
+
+/// The shape of a LLaMA-style sample model.
+#[derive(Clone, Copy, Debug)]
+pub struct LlamaShape {
+    pub hidden: usize,
+    pub intermediate: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub vocab: usize,
+}
+
+impl LlamaShape {
+    /// About 4 M weights: large enough to stream, small enough for a demo.
+    pub const DEMO: LlamaShape = LlamaShape {
+        hidden: 256,
+        intermediate: 688,
+        layers: 4,
+        heads: 4,
+        vocab: 2048,
+    };
+
+    /// Tensor names and shapes in the order Hugging Face writes them.
+    pub fn tensors(&self) -> Vec<(String, Vec<usize>)> {
+        let (h, i, v) = (self.hidden, self.intermediate, self.vocab);
+        let mut t = vec![("model.embed_tokens.weight".to_string(), vec![v, h])];
+        for l in 0..self.layers {
+            let p = format!("model.layers.{l}");
+            t.push((format!("{p}.input_layernorm.weight"), vec![h]));
+            t.push((format!("{p}.mlp.down_proj.weight"), vec![h, i]));
+            t.push((format!("{p}.mlp.gate_proj.weight"), vec![i, h]));
+            t.push((format!("{p}.mlp.up_proj.weight"), vec![i, h]));
+            t.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
+            for x in ["k", "o", "q", "v"] {
+                t.push((format!("{p}.self_attn.{x}_proj.weight"), vec![h, h]));
+            }
+        }
+        t.push(("model.norm.weight".to_string(), vec![h]));
+        t.push(("lm_head.weight".to_string(), vec![v, h]));
+        t
+    }
+}
+
+/// Writes a seeded LLaMA-shaped model directory: config.json,
+/// generation_config.json, tokenizer_config.json and `shards` safetensors
+/// files (with model.safetensors.index.json when more than one).
+pub fn write_llama_model(
+    dir: &std::path::Path,
+    shape: LlamaShape,
+    dtype: DType,
+    shards: usize,
+    seed: u64,
+) -> crate::Result<()> {
+    use crate::formats::safetensors::{OutEntry, SafetensorsWriter};
+    let io = |p: &std::path::Path| {
+        let p = p.to_path_buf();
+        move |e| crate::Error::Io { path: p, source: e }
+    };
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let torch_dtype = match dtype {
+        DType::BF16 => "bfloat16",
+        DType::F16 => "float16",
+        _ => "float32",
+    };
+    let config = serde_json::json!({
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": shape.hidden,
+        "intermediate_size": shape.intermediate,
+        "num_hidden_layers": shape.layers,
+        "num_attention_heads": shape.heads,
+        "num_key_value_heads": shape.heads,
+        "vocab_size": shape.vocab,
+        "max_position_embeddings": 512,
+        "rms_norm_eps": 1e-5,
+        "hidden_act": "silu",
+        "tie_word_embeddings": false,
+        "torch_dtype": torch_dtype,
+        "bos_token_id": 1,
+        "eos_token_id": 2
+    });
+    let files = [
+        ("config.json", config),
+        (
+            "generation_config.json",
+            serde_json::json!({"bos_token_id": 1, "eos_token_id": 2}),
+        ),
+        (
+            "tokenizer_config.json",
+            serde_json::json!({"model_max_length": 512}),
+        ),
+    ];
+    for (name, v) in files {
+        let p = dir.join(name);
+        std::fs::write(&p, serde_json::to_string_pretty(&v).unwrap()).map_err(io(&p))?;
+    }
+    let mut rng = Rng::new(seed);
+    let tensors = shape.tensors();
+    let per_shard = tensors.len().div_ceil(shards.max(1));
+    let names: Vec<String> = (0..shards.max(1))
+        .map(|k| {
+            if shards <= 1 {
+                "model.safetensors".to_string()
+            } else {
+                format!("model-{:05}-of-{:05}.safetensors", k + 1, shards)
+            }
+        })
+        .collect();
+    let mut weight_map = serde_json::Map::new();
+    let mut total = 0usize;
+    let mut meta = serde_json::Map::new();
+    meta.insert("format".into(), "pt".into());
+    for (k, group) in tensors.chunks(per_shard).enumerate() {
+        let entries: Vec<OutEntry> = group
+            .iter()
+            .map(|(n, s)| OutEntry {
+                name: n.clone(),
+                dtype: dtype.name().into(),
+                shape: s.clone(),
+            })
+            .collect();
+        let mut w = SafetensorsWriter::create(&dir.join(&names[k]), entries, Some(&meta))?;
+        for (n, s) in group {
+            let t = if s.len() == 1 {
+                // Norm weights: around 1.
+                let v: Vec<f32> = (0..s[0])
+                    .map(|_| 1.0 + 0.05 * rng.normal() as f32)
+                    .collect();
+                Tensor::from_f32(dtype, s, &v)?
+            } else {
+                weight(&mut rng, dtype, s)
+            };
+            total += t.data.len();
+            w.write(n, &t.data)?;
+            weight_map.insert(n.clone(), names[k].clone().into());
+        }
+        w.finish()?;
+    }
+    if shards > 1 {
+        let index =
+            serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
+        let p = dir.join(crate::formats::model::INDEX_NAME);
+        std::fs::write(&p, serde_json::to_string_pretty(&index).unwrap()).map_err(io(&p))?;
+    }
+    Ok(())
+}

@@ -203,6 +203,13 @@ impl<'a> TensorRef<'a> {
             .collect()
     }
 
+    /// The values as an ndarray of f32 (decoded exactly), for inspection and
+    /// for callers that compute with ndarray.
+    pub fn to_ndarray(&self) -> ndarray::ArrayD<f32> {
+        ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(self.shape), self.to_f32_vec())
+            .expect("shape matches the element count")
+    }
+
     pub fn to_owned(&self) -> Tensor {
         Tensor {
             dtype: self.dtype,
@@ -253,6 +260,17 @@ impl Tensor {
             dtype.write_raw(&mut t.data, i, dtype.f32_to_raw(v));
         }
         Ok(t)
+    }
+
+    /// An ndarray's values in `dtype` (rounding to nearest even), in its
+    /// logical (row-major) order whatever its memory layout.
+    pub fn from_ndarray<S, D>(dtype: DType, a: &ndarray::ArrayBase<S, D>) -> Result<Tensor>
+    where
+        S: ndarray::Data<Elem = f32>,
+        D: ndarray::Dimension,
+    {
+        let values: Vec<f32> = a.iter().copied().collect();
+        Tensor::from_f32(dtype, a.shape(), &values)
     }
 
     pub fn view(&self) -> TensorRef<'_> {
@@ -385,5 +403,15 @@ mod tests {
         assert_eq!(matrix_view(&[2, 3, 4]), (2, 12));
         assert!(Tensor::from_f32(DType::F16, &[3], &[1.0, 2.0]).is_err());
         assert!(Tensor::from_f32(DType::I8, &[1], &[1.0]).is_err());
+    }
+
+    #[test]
+    fn ndarray_round_trip_keeps_logical_order() {
+        let a = ndarray::Array2::from_shape_fn((3, 4), |(i, j)| (i * 4 + j) as f32);
+        let t = Tensor::from_ndarray(DType::BF16, &a.t().to_owned()).unwrap();
+        assert_eq!(t.shape, [4, 3]);
+        assert_eq!(t.view().to_ndarray(), a.t().into_dyn());
+        let f = Tensor::from_ndarray(DType::F32, &a.t()).unwrap();
+        assert_eq!(f.to_f32_vec()[..4], [0.0, 4.0, 8.0, 1.0]);
     }
 }

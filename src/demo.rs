@@ -1,0 +1,158 @@
+//! `modelpress demo`, the README's main job: a seeded LLaMA-shaped sample
+//! model in a temporary directory, every whole-model operation run on it on
+//! the chosen device, and a table of what each did.
+
+use crate::device::Device;
+use crate::error::{Error, Result};
+use crate::formats::model::Model;
+use crate::jobs::{Dequantize, Mix, Prune, QuantScheme, Quantize, Transfer};
+use crate::ops::prune::NeuronNorm;
+use crate::ops::quantize::Granularity;
+use crate::pipeline::{self, JobOptions, Selection, TensorOp};
+use crate::sample::{write_llama_model, LlamaShape};
+use crate::tensor::DType;
+use std::path::{Path, PathBuf};
+
+struct TempDir(PathBuf, bool);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if self.1 {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+pub fn run(dev: &Device, seed: u64, keep: Option<&Path>) -> Result<()> {
+    let dir = match keep {
+        Some(p) => TempDir(p.to_path_buf(), false),
+        None => TempDir(
+            std::env::temp_dir().join(format!("modelpress-demo-{}", std::process::id())),
+            true,
+        ),
+    };
+    let _ = std::fs::remove_dir_all(&dir.0);
+    std::fs::create_dir_all(&dir.0).map_err(|e| Error::Io {
+        path: dir.0.clone(),
+        source: e,
+    })?;
+    let base = dir.0.join("llama");
+    let shape = LlamaShape::DEMO;
+    write_llama_model(&base, shape, DType::BF16, 2, seed)?;
+    let n: usize = shape
+        .tensors()
+        .iter()
+        .map(|(_, s)| s.iter().product::<usize>())
+        .sum();
+    println!("modelpress demo on {}", dev.name());
+    println!(
+        "sample: LLaMA-shaped, {} layers, hidden {}, {:.1} M weights in BF16, 2 shards (seed {seed}) in {}",
+        shape.layers,
+        shape.hidden,
+        n as f64 / 1e6,
+        base.display()
+    );
+    println!();
+    println!(
+        "{:<34} {:>10} {:>10} {:>9} {:>10} {:>10} {:>8}",
+        "operation", "bytes in", "bytes out", "sparsity", "max |Δ|", "RMSE", "GB/s"
+    );
+    let opts = JobOptions {
+        device: dev.clone(),
+        selection: Selection::default(),
+        allow_nonfinite: false,
+        force: true,
+        progress: false,
+        command: "modelpress demo".into(),
+    };
+    let out = |name: &str| dir.0.join(name);
+    let step = |label: &str, op: &dyn TensorOp, inputs: &[&Path], output: &Path| -> Result<()> {
+        let models = inputs
+            .iter()
+            .map(|p| Model::open(p))
+            .collect::<Result<Vec<_>>>()?;
+        let r = pipeline::run(op, &models, output, &opts)?;
+        let t = &r.totals;
+        let (mx, rmse) = r.worst_error().unwrap_or((0.0, 0.0));
+        println!(
+            "{:<34} {:>10} {:>10} {:>8.2}% {:>10.3e} {:>10.3e} {:>8.2}",
+            label,
+            crate::cli::human_bytes(t.bytes_in),
+            crate::cli::human_bytes(t.bytes_out),
+            100.0 * t.zeros_touched as f64 / t.weights_touched.max(1) as f64,
+            mx,
+            rmse,
+            t.gb_per_s
+        );
+        Ok(())
+    };
+    step(
+        "prune |w| < 0.02",
+        &Prune::Threshold(0.02),
+        &[&base],
+        &out("pruned"),
+    )?;
+    step(
+        "prune rows, L2 norm < 0.98",
+        &Prune::Rows(0.98, NeuronNorm::L2),
+        &[&base],
+        &out("pruned-rows"),
+    )?;
+    step(
+        "quantize int8 per row",
+        &Quantize {
+            scheme: QuantScheme::AbsMax(Granularity::PerRow),
+            dequantize: false,
+        },
+        &[&base],
+        &out("int8"),
+    )?;
+    let int8 = Model::open(&out("int8"))?;
+    step(
+        "dequantize int8 -> BF16",
+        &Dequantize::new(&int8)?,
+        &[&out("int8")],
+        &out("int8-back"),
+    )?;
+    step(
+        "transfer w + 0.001 (\"finetune\")",
+        &Transfer {
+            lambda: 1.0,
+            offset: Some(0.001),
+        },
+        &[&base],
+        &out("tuned"),
+    )?;
+    step(
+        "delta tuned − base",
+        &Transfer {
+            lambda: -1.0,
+            offset: None,
+        },
+        &[&out("tuned"), &base],
+        &out("task-vector"),
+    )?;
+    step(
+        "transfer base + 0.5·task",
+        &Transfer {
+            lambda: 0.5,
+            offset: None,
+        },
+        &[&base, &out("task-vector")],
+        &out("half-tuned"),
+    )?;
+    step(
+        "mix 0.5·base + 0.5·tuned",
+        &Mix {
+            weights: vec![0.5, 0.5],
+        },
+        &[&base, &out("tuned")],
+        &out("merged"),
+    )?;
+    println!();
+    println!("max |Δ| and RMSE are against the first input: the error for prune and quantize, the change made for the others.");
+    if !dev.is_gpu() {
+        println!("(no hardware GPU found: this ran on the CPU backend; `--device gpu` uses any adapter, software ones included)");
+    }
+    Ok(())
+}

@@ -1,0 +1,5 @@
+//! File formats. A format reads and writes bytes; it knows nothing of
+//! devices or operations.
+
+pub mod model;
+pub mod safetensors;

@@ -1,0 +1,360 @@
+//! safetensors files: read through the `safetensors` crate (which validates
+//! the header: lengths, offsets that must tile the data exactly, dtypes,
+//! overflow) over a memory map, and written by a streaming writer that keeps
+//! the input's tensor order (the crate's own writer sorts by dtype and name)
+//! and renames its temporary file into place only when complete.
+
+use crate::error::{Error, Result};
+use crate::tensor::{DType, TensorRef};
+use memmap2::{Advice, Mmap};
+use safetensors::tensor::{Dtype, SafeTensorError};
+use serde_json::{Map, Value};
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+/// The file-level metadata (`__metadata__`), in the file's key order.
+pub type Metadata = Map<String, Value>;
+
+/// One tensor of a file: name, safetensors dtype name, shape, and its bytes'
+/// range within the data section.
+#[derive(Clone, Debug)]
+pub struct Entry {
+    pub name: String,
+    pub dtype: String,
+    pub shape: Vec<usize>,
+    pub range: std::ops::Range<usize>,
+}
+
+impl Entry {
+    /// Our dtype, when the kernels compute on it.
+    pub fn kernel_dtype(&self) -> Option<DType> {
+        DType::parse(&self.dtype).filter(|d| d.is_kernel_float())
+    }
+
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.range.len()
+    }
+}
+
+/// An open, validated safetensors file.
+pub struct SafetensorsFile {
+    pub path: PathBuf,
+    map: Mmap,
+    data_start: usize,
+    /// In file (data offset) order.
+    pub entries: Vec<Entry>,
+    pub metadata: Option<Metadata>,
+}
+
+fn format_error(path: &Path, tensor: &str, why: impl Into<String>) -> Error {
+    Error::Format {
+        file: path.display().to_string(),
+        tensor: tensor.to_string(),
+        why: why.into(),
+    }
+}
+
+fn describe(e: &SafeTensorError) -> (String, String) {
+    use SafeTensorError::*;
+    match e {
+        InvalidOffset(t) => (
+            t.clone(),
+            "data offsets overlap, leave a gap or run backwards".into(),
+        ),
+        TensorNotFound(t) => (t.clone(), "not found".into()),
+        HeaderTooLarge => ("-".into(), "header length is absurd (over 100 MB)".into()),
+        HeaderTooSmall => (
+            "-".into(),
+            "file too short for a safetensors header (not safetensors?)".into(),
+        ),
+        InvalidHeaderLength => (
+            "-".into(),
+            "header length points past the end of the file (truncated or not safetensors)".into(),
+        ),
+        MetadataIncompleteBuffer => (
+            "-".into(),
+            "tensor data does not end where the file ends (truncated, or offsets past the end)"
+                .into(),
+        ),
+        InvalidHeader(_) => ("-".into(), "header is not UTF-8 (not safetensors?)".into()),
+        InvalidHeaderDeserialization(j) | JsonError(j) => (
+            "-".into(),
+            format!("header is not a valid safetensors header: {j}"),
+        ),
+        TensorInvalidInfo => (
+            "-".into(),
+            "a tensor's byte range does not match its shape and dtype".into(),
+        ),
+        ValidationOverflow => ("-".into(), "a tensor's shape overflows".into()),
+        other => ("-".into(), other.to_string()),
+    }
+}
+
+impl SafetensorsFile {
+    pub fn open(path: &Path) -> Result<SafetensorsFile> {
+        let file = File::open(path).map_err(|e| Error::Io {
+            path: path.to_path_buf(),
+            source: e,
+        })?;
+        // SAFETY: the map is read-only and private to this process; a file
+        // truncated under us by another process could fault, which no
+        // reader of memory-mapped models can rule out.
+        let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::Io {
+            path: path.to_path_buf(),
+            source: e,
+        })?;
+        let (header_len, meta) = safetensors::SafeTensors::read_metadata(&map).map_err(|e| {
+            let (tensor, why) = describe(&e);
+            format_error(path, &tensor, why)
+        })?;
+        let data_start = 8 + header_len;
+        let entries = meta
+            .offset_keys()
+            .into_iter()
+            .map(|name| {
+                let info = meta
+                    .info(&name)
+                    .expect("offset_keys names are in the index");
+                Entry {
+                    dtype: dtype_name(info.dtype),
+                    shape: info.shape.clone(),
+                    range: info.data_offsets.0..info.data_offsets.1,
+                    name,
+                }
+            })
+            .collect();
+        // The crate hands metadata back as a HashMap; re-read the header to
+        // keep the file's key order.
+        let header: Map<String, Value> = serde_json::from_slice(&map[8..data_start])
+            .map_err(|e| format_error(path, "-", e.to_string()))?;
+        let metadata = match header.get("__metadata__") {
+            Some(Value::Object(m)) => Some(m.clone()),
+            _ => None,
+        };
+        let _ = map.advise(Advice::Sequential);
+        Ok(SafetensorsFile {
+            path: path.to_path_buf(),
+            map,
+            data_start,
+            entries,
+            metadata,
+        })
+    }
+
+    pub fn data(&self, e: &Entry) -> &[u8] {
+        &self.map[self.data_start + e.range.start..self.data_start + e.range.end]
+    }
+
+    /// The tensor as the kernels take it; None for other dtypes.
+    pub fn tensor<'a>(&'a self, e: &'a Entry) -> Option<TensorRef<'a>> {
+        let dtype = e.kernel_dtype()?;
+        Some(TensorRef {
+            dtype,
+            shape: &e.shape,
+            data: self.data(e),
+        })
+    }
+
+    /// Asks the kernel to read `e`'s pages ahead.
+    pub fn prefetch(&self, e: &Entry) {
+        let _ = self.map.advise_range(
+            Advice::WillNeed,
+            self.data_start + e.range.start,
+            e.range.len(),
+        );
+    }
+
+    /// Drops `e`'s pages from this process (they stay in the page cache), so
+    /// that resident memory does not grow with the model.
+    pub fn release(&self, e: &Entry) {
+        if e.range.is_empty() {
+            return;
+        }
+        // madvise needs a page-aligned start: release whole pages inside.
+        let page = 4096;
+        let start = (self.data_start + e.range.start).div_ceil(page) * page;
+        let end = (self.data_start + e.range.end) / page * page;
+        if end > start {
+            // SAFETY: the map is read-only and file-backed; dropped pages
+            // are read again from the file if touched.
+            let _ = unsafe {
+                self.map.unchecked_advise_range(
+                    memmap2::UncheckedAdvice::DontNeed,
+                    start,
+                    end - start,
+                )
+            };
+        }
+    }
+
+    pub fn find(&self, name: &str) -> Option<&Entry> {
+        self.entries.iter().find(|e| e.name == name)
+    }
+}
+
+fn dtype_name(d: Dtype) -> String {
+    // serde names are the on-disk names ("BF16", "F8_E4M3", ...).
+    serde_json::to_value(d)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_else(|| format!("{d:?}"))
+}
+
+/// A tensor the writer will receive: its header entry.
+#[derive(Clone, Debug)]
+pub struct OutEntry {
+    pub name: String,
+    pub dtype: String,
+    pub shape: Vec<usize>,
+}
+
+impl OutEntry {
+    pub fn bytes(&self) -> Result<usize> {
+        let size = match self.dtype.as_str() {
+            "F64" | "I64" | "U64" | "C64" => 8,
+            "F32" | "I32" | "U32" => 4,
+            "F16" | "BF16" | "I16" | "U16" => 2,
+            "BOOL" | "U8" | "I8" | "F8_E5M2" | "F8_E4M3" | "F8_E8M0" | "F8_E4M3FNUZ"
+            | "F8_E5M2FNUZ" => 1,
+            other => return Err(Error::Unsupported(format!("writing dtype {other}"))),
+        };
+        let size = if self.dtype == "C64" { 8 } else { size };
+        Ok(self.shape.iter().product::<usize>() * size)
+    }
+}
+
+/// Writes one safetensors file, tensor by tensor in the declared order, to a
+/// temporary file beside `path`; `finish` renames it into place. Dropped
+/// unfinished, it removes the temporary file: no partial output appears.
+pub struct SafetensorsWriter {
+    path: PathBuf,
+    tmp: PathBuf,
+    out: Option<BufWriter<File>>,
+    entries: Vec<(OutEntry, usize)>,
+    next: usize,
+}
+
+impl SafetensorsWriter {
+    pub fn create(
+        path: &Path,
+        entries: Vec<OutEntry>,
+        metadata: Option<&Metadata>,
+    ) -> Result<SafetensorsWriter> {
+        let io = |e| Error::Io {
+            path: path.to_path_buf(),
+            source: e,
+        };
+        let mut header = Map::new();
+        if let Some(m) = metadata {
+            header.insert("__metadata__".into(), Value::Object(m.clone()));
+        }
+        let mut sized = Vec::with_capacity(entries.len());
+        let mut offset = 0usize;
+        for e in entries {
+            let len = e.bytes()?;
+            header.insert(
+                e.name.clone(),
+                serde_json::json!({"dtype": e.dtype, "shape": e.shape, "data_offsets": [offset, offset + len]}),
+            );
+            offset += len;
+            sized.push((e, len));
+        }
+        let mut text =
+            serde_json::to_vec(&Value::Object(header)).map_err(|e| Error::input(e.to_string()))?;
+        // Pad with spaces so that the data starts 8-byte aligned, as the
+        // reference writer does.
+        while text.len() % 8 != 0 {
+            text.push(b' ');
+        }
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_default();
+        let tmp = path.with_file_name(format!(".{name}.modelpress-{}.tmp", std::process::id()));
+        let file = File::create(&tmp).map_err(|e| Error::Io {
+            path: tmp.clone(),
+            source: e,
+        })?;
+        let mut out = BufWriter::with_capacity(1 << 20, file);
+        let mut w = || -> std::io::Result<()> {
+            out.write_all(&(text.len() as u64).to_le_bytes())?;
+            out.write_all(&text)
+        };
+        let r = w();
+        let writer = SafetensorsWriter {
+            path: path.to_path_buf(),
+            tmp,
+            out: Some(out),
+            entries: sized,
+            next: 0,
+        };
+        r.map_err(io)?;
+        Ok(writer)
+    }
+
+    /// The next tensor's bytes, which must be its declared name and size.
+    pub fn write(&mut self, name: &str, data: &[u8]) -> Result<()> {
+        let Some((e, len)) = self.entries.get(self.next) else {
+            return Err(Error::input(format!(
+                "{}: tensor '{name}' was not declared",
+                self.path.display()
+            )));
+        };
+        if e.name != name || *len != data.len() {
+            return Err(Error::input(format!(
+                "{}: expected tensor '{}' of {} bytes, got '{name}' of {}",
+                self.path.display(),
+                e.name,
+                len,
+                data.len()
+            )));
+        }
+        self.out
+            .as_mut()
+            .expect("open until finish")
+            .write_all(data)
+            .map_err(|err| Error::Io {
+                path: self.tmp.clone(),
+                source: err,
+            })?;
+        self.next += 1;
+        Ok(())
+    }
+
+    /// Flushes, syncs and renames the file into place.
+    pub fn finish(mut self) -> Result<()> {
+        if self.next != self.entries.len() {
+            return Err(Error::input(format!(
+                "{}: {} of {} tensors written",
+                self.path.display(),
+                self.next,
+                self.entries.len()
+            )));
+        }
+        let out = self.out.take().expect("open until finish");
+        let io = |p: &Path, e| Error::Io {
+            path: p.to_path_buf(),
+            source: e,
+        };
+        let file = out
+            .into_inner()
+            .map_err(|e| io(&self.tmp, e.into_error()))?;
+        file.sync_all().map_err(|e| io(&self.tmp, e))?;
+        std::fs::rename(&self.tmp, &self.path).map_err(|e| io(&self.path, e))?;
+        Ok(())
+    }
+}
+
+impl Drop for SafetensorsWriter {
+    fn drop(&mut self) {
+        if self.out.is_some() {
+            self.out = None;
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}

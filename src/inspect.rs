@@ -1,0 +1,121 @@
+//! `modelpress inspect`: what a model holds, tensor by tensor.
+
+use crate::error::Result;
+use crate::formats::model::Model;
+use crate::tensor::TensorRef;
+use rayon::prelude::*;
+use serde::Serialize;
+
+#[derive(Clone, Debug, Serialize)]
+pub struct TensorSummary {
+    pub name: String,
+    pub file: String,
+    pub dtype: String,
+    pub shape: Vec<usize>,
+    pub bytes: u64,
+    /// Statistics of float tensors (F32, F16, BF16) over their finite values.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stats: Option<Stats>,
+}
+
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct Stats {
+    pub min: f64,
+    pub max: f64,
+    pub abs_max: f64,
+    pub mean: f64,
+    pub std: f64,
+    pub zeros: u64,
+    pub nonfinite: u64,
+}
+
+/// Min, max, abs-max, mean, std (population) over finite values; zeros and
+/// non-finite counts. One parallel pass, f64 accumulation.
+pub fn stats(t: &TensorRef) -> Stats {
+    let n = t.numel();
+    let block = 1 << 16;
+    #[derive(Clone, Copy)]
+    struct Acc {
+        min: f64,
+        max: f64,
+        sum: f64,
+        sumsq: f64,
+        count: u64,
+        zeros: u64,
+        nonfinite: u64,
+    }
+    let empty = Acc {
+        min: f64::INFINITY,
+        max: f64::NEG_INFINITY,
+        sum: 0.0,
+        sumsq: 0.0,
+        count: 0,
+        zeros: 0,
+        nonfinite: 0,
+    };
+    let acc = (0..n.div_ceil(block))
+        .into_par_iter()
+        .map(|b| {
+            let mut a = empty;
+            for i in b * block..((b + 1) * block).min(n) {
+                let x = t.dtype.raw_to_f32(t.dtype.read_raw(t.data, i)) as f64;
+                if !x.is_finite() {
+                    a.nonfinite += 1;
+                    continue;
+                }
+                a.min = a.min.min(x);
+                a.max = a.max.max(x);
+                a.sum += x;
+                a.sumsq += x * x;
+                a.count += 1;
+                a.zeros += (x == 0.0) as u64;
+            }
+            a
+        })
+        .reduce(
+            || empty,
+            |a, b| Acc {
+                min: a.min.min(b.min),
+                max: a.max.max(b.max),
+                sum: a.sum + b.sum,
+                sumsq: a.sumsq + b.sumsq,
+                count: a.count + b.count,
+                zeros: a.zeros + b.zeros,
+                nonfinite: a.nonfinite + b.nonfinite,
+            },
+        );
+    let c = acc.count.max(1) as f64;
+    let mean = acc.sum / c;
+    let (min, max) = if acc.count == 0 {
+        (0.0, 0.0)
+    } else {
+        (acc.min, acc.max)
+    };
+    Stats {
+        min,
+        max,
+        abs_max: min.abs().max(max.abs()),
+        mean,
+        std: (acc.sumsq / c - mean * mean).max(0.0).sqrt(),
+        zeros: acc.zeros,
+        nonfinite: acc.nonfinite,
+    }
+}
+
+pub fn inspect(model: &Model) -> Result<Vec<TensorSummary>> {
+    Ok(model
+        .entries()
+        .map(|(f, e)| {
+            let s = f.tensor(e).map(|t| stats(&t));
+            f.release(e);
+            TensorSummary {
+                name: e.name.clone(),
+                file: f.path.file_name().unwrap().to_string_lossy().to_string(),
+                dtype: e.dtype.clone(),
+                shape: e.shape.clone(),
+                bytes: e.bytes() as u64,
+                stats: s,
+            }
+        })
+        .collect())
+}

@@ -1,0 +1,520 @@
+//! Whole-model jobs: tensors flow one at a time from the input files'
+//! memory maps through an operation on the device to a writer thread, which
+//! streams them into the output shards.
+//!
+//! Memory: an input tensor's pages are dropped from the process once it is
+//! processed, and the next tensor starts while earlier results are still
+//! being written only while the bytes in flight stay within twice the
+//! largest tensor, so peak memory follows the largest tensor, not the model.
+
+use crate::device::Device;
+use crate::error::{Error, Result};
+use crate::formats::model::{Model, ModelWriter, OutputTarget};
+use crate::formats::safetensors::{Entry, Metadata, OutEntry, SafetensorsFile, SafetensorsWriter};
+use crate::report::{diff, Report, TensorReport};
+use crate::tensor::{Tensor, TensorRef};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use regex::Regex;
+use std::borrow::Cow;
+use std::io::IsTerminal;
+use std::path::Path;
+use std::sync::{mpsc, Condvar, Mutex};
+use std::time::Instant;
+
+/// One input tensor as an operation sees it: its header entry and bytes.
+#[derive(Clone, Copy)]
+pub struct Src<'a> {
+    pub file: &'a SafetensorsFile,
+    pub entry: &'a Entry,
+}
+
+impl<'a> Src<'a> {
+    pub fn data(&self) -> &'a [u8] {
+        self.file.data(self.entry)
+    }
+
+    /// The tensor as the kernels take it.
+    pub fn tensor(&self) -> Result<TensorRef<'a>> {
+        self.file.tensor(self.entry).ok_or_else(|| {
+            Error::Unsupported(format!(
+                "dtype {} (the kernels take F32, F16 and BF16)",
+                self.entry.dtype
+            ))
+        })
+    }
+}
+
+/// What an operation produced for one tensor.
+pub struct Applied {
+    /// Bytes of each tensor `TensorOp::outputs` declared, in order.
+    pub outputs: Vec<Vec<u8>>,
+    /// A float tensor meant to approximate the input, for the error
+    /// figures (the output itself, or its dequantization).
+    pub approx: Option<Tensor>,
+    pub note: Option<String>,
+}
+
+/// An operation over whole models.
+pub trait TensorOp: Sync {
+    /// "prune |w| < 0.01", for reports.
+    fn describe(&self) -> String;
+
+    /// Whether the operation touches `e` when the user names no --include:
+    /// by default float tensors of rank ≥ 2 (norms and biases pass through).
+    fn default_select(&self, e: &Entry) -> bool {
+        e.kernel_dtype().is_some() && e.shape.len() >= 2
+    }
+
+    /// The output tensors written for a touched input tensor.
+    fn outputs(&self, e: &Entry) -> Result<Vec<OutEntry>> {
+        Ok(vec![OutEntry {
+            name: e.name.clone(),
+            dtype: e.dtype.clone(),
+            shape: e.shape.clone(),
+        }])
+    }
+
+    /// The output shard's metadata, given the input's and the tensors this
+    /// shard has touched.
+    fn shard_metadata(&self, input: Option<&Metadata>, _touched: &[&Entry]) -> Option<Metadata> {
+        input.cloned()
+    }
+
+    /// Computes the outputs of one tensor; `srcs[k]` is the tensor of the
+    /// same name in model k.
+    fn apply(&self, dev: &Device, srcs: &[Src], models: &[Model]) -> Result<Applied>;
+}
+
+/// Which tensors a job touches: --include and --exclude regexes over names.
+#[derive(Default)]
+pub struct Selection {
+    pub include: Vec<Regex>,
+    pub exclude: Vec<Regex>,
+}
+
+impl Selection {
+    pub fn new(include: &[String], exclude: &[String]) -> Result<Selection> {
+        let compile = |v: &[String]| {
+            v.iter()
+                .map(|p| Regex::new(p).map_err(|e| Error::input(format!("bad regex '{p}': {e}"))))
+                .collect::<Result<Vec<_>>>()
+        };
+        Ok(Selection {
+            include: compile(include)?,
+            exclude: compile(exclude)?,
+        })
+    }
+
+    fn chosen(&self, op: &dyn TensorOp, e: &Entry) -> bool {
+        let inc = if self.include.is_empty() {
+            op.default_select(e)
+        } else {
+            self.include.iter().any(|r| r.is_match(&e.name))
+        };
+        inc && !self.exclude.iter().any(|r| r.is_match(&e.name))
+    }
+}
+
+pub struct JobOptions {
+    pub device: Device,
+    pub selection: Selection,
+    pub allow_nonfinite: bool,
+    pub force: bool,
+    /// Show a progress bar (only drawn on a terminal).
+    pub progress: bool,
+    pub command: String,
+}
+
+/// Bytes allowed in flight between the compute and the writer.
+struct Budget {
+    limit: u64,
+    used: Mutex<u64>,
+    freed: Condvar,
+    /// Set by the writer when it fails: the producer stops.
+    failed: std::sync::atomic::AtomicBool,
+}
+
+impl Budget {
+    /// Waits until `bytes` more fit (or nothing is in flight), then takes
+    /// them. Returns false when the writer has failed.
+    fn take(&self, bytes: u64) -> bool {
+        let mut used = self.used.lock().unwrap();
+        while *used > 0 && *used + bytes > self.limit && !self.failed() {
+            used = self.freed.wait(used).unwrap();
+        }
+        *used += bytes;
+        !self.failed()
+    }
+
+    fn failed(&self) -> bool {
+        self.failed.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn fail(&self) {
+        self.failed.store(true, std::sync::atomic::Ordering::SeqCst);
+        let _g = self.used.lock().unwrap();
+        self.freed.notify_all();
+    }
+
+    fn give(&self, bytes: u64) {
+        *self.used.lock().unwrap() -= bytes;
+        self.freed.notify_all();
+    }
+}
+
+enum Msg<'a> {
+    Shard(SafetensorsWriter),
+    Tensor {
+        name: String,
+        data: Cow<'a, [u8]>,
+        /// Input pages to drop once written (pass-through tensors).
+        release: Option<Src<'a>>,
+        budget: u64,
+    },
+    EndShard,
+}
+
+/// Writes what it receives; after a failure it keeps draining (returning
+/// budget) so that the producer never waits on it, and reports the first
+/// error.
+fn writer_thread(rx: mpsc::Receiver<Msg>, budget: &Budget, progress: &ProgressBar) -> Result<()> {
+    let mut current: Option<SafetensorsWriter> = None;
+    let mut first_error: Option<Error> = None;
+    for msg in rx {
+        let r = match msg {
+            Msg::Shard(w) => {
+                current = Some(w);
+                Ok(())
+            }
+            Msg::Tensor {
+                name,
+                data,
+                release,
+                budget: b,
+            } => {
+                let r = match (&first_error, current.as_mut()) {
+                    (None, Some(w)) => w.write(&name, &data),
+                    _ => Ok(()),
+                };
+                if let Some(src) = release {
+                    src.file.release(src.entry);
+                    progress.inc(src.entry.bytes() as u64);
+                }
+                drop(data);
+                budget.give(b);
+                r
+            }
+            Msg::EndShard => match (&first_error, current.take()) {
+                (None, Some(w)) => w.finish(),
+                _ => Ok(()),
+            },
+        };
+        if let Err(e) = r {
+            if first_error.is_none() {
+                first_error = Some(e);
+                budget.fail();
+            }
+        }
+    }
+    first_error.map_or(Ok(()), Err)
+}
+
+fn progress_bar(total: u64, enabled: bool) -> ProgressBar {
+    if !enabled || !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let pb = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
+    pb.set_style(
+        ProgressStyle::with_template(
+            "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta} {msg}",
+        )
+        .expect("template")
+        .progress_chars("=> "),
+    );
+    pb
+}
+
+/// Checks that every touched tensor of model 0 exists with the same shape
+/// in the other models, before anything is written.
+fn check_models(op: &dyn TensorOp, sel: &Selection, models: &[Model]) -> Result<()> {
+    for (file, e) in models[0].entries() {
+        if !sel.chosen(op, e) {
+            continue;
+        }
+        for m in &models[1..] {
+            match m.find(&e.name) {
+                None => {
+                    return Err(Error::Format {
+                        file: m.path.display().to_string(),
+                        tensor: e.name.clone(),
+                        why: format!("missing (it is in {})", file.path.display()),
+                    })
+                }
+                Some((f2, e2)) if e2.shape != e.shape => {
+                    return Err(Error::Format {
+                        file: f2.path.display().to_string(),
+                        tensor: e.name.clone(),
+                        why: format!(
+                            "shape {:?} differs from {:?} in {}",
+                            e2.shape,
+                            e.shape,
+                            file.path.display()
+                        ),
+                    })
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Runs `op` over `models` (model 0 sets the names, order and sharding)
+/// and writes the result to `out`. Returns the report.
+pub fn run(op: &dyn TensorOp, models: &[Model], out: &Path, opts: &JobOptions) -> Result<Report> {
+    let started = Instant::now();
+    let base = &models[0];
+    let target = OutputTarget::check(
+        out,
+        base.is_dir,
+        opts.force,
+        &models.iter().collect::<Vec<_>>(),
+    )?;
+    check_models(op, &opts.selection, models)?;
+    let largest = models
+        .iter()
+        .flat_map(|m| m.entries().map(|(_, e)| e.bytes() as u64))
+        .max()
+        .unwrap_or(0);
+    let budget = Budget {
+        limit: 2 * largest.max(1),
+        used: Mutex::new(0),
+        freed: Condvar::new(),
+        failed: Default::default(),
+    };
+    let progress = progress_bar(base.total_bytes(), opts.progress);
+    let mut report = Report {
+        command: opts.command.clone(),
+        device: opts.device.name(),
+        inputs: models
+            .iter()
+            .map(|m| m.path.display().to_string())
+            .collect(),
+        output: out.display().to_string(),
+        tensors: Vec::new(),
+        totals: Default::default(),
+    };
+    let mut writer = ModelWriter::new(target)?;
+    std::thread::scope(|scope| -> Result<()> {
+        let (tx, rx) = mpsc::sync_channel::<Msg>(4);
+        let budget = &budget;
+        let progress = &progress;
+        let handle = scope.spawn(move || writer_thread(rx, budget, progress));
+        let produced = (|| -> Result<()> {
+            for shard in &base.shards {
+                let touched: Vec<&Entry> = shard
+                    .entries
+                    .iter()
+                    .filter(|e| opts.selection.chosen(op, e))
+                    .collect();
+                let mut outs = Vec::new();
+                for e in &shard.entries {
+                    if opts.selection.chosen(op, e) {
+                        outs.extend(op.outputs(e).map_err(|err| err.at(&shard.path, &e.name))?);
+                    } else {
+                        outs.push(OutEntry {
+                            name: e.name.clone(),
+                            dtype: e.dtype.clone(),
+                            shape: e.shape.clone(),
+                        });
+                    }
+                }
+                let meta = op.shard_metadata(shard.metadata.as_ref(), &touched);
+                let file_name = shard
+                    .path
+                    .file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .to_string();
+                let w = writer.shard(&file_name, outs, meta.as_ref())?;
+                if tx.send(Msg::Shard(w)).is_err() {
+                    return Ok(()); // the writer failed; its error is reported below
+                }
+                for (i, e) in shard.entries.iter().enumerate() {
+                    if let Some(next) = shard.entries.get(i + 1) {
+                        shard.prefetch(next);
+                    }
+                    let src = Src {
+                        file: shard,
+                        entry: e,
+                    };
+                    if !opts.selection.chosen(op, e) {
+                        let b = e.bytes() as u64;
+                        if !budget.take(b) {
+                            return Ok(());
+                        }
+                        report.tensors.push(TensorReport {
+                            name: e.name.clone(),
+                            op: "pass-through".into(),
+                            shape: e.shape.clone(),
+                            dtype_in: e.dtype.clone(),
+                            dtypes_out: vec![e.dtype.clone()],
+                            bytes_in: b,
+                            bytes_out: b,
+                            zeros: None,
+                            sparsity: None,
+                            max_abs_err: None,
+                            rmse: None,
+                            nonfinite_in: 0,
+                            seconds: 0.0,
+                            note: None,
+                        });
+                        let msg = Msg::Tensor {
+                            name: e.name.clone(),
+                            data: Cow::Borrowed(src.data()),
+                            release: Some(src),
+                            budget: b,
+                        };
+                        if tx.send(msg).is_err() {
+                            return Ok(());
+                        }
+                        continue;
+                    }
+                    let r = process(op, opts, models, src, budget, &tx, progress)
+                        .map_err(|err| err.at(&shard.path, &e.name))?;
+                    match r {
+                        Some(r) => report.tensors.push(r),
+                        None => return Ok(()),
+                    }
+                }
+                if tx.send(Msg::EndShard).is_err() {
+                    return Ok(());
+                }
+            }
+            Ok(())
+        })();
+        drop(tx);
+        let written = handle.join().expect("writer thread");
+        produced?;
+        written
+    })?;
+    progress.finish_and_clear();
+    writer.commit(base)?;
+    report.finish_totals(started.elapsed().as_secs_f64());
+    Ok(report)
+}
+
+/// One touched tensor: compute, check, report, and hand to the writer.
+/// Returns None when the writer has stopped (its error wins).
+fn process<'a>(
+    op: &dyn TensorOp,
+    opts: &JobOptions,
+    models: &'a [Model],
+    src: Src<'a>,
+    budget: &Budget,
+    tx: &mpsc::SyncSender<Msg<'a>>,
+    progress: &ProgressBar,
+) -> Result<Option<TensorReport>> {
+    let e = src.entry;
+    let mut srcs = vec![src];
+    for m in &models[1..] {
+        let (f, e2) = m.find(&e.name).expect("checked before the job started");
+        srcs.push(Src { file: f, entry: e2 });
+    }
+    let outs = op.outputs(e)?;
+    let out_bytes: u64 = outs.iter().map(|o| o.bytes().unwrap_or(0) as u64).sum();
+    let in_bytes: u64 = srcs.iter().map(|s| s.entry.bytes() as u64).sum();
+    if !budget.take(in_bytes + out_bytes) {
+        return Ok(None);
+    }
+    let t0 = Instant::now();
+    let applied = op.apply(&opts.device, &srcs, models);
+    let seconds = t0.elapsed().as_secs_f64();
+    let applied = match applied {
+        Ok(a) if a.outputs.len() == outs.len() => a,
+        Ok(a) => {
+            budget.give(in_bytes + out_bytes);
+            return Err(Error::input(format!(
+                "operation produced {} tensors, declared {}",
+                a.outputs.len(),
+                outs.len()
+            )));
+        }
+        Err(err) => {
+            budget.give(in_bytes + out_bytes);
+            return Err(err);
+        }
+    };
+    let mut r = TensorReport {
+        name: e.name.clone(),
+        op: op.describe(),
+        shape: e.shape.clone(),
+        dtype_in: e.dtype.clone(),
+        dtypes_out: outs.iter().map(|o| o.dtype.clone()).collect(),
+        bytes_in: e.bytes() as u64,
+        bytes_out: out_bytes,
+        zeros: None,
+        sparsity: None,
+        max_abs_err: None,
+        rmse: None,
+        nonfinite_in: 0,
+        seconds,
+        note: applied.note.clone(),
+    };
+    if let (Ok(input), Some(approx)) = (src.tensor(), &applied.approx) {
+        let d = diff(&input, &approx.view());
+        if d.nonfinite_in > 0 && !opts.allow_nonfinite {
+            budget.give(in_bytes + out_bytes);
+            return Err(Error::input(format!(
+                "{} non-finite weights (NaN or inf); pass --allow-nonfinite to process them anyway",
+                d.nonfinite_in
+            )));
+        }
+        r.zeros = Some(d.zeros);
+        r.sparsity = Some(if e.numel() > 0 {
+            d.zeros as f64 / e.numel() as f64
+        } else {
+            0.0
+        });
+        r.max_abs_err = Some(d.max_abs);
+        r.rmse = Some(d.rmse);
+        r.nonfinite_in = d.nonfinite_in;
+    }
+    // The other models' inputs (and the first's, when nothing approximates
+    // it) are checked for NaN and inf too.
+    let unchecked = if applied.approx.is_some() { 1 } else { 0 };
+    for s in &srcs[unchecked..] {
+        if let Ok(t) = s.tensor() {
+            let nf = crate::ops::reduce::tensor_stats(&Device::Cpu, &t)?.nonfinite;
+            if nf > 0 && !opts.allow_nonfinite {
+                budget.give(in_bytes + out_bytes);
+                return Err(Error::input(format!(
+                    "{nf} non-finite weights (NaN or inf) in {}; pass --allow-nonfinite to process them anyway",
+                    s.file.path.display()
+                )));
+            }
+            r.nonfinite_in += nf;
+        }
+    }
+    for s in &srcs {
+        s.file.release(s.entry);
+    }
+    // The inputs' pages are gone; only the outputs stay in flight, each
+    // returned to the budget by the writer as it is written.
+    budget.give(in_bytes + out_bytes);
+    progress.inc(e.bytes() as u64);
+    for (o, data) in outs.into_iter().zip(applied.outputs) {
+        let bytes = data.len() as u64;
+        budget.take(bytes);
+        let msg = Msg::Tensor {
+            name: o.name,
+            data: Cow::Owned(data),
+            release: None,
+            budget: bytes,
+        };
+        if tx.send(msg).is_err() {
+            return Ok(None);
+        }
+    }
+    Ok(Some(r))
+}

@@ -1,0 +1,146 @@
+//! What a whole-model job did, per tensor and in total: written as JSON by
+//! `--report FILE` and summarized on the terminal.
+
+use crate::tensor::TensorRef;
+use rayon::prelude::*;
+use serde::Serialize;
+
+#[derive(Clone, Debug, Serialize)]
+pub struct TensorReport {
+    pub name: String,
+    /// The operation, or "pass-through".
+    pub op: String,
+    pub shape: Vec<usize>,
+    pub dtype_in: String,
+    /// Output tensors written for this one (quantization adds scales).
+    pub dtypes_out: Vec<String>,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    /// Zeros in the result (touched tensors).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub zeros: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sparsity: Option<f64>,
+    /// Against the input: max |out - in| and √mean((out - in)²), where the
+    /// output is meant to approximate the input.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_abs_err: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rmse: Option<f64>,
+    /// NaN and infinite weights in the input.
+    pub nonfinite_in: u64,
+    pub seconds: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Totals {
+    pub tensors: usize,
+    pub touched: usize,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub weights_touched: u64,
+    pub zeros_touched: u64,
+    pub seconds: f64,
+    pub gb_per_s: f64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    pub command: String,
+    pub device: String,
+    pub inputs: Vec<String>,
+    pub output: String,
+    pub tensors: Vec<TensorReport>,
+    pub totals: Totals,
+}
+
+impl Report {
+    pub fn finish_totals(&mut self, seconds: f64) {
+        let t = &mut self.totals;
+        t.tensors = self.tensors.len();
+        t.touched = self
+            .tensors
+            .iter()
+            .filter(|r| r.op != "pass-through")
+            .count();
+        t.bytes_in = self.tensors.iter().map(|r| r.bytes_in).sum();
+        t.bytes_out = self.tensors.iter().map(|r| r.bytes_out).sum();
+        let touched = self.tensors.iter().filter(|r| r.op != "pass-through");
+        t.weights_touched = touched
+            .clone()
+            .map(|r| r.shape.iter().product::<usize>() as u64)
+            .sum();
+        t.zeros_touched = touched.filter_map(|r| r.zeros).sum();
+        t.seconds = seconds;
+        t.gb_per_s = if seconds > 0.0 {
+            (t.bytes_in + t.bytes_out) as f64 / seconds / 1e9
+        } else {
+            0.0
+        };
+    }
+
+    /// Largest error over the touched tensors (for one-line summaries).
+    pub fn worst_error(&self) -> Option<(f64, f64)> {
+        let errs: Vec<_> = self
+            .tensors
+            .iter()
+            .filter_map(|r| Some((r.max_abs_err?, r.rmse?)))
+            .collect();
+        if errs.is_empty() {
+            return None;
+        }
+        Some(
+            errs.iter()
+                .fold((0f64, 0f64), |a, b| (a.0.max(b.0), a.1.max(b.1))),
+        )
+    }
+}
+
+/// Figures of `approx` against `input` (same shape): max |diff|, RMSE,
+/// zeros in `approx`, non-finite values in `input`. Non-finite positions
+/// are left out of the error.
+pub struct Diff {
+    pub max_abs: f64,
+    pub rmse: f64,
+    pub zeros: u64,
+    pub nonfinite_in: u64,
+}
+
+pub fn diff(input: &TensorRef, approx: &TensorRef) -> Diff {
+    let n = input.numel();
+    let block = 1 << 16;
+    let parts: Vec<(f64, f64, u64, u64)> = (0..n.div_ceil(block))
+        .into_par_iter()
+        .map(|b| {
+            let (mut mx, mut sq, mut z, mut nf) = (0f64, 0f64, 0u64, 0u64);
+            for i in b * block..((b + 1) * block).min(n) {
+                let x = input.dtype.raw_to_f32(input.dtype.read_raw(input.data, i));
+                let y = approx
+                    .dtype
+                    .raw_to_f32(approx.dtype.read_raw(approx.data, i));
+                z += (y == 0.0) as u64;
+                if !x.is_finite() {
+                    nf += 1;
+                    continue;
+                }
+                let d = (y as f64 - x as f64).abs();
+                if d.is_finite() {
+                    mx = mx.max(d);
+                    sq += d * d;
+                }
+            }
+            (mx, sq, z, nf)
+        })
+        .collect();
+    let (mx, sq, z, nf) = parts.into_iter().fold((0f64, 0f64, 0u64, 0u64), |a, b| {
+        (a.0.max(b.0), a.1 + b.1, a.2 + b.2, a.3 + b.3)
+    });
+    Diff {
+        max_abs: mx,
+        rmse: if n > 0 { (sq / n as f64).sqrt() } else { 0.0 },
+        zeros: z,
+        nonfinite_in: nf,
+    }
+}
