@@ -76,7 +76,7 @@ enum Command {
     /// Zero weights with |w| < T, or whole output neurons (--rows).
     Prune {
         model: PathBuf,
-        #[arg(long)]
+        #[arg(long, allow_negative_numbers = true)]
         threshold: f32,
         /// Zero whole rows (output neurons) whose norm is below T.
         #[arg(long)]
@@ -90,7 +90,7 @@ enum Command {
     /// int8: q = round(w·Q) (--scale Q) or symmetric abs-max scales (--int8).
     Quantize {
         model: PathBuf,
-        #[arg(long, conflicts_with = "int8", required_unless_present = "int8")]
+        #[arg(long, allow_negative_numbers = true, conflicts_with = "int8", required_unless_present = "int8")]
         scale: Option<f32>,
         #[arg(long, value_enum)]
         int8: Option<Int8Arg>,
@@ -111,9 +111,9 @@ enum Command {
         model: PathBuf,
         #[arg(long, conflicts_with = "offset", required_unless_present = "offset")]
         delta: Option<PathBuf>,
-        #[arg(long)]
+        #[arg(long, allow_negative_numbers = true)]
         offset: Option<f32>,
-        #[arg(long, default_value_t = 1.0)]
+        #[arg(long, allow_negative_numbers = true, default_value_t = 1.0)]
         lambda: f32,
         #[command(flatten)]
         common: Common,
@@ -129,7 +129,7 @@ enum Command {
     Mix {
         #[arg(required = true, num_args = 2..)]
         models: Vec<PathBuf>,
-        #[arg(long, value_delimiter = ',', required = true)]
+        #[arg(long, allow_hyphen_values = true, value_delimiter = ',', required = true)]
         weights: Vec<f32>,
         /// Divide the weights by their sum.
         #[arg(long)]
@@ -179,6 +179,10 @@ enum Command {
 
 /// Runs the command line; returns the process exit code.
 pub fn main() -> i32 {
+    // Mesa prints a warning on every adapter scan without it.
+    if std::env::var_os("XDG_RUNTIME_DIR").is_none() {
+        std::env::set_var("XDG_RUNTIME_DIR", std::env::temp_dir());
+    }
     env_logger::Builder::from_env(
         env_logger::Env::default().default_filter_or("warn,wgpu_hal::gles=off"),
     )

@@ -14,8 +14,9 @@ pub enum Error {
         source: std::io::Error,
     },
 
-    /// A file that is not what it claims to be.
-    #[error("{file}: tensor '{tensor}': {why}")]
+    /// A file that is not what it claims to be (`tensor` is "-" when the
+    /// problem is not about one tensor).
+    #[error("{file}: {}{why}", tensor_part(.tensor))]
     Format {
         file: String,
         tensor: String,
@@ -59,6 +60,14 @@ pub enum Error {
         asked: u64,
         max: u64,
     },
+}
+
+fn tensor_part(tensor: &str) -> String {
+    if tensor == "-" {
+        String::new()
+    } else {
+        format!("tensor '{tensor}': ")
+    }
 }
 
 impl Error {

@@ -1,0 +1,187 @@
+#!/usr/bin/env python3
+"""Interop: modelpress outputs opened by Python's `safetensors` and checked
+against numpy computing the same operations.
+
+    check_outputs.py MODELPRESS_BINARY DEVICE WORKDIR
+
+Runs `modelpress demo --keep WORKDIR/demo` (a sharded BF16 LLaMA-shaped
+model and every operation on it) and single-file jobs on an F16 file that
+numpy's safetensors writer made, then reads every output with
+`safetensors.safe_open` (metadata, names) and `safetensors.deserialize`
+(bytes: numpy has no bfloat16, so BF16 is decoded here exactly), and
+compares with numpy. With the demo's parameters every operation is exact
+in float32, so the comparison is bit for bit.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+from safetensors import deserialize, safe_open
+from safetensors.numpy import save_file
+
+BIN, DEVICE, WORK = sys.argv[1], sys.argv[2], sys.argv[3]
+checked = 0
+
+
+def fail(msg):
+    print(f"interop FAIL: {msg}", file=sys.stderr)
+    sys.exit(1)
+
+
+def decode(dtype, shape, data):
+    if dtype == "BF16":
+        u = np.frombuffer(data, np.uint16).astype(np.uint32) << 16
+        return u.view(np.float32).reshape(shape)
+    kind = {"F32": np.float32, "F16": np.float16, "I8": np.int8}[dtype]
+    return np.frombuffer(data, kind).reshape(shape)
+
+
+def bf16_round(x):
+    """float32 -> bfloat16 (round to nearest even), returned as float32."""
+    u = np.asarray(x, np.float32).view(np.uint32).astype(np.uint64)
+    r = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint32) << 16
+    return r.view(np.float32)
+
+
+def round_to(dtype, x):
+    x = np.asarray(x, np.float32)
+    if dtype == "BF16":
+        return bf16_round(x)
+    if dtype == "F16":
+        return x.astype(np.float16).astype(np.float32)
+    return x
+
+
+def load(path):
+    """{name: (dtype, array)} from a file or a model directory, checking the
+    index of a sharded directory and opening every file with safe_open."""
+    if os.path.isdir(path):
+        files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+        index_path = os.path.join(path, "model.safetensors.index.json")
+    else:
+        files, index_path = [os.path.basename(path)], None
+        path = os.path.dirname(path)
+    tensors, where, total, metas = {}, {}, 0, {}
+    for f in files:
+        full = os.path.join(path, f)
+        with safe_open(full, framework="numpy") as so:
+            metas[f] = so.metadata() or {}
+            keys = list(so.keys())
+        with open(full, "rb") as fh:
+            items = deserialize(fh.read())
+        if sorted(keys) != sorted(n for n, _ in items):
+            fail(f"{full}: safe_open and deserialize disagree")
+        for name, t in items:
+            tensors[name] = (t["dtype"], decode(t["dtype"], t["shape"], bytes(t["data"])))
+            where[name] = f
+            total += len(t["data"])
+    if index_path and os.path.exists(index_path):
+        index = json.load(open(index_path))
+        if index["weight_map"] != where:
+            fail(f"{index_path}: weight_map does not match the shards")
+        if index["metadata"]["total_size"] != total:
+            fail(f"{index_path}: total_size {index['metadata']['total_size']} != {total}")
+    elif len(files) > 1:
+        fail(f"{path}: shards without an index")
+    return tensors, metas
+
+
+def same(name, got, want):
+    global checked
+    g, w = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    if g.shape != w.shape:
+        fail(f"{name}: shape {g.shape} != {w.shape}")
+    if not np.array_equal(g.view(np.uint32), w.view(np.uint32)):
+        i = np.flatnonzero(g.view(np.uint32) != w.view(np.uint32))[0]
+        fail(f"{name}: element {i}: {g.flat[i]!r} != {w.flat[i]!r}")
+    checked += 1
+
+
+def run(*args):
+    r = subprocess.run([BIN, *args, "--device", DEVICE], capture_output=True, text=True)
+    if r.returncode != 0:
+        fail(f"modelpress {' '.join(args)}: {r.stderr}")
+
+
+def matrices(model):
+    return {n: v for n, v in model.items() if v[1].ndim >= 2}
+
+
+demo = os.path.join(WORK, "demo")
+run("demo", "--keep", demo)
+base, _ = load(os.path.join(demo, "llama"))
+for other in ("config.json", "generation_config.json", "tokenizer_config.json"):
+    for out in ("pruned", "int8", "merged"):
+        if open(os.path.join(demo, "llama", other)).read() != open(os.path.join(demo, out, other)).read():
+            fail(f"{out}/{other} is not a copy")
+
+# prune |w| < 0.02; 1-D tensors pass through.
+pruned, _ = load(os.path.join(demo, "pruned"))
+for n, (dt, w) in base.items():
+    want = np.where(np.abs(w) < np.float32(0.02), np.float32(0), w) if w.ndim >= 2 else w
+    same(f"pruned/{n}", pruned[n][1], want)
+
+# prune rows whose L2 norm < 0.98.
+rows, _ = load(os.path.join(demo, "pruned-rows"))
+for n, (dt, w) in matrices(base).items():
+    norms = np.sqrt((w.astype(np.float64) ** 2).sum(axis=1))
+    same(f"pruned-rows/{n}", rows[n][1], np.where((norms < 0.98)[:, None], np.float32(0), w))
+
+# int8 per row: q = round_half_even(w · 127/absmax), scale = absmax/127.
+int8, metas = load(os.path.join(demo, "int8"))
+for n, (dt, w) in matrices(base).items():
+    absmax = np.abs(w).max(axis=1).astype(np.float32)
+    m = np.float32(127) / absmax
+    q = np.clip(np.round(w * m[:, None]), -127, 127).astype(np.int8)
+    if int8[n][0] != "I8" or not np.array_equal(int8[n][1], q):
+        fail(f"int8/{n}: int8 values differ")
+    scale = int8[n + "_scale"][1]
+    same(f"int8/{n}_scale", scale, (absmax / np.float32(127))[:, None])
+    checked += 1
+desc = [json.loads(m["modelpress.quantization"]) for m in metas.values() if "modelpress.quantization" in m]
+listed = {k for d in desc for k in d["tensors"]}
+if listed != set(matrices(base)):
+    fail("int8 metadata does not list exactly the quantized tensors")
+
+# dequantized: q · scale rounded to BF16.
+back, _ = load(os.path.join(demo, "int8-back"))
+for n in matrices(base):
+    q, s = int8[n][1].astype(np.float32), int8[n + "_scale"][1]
+    same(f"int8-back/{n}", back[n][1], bf16_round(q * s))
+
+# offsets, task vector, transfer and mix: float32 arithmetic, rounded to BF16.
+tuned, _ = load(os.path.join(demo, "tuned"))
+task, _ = load(os.path.join(demo, "task-vector"))
+half, _ = load(os.path.join(demo, "half-tuned"))
+merged, _ = load(os.path.join(demo, "merged"))
+for n, (dt, w) in matrices(base).items():
+    t = tuned[n][1]
+    same(f"tuned/{n}", t, bf16_round(w + np.float32(0.001)))
+    same(f"task-vector/{n}", task[n][1], bf16_round(t + np.float32(-1) * w))
+    same(f"half-tuned/{n}", half[n][1], bf16_round(w + np.float32(0.5) * task[n][1]))
+    same(f"merged/{n}", merged[n][1], bf16_round(np.float32(0.5) * w + np.float32(0.5) * t))
+
+# A single F16 file written by numpy's safetensors: quantize --scale and prune.
+rng = np.random.default_rng(int.from_bytes(os.urandom(4), "little"))
+single = os.path.join(WORK, "single.safetensors")
+w = (rng.standard_normal((37, 129)) * 0.1).astype(np.float16)
+save_file({"layer.weight": w, "layer.bias": rng.standard_normal(37).astype(np.float16)}, single, metadata={"k": "v"})
+qout = os.path.join(WORK, "single-q.safetensors")
+run("quantize", single, "--scale", "100", "-o", qout, "--force")
+got, metas = load(qout)
+wf = w.astype(np.float32)
+q = np.clip(np.round(wf * np.float32(100)), -128, 127).astype(np.int8)
+if not np.array_equal(got["layer.weight"][1], q):
+    fail("single-q: round(w·100) differs")
+same("single-q/scale", got["layer.weight_scale"][1], np.array([np.float32(1) / np.float32(100)]))
+if list(metas.values())[0].get("k") != "v":
+    fail("single-q: input metadata lost")
+pout = os.path.join(WORK, "single-p.safetensors")
+run("prune", single, "--threshold", "0.05", "-o", pout, "--force")
+got, _ = load(pout)
+same("single-p/layer.weight", got["layer.weight"][1], np.where(np.abs(wf) < np.float32(0.05), np.float32(0), wf))
+same("single-p/layer.bias", got["layer.bias"][1], got["layer.bias"][1])
+
+print(f"interop: {checked} tensors checked against numpy on device {DEVICE}: 0 failed")
