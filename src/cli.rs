@@ -90,7 +90,12 @@ enum Command {
     /// int8: q = round(w·Q) (--scale Q) or symmetric abs-max scales (--int8).
     Quantize {
         model: PathBuf,
-        #[arg(long, allow_negative_numbers = true, conflicts_with = "int8", required_unless_present = "int8")]
+        #[arg(
+            long,
+            allow_negative_numbers = true,
+            conflicts_with = "int8",
+            required_unless_present = "int8"
+        )]
         scale: Option<f32>,
         #[arg(long, value_enum)]
         int8: Option<Int8Arg>,
@@ -129,13 +134,31 @@ enum Command {
     Mix {
         #[arg(required = true, num_args = 2..)]
         models: Vec<PathBuf>,
-        #[arg(long, allow_hyphen_values = true, value_delimiter = ',', required = true)]
+        #[arg(
+            long,
+            allow_hyphen_values = true,
+            value_delimiter = ',',
+            required = true
+        )]
         weights: Vec<f32>,
         /// Divide the weights by their sum.
         #[arg(long)]
         normalize: bool,
         #[command(flatten)]
         common: Common,
+    },
+    /// Write a seeded LLaMA-shaped sample model directory.
+    Sample {
+        output: PathBuf,
+        /// demo (4 M weights), 100m, or 1g (590 M weights, 1.18 GB in BF16).
+        #[arg(long, default_value = "demo")]
+        size: String,
+        #[arg(long, default_value = "bf16")]
+        dtype: String,
+        #[arg(long, default_value_t = 2)]
+        shards: usize,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
     },
     /// List the GPU adapters wgpu finds, with the limits that matter.
     Devices,
@@ -404,6 +427,25 @@ fn run(cli: Cli) -> Result<()> {
             }
             let ms = models.iter().map(|p| open(p)).collect::<Result<Vec<_>>>()?;
             job(&Mix { weights }, &ms, &common).map(|_| ())
+        }
+        Command::Sample {
+            output,
+            size,
+            dtype,
+            shards,
+            seed,
+        } => {
+            let shape = crate::sample::LlamaShape::preset(&size)
+                .ok_or_else(|| Error::input(format!("--size {size}: use demo, 100m or 1g")))?;
+            let dtype = crate::tensor::DType::parse(&dtype)
+                .filter(|d| d.is_kernel_float())
+                .ok_or_else(|| Error::input(format!("--dtype {dtype}: use f32, f16 or bf16")))?;
+            if output.exists() {
+                return Err(Error::input(format!("{} already exists", output.display())));
+            }
+            crate::sample::write_llama_model(&output, shape, dtype, shards, seed)?;
+            println!("wrote {}", output.display());
+            Ok(())
         }
         Command::Devices => {
             let all = list_adapters();

@@ -72,6 +72,33 @@ impl LlamaShape {
         vocab: 2048,
     };
 
+    /// About 100 M weights.
+    pub const M100: LlamaShape = LlamaShape {
+        hidden: 768,
+        intermediate: 2048,
+        layers: 12,
+        heads: 12,
+        vocab: 16000,
+    };
+
+    /// About 590 M weights: 1.18 GB (1.1 GiB) in BF16, largest tensor 131 MB.
+    pub const G1: LlamaShape = LlamaShape {
+        hidden: 2048,
+        intermediate: 5504,
+        layers: 9,
+        heads: 16,
+        vocab: 32000,
+    };
+
+    pub fn preset(name: &str) -> Option<LlamaShape> {
+        match name {
+            "demo" => Some(Self::DEMO),
+            "100m" => Some(Self::M100),
+            "1g" => Some(Self::G1),
+            _ => None,
+        }
+    }
+
     /// Tensor names and shapes in the order Hugging Face writes them.
     pub fn tensors(&self) -> Vec<(String, Vec<usize>)> {
         let (h, i, v) = (self.hidden, self.intermediate, self.vocab);

@@ -76,16 +76,99 @@ fn every_operation_on_a_sharded_bf16_model_gpu_equals_cpu() {
     let b = s(&base).to_string();
     let t = s(&tuned).to_string();
     let cases: Vec<Case> = vec![
-        ("prune", vec!["prune".into(), b.clone(), "--threshold".into(), "0.05".into()], true),
-        ("prune-rows", vec!["prune".into(), b.clone(), "--threshold".into(), "0.99".into(), "--rows".into()], true),
-        ("int8-row", vec!["quantize".into(), b.clone(), "--int8".into(), "per-row".into()], true),
-        ("int8-tensor", vec!["quantize".into(), b.clone(), "--int8".into(), "per-tensor".into()], true),
-        ("round", vec!["quantize".into(), b.clone(), "--scale".into(), "64".into()], true),
-        ("roundtrip", vec!["quantize".into(), b.clone(), "--int8".into(), "per-row".into(), "--dequantize".into()], true),
-        ("offset", vec!["transfer".into(), b.clone(), "--offset".into(), "0.01".into(), "--lambda".into(), "2".into()], true),
+        (
+            "prune",
+            vec![
+                "prune".into(),
+                b.clone(),
+                "--threshold".into(),
+                "0.05".into(),
+            ],
+            true,
+        ),
+        (
+            "prune-rows",
+            vec![
+                "prune".into(),
+                b.clone(),
+                "--threshold".into(),
+                "0.99".into(),
+                "--rows".into(),
+            ],
+            true,
+        ),
+        (
+            "int8-row",
+            vec![
+                "quantize".into(),
+                b.clone(),
+                "--int8".into(),
+                "per-row".into(),
+            ],
+            true,
+        ),
+        (
+            "int8-tensor",
+            vec![
+                "quantize".into(),
+                b.clone(),
+                "--int8".into(),
+                "per-tensor".into(),
+            ],
+            true,
+        ),
+        (
+            "round",
+            vec!["quantize".into(), b.clone(), "--scale".into(), "64".into()],
+            true,
+        ),
+        (
+            "roundtrip",
+            vec![
+                "quantize".into(),
+                b.clone(),
+                "--int8".into(),
+                "per-row".into(),
+                "--dequantize".into(),
+            ],
+            true,
+        ),
+        (
+            "offset",
+            vec![
+                "transfer".into(),
+                b.clone(),
+                "--offset".into(),
+                "0.01".into(),
+                "--lambda".into(),
+                "2".into(),
+            ],
+            true,
+        ),
         ("delta", vec!["delta".into(), t.clone(), b.clone()], false),
-        ("transfer", vec!["transfer".into(), b.clone(), "--delta".into(), t.clone(), "--lambda".into(), "0.5".into()], false),
-        ("mix", vec!["mix".into(), b.clone(), t.clone(), "--weights".into(), "0.3,0.7".into()], false),
+        (
+            "transfer",
+            vec![
+                "transfer".into(),
+                b.clone(),
+                "--delta".into(),
+                t.clone(),
+                "--lambda".into(),
+                "0.5".into(),
+            ],
+            false,
+        ),
+        (
+            "mix",
+            vec![
+                "mix".into(),
+                b.clone(),
+                t.clone(),
+                "--weights".into(),
+                "0.3,0.7".into(),
+            ],
+            false,
+        ),
     ];
     for (name, args, exact) in &cases {
         let mut outputs = Vec::new();
@@ -98,11 +181,27 @@ fn every_operation_on_a_sharded_bf16_model_gpu_equals_cpu() {
             let (ok, stdout, stderr) = run(&a);
             assert!(ok, "{name} on {dev}: {stderr}");
             assert!(stdout.contains("wrote"), "{stdout}");
-            let rep: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
-            assert!(rep["totals"]["touched"].as_u64().unwrap() > 0, "{name}: report lists touched tensors");
-            assert!(rep["tensors"].as_array().unwrap().iter().any(|t| t["op"] == "pass-through"), "{name}: norms pass through");
+            let rep: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+            assert!(
+                rep["totals"]["touched"].as_u64().unwrap() > 0,
+                "{name}: report lists touched tensors"
+            );
+            assert!(
+                rep["tensors"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|t| t["op"] == "pass-through"),
+                "{name}: norms pass through"
+            );
             // Same split, index and other files.
-            for f in ["config.json", "generation_config.json", "tokenizer_config.json", "model.safetensors.index.json"] {
+            for f in [
+                "config.json",
+                "generation_config.json",
+                "tokenizer_config.json",
+                "model.safetensors.index.json",
+            ] {
                 assert!(out.join(f).is_file(), "{name} {dev}: {f}");
             }
             let m = Model::open(&out).unwrap();
@@ -120,7 +219,11 @@ fn every_operation_on_a_sharded_bf16_model_gpu_equals_cpu() {
             assert_eq!(c.len(), g.len());
             for ((pc, bc), (_, bg)) in c.iter().zip(&g) {
                 if *exact {
-                    assert!(bc == bg, "{name}: {} differs between GPU and CPU", pc.display());
+                    assert!(
+                        bc == bg,
+                        "{name}: {} differs between GPU and CPU",
+                        pc.display()
+                    );
                 } else {
                     assert_eq!(bc.len(), bg.len(), "{name}: {}", pc.display());
                 }
@@ -130,19 +233,33 @@ fn every_operation_on_a_sharded_bf16_model_gpu_equals_cpu() {
     // Quantized outputs shrink and come back.
     let int8 = tmp.path().join("int8-row-cpu");
     let size = |p: &Path| snapshot(p).iter().map(|(_, b)| b.len()).sum::<usize>();
-    assert!(size(&int8) < size(&base) * 6 / 10, "int8 is about half of bf16");
+    assert!(
+        size(&int8) < size(&base) * 6 / 10,
+        "int8 is about half of bf16"
+    );
     let back = tmp.path().join("int8-back");
     let (ok, _, err) = run(&["dequantize", s(&int8), "-o", s(&back)]);
     assert!(ok, "{err}");
     let (ok, _, err) = run(&["inspect", s(&back), "--json"]);
     assert!(ok, "{err}");
     let m = Model::open(&back).unwrap();
-    assert!(m.entries().all(|(_, e)| e.dtype == "BF16"), "dequantized to the original dtype");
-    assert!(m.entries().all(|(_, e)| !e.name.ends_with("_scale")), "scales consumed");
+    assert!(
+        m.entries().all(|(_, e)| e.dtype == "BF16"),
+        "dequantized to the original dtype"
+    );
+    assert!(
+        m.entries().all(|(_, e)| !e.name.ends_with("_scale")),
+        "scales consumed"
+    );
     let rt = Model::open(&tmp.path().join("roundtrip-cpu")).unwrap();
     for (f, e) in m.entries() {
         let (f2, e2) = rt.find(&e.name).unwrap();
-        assert_eq!(f.data(e), f2.data(e2), "dequantize == quantize --dequantize for {}", e.name);
+        assert_eq!(
+            f.data(e),
+            f2.data(e2),
+            "dequantize == quantize --dequantize for {}",
+            e.name
+        );
     }
     assert_eq!(snapshot(&base), before, "the input is unchanged");
 }
@@ -154,7 +271,16 @@ fn single_file_in_single_file_out() {
     write_llama_model(&dir, SMALL, DType::F16, 1, 3).unwrap();
     let file = dir.join("model.safetensors");
     let out = tmp.path().join("out.safetensors");
-    let (ok, _, err) = run(&["prune", s(&file), "--threshold", "0.1", "-o", s(&out), "--include", "mlp"]);
+    let (ok, _, err) = run(&[
+        "prune",
+        s(&file),
+        "--threshold",
+        "0.1",
+        "-o",
+        s(&out),
+        "--include",
+        "mlp",
+    ]);
     assert!(ok, "{err}");
     let (a, b) = (Model::open(&file).unwrap(), Model::open(&out).unwrap());
     let names = |m: &Model| m.entries().map(|(_, e)| e.name.clone()).collect::<Vec<_>>();
@@ -168,7 +294,16 @@ fn single_file_in_single_file_out() {
             assert_ne!(f.data(e), f2.data(e2), "{} pruned", e.name);
         }
     }
-    let (ok, _, err) = run(&["prune", s(&file), "--threshold", "0.1", "-o", s(&tmp.path().join("x")), "--include", "("]);
+    let (ok, _, err) = run(&[
+        "prune",
+        s(&file),
+        "--threshold",
+        "0.1",
+        "-o",
+        s(&tmp.path().join("x")),
+        "--include",
+        "(",
+    ]);
     assert!(!ok && err.contains("regex"), "{err}");
 }
 
@@ -201,7 +336,10 @@ fn refused(args: &[&str], inputs: &[&Path], out: &Path, file: &str, tensor: Opti
     let before: Vec<_> = inputs.iter().map(|p| snapshot(p)).collect();
     let (ok, _, err) = run(args);
     assert!(!ok, "{args:?} must fail");
-    let line = err.lines().find(|l| l.starts_with("modelpress: error:")).unwrap_or_else(|| panic!("{err}"));
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("modelpress: error:"))
+        .unwrap_or_else(|| panic!("{err}"));
     assert!(line.contains(file), "error names the file {file}: {line}");
     if let Some(t) = tensor {
         assert!(line.contains(t), "error names the tensor {t}: {line}");
@@ -223,16 +361,37 @@ fn bad_inputs_are_refused_cleanly() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
     let out = d.join("out.safetensors");
-    let prune = |input: &Path| vec!["prune".to_string(), s(input).to_string(), "--threshold".into(), "0.1".into(), "-o".into(), s(&out).to_string()];
+    let prune = |input: &Path| {
+        vec![
+            "prune".to_string(),
+            s(input).to_string(),
+            "--threshold".into(),
+            "0.1".into(),
+            "-o".into(),
+            s(&out).to_string(),
+        ]
+    };
 
     // A missing file.
     let missing = d.join("missing.safetensors");
-    refused(&argv(&prune(&missing)), &[], &out, "missing.safetensors", None);
+    refused(
+        &argv(&prune(&missing)),
+        &[],
+        &out,
+        "missing.safetensors",
+        None,
+    );
 
     // Not safetensors at all.
     let junk = d.join("junk.safetensors");
     std::fs::write(&junk, b"this is not a model, just some text of some length").unwrap();
-    refused(&argv(&prune(&junk)), &[&junk], &out, "junk.safetensors", None);
+    refused(
+        &argv(&prune(&junk)),
+        &[&junk],
+        &out,
+        "junk.safetensors",
+        None,
+    );
 
     // Truncated: a valid file missing its last bytes.
     let good = d.join("good.safetensors");
@@ -240,30 +399,72 @@ fn bad_inputs_are_refused_cleanly() {
     let bytes = std::fs::read(&good).unwrap();
     let trunc = d.join("trunc.safetensors");
     std::fs::write(&trunc, &bytes[..bytes.len() - 10]).unwrap();
-    refused(&argv(&prune(&trunc)), &[&trunc], &out, "trunc.safetensors", None);
+    refused(
+        &argv(&prune(&trunc)),
+        &[&trunc],
+        &out,
+        "trunc.safetensors",
+        None,
+    );
 
     // Headers that lie.
     let lies = [
-        ("overlap", r#"{"a":{"dtype":"F32","shape":[2,2],"data_offsets":[0,16]},"b":{"dtype":"F32","shape":[2,2],"data_offsets":[8,24]}}"#, 24, Some("b")),
-        ("pastend", r#"{"a":{"dtype":"F32","shape":[2,2],"data_offsets":[0,16]},"b":{"dtype":"F32","shape":[2,2],"data_offsets":[16,32]}}"#, 16, None),
-        ("absurd", r#"{"a":{"dtype":"F32","shape":[4611686018427387904,4],"data_offsets":[0,16]}}"#, 16, None),
-        ("baddtype", r#"{"a":{"dtype":"F128","shape":[2,2],"data_offsets":[0,16]}}"#, 16, None),
+        (
+            "overlap",
+            r#"{"a":{"dtype":"F32","shape":[2,2],"data_offsets":[0,16]},"b":{"dtype":"F32","shape":[2,2],"data_offsets":[8,24]}}"#,
+            24,
+            Some("b"),
+        ),
+        (
+            "pastend",
+            r#"{"a":{"dtype":"F32","shape":[2,2],"data_offsets":[0,16]},"b":{"dtype":"F32","shape":[2,2],"data_offsets":[16,32]}}"#,
+            16,
+            None,
+        ),
+        (
+            "absurd",
+            r#"{"a":{"dtype":"F32","shape":[4611686018427387904,4],"data_offsets":[0,16]}}"#,
+            16,
+            None,
+        ),
+        (
+            "baddtype",
+            r#"{"a":{"dtype":"F128","shape":[2,2],"data_offsets":[0,16]}}"#,
+            16,
+            None,
+        ),
     ];
     for (name, header, len, tensor) in lies {
         let p = d.join(format!("{name}.safetensors"));
         raw_file(&p, header, &vec![0u8; len]);
-        refused(&argv(&prune(&p)), &[&p], &out, &format!("{name}.safetensors"), tensor);
+        refused(
+            &argv(&prune(&p)),
+            &[&p],
+            &out,
+            &format!("{name}.safetensors"),
+            tensor,
+        );
     }
     // A header length larger than the file.
     let p = d.join("hugeheader.safetensors");
     let mut b = (1u64 << 40).to_le_bytes().to_vec();
     b.extend_from_slice(b"{}");
     std::fs::write(&p, b).unwrap();
-    refused(&argv(&prune(&p)), &[&p], &out, "hugeheader.safetensors", None);
+    refused(
+        &argv(&prune(&p)),
+        &[&p],
+        &out,
+        "hugeheader.safetensors",
+        None,
+    );
 
     // An unsupported dtype selected explicitly.
     let p = d.join("ints.safetensors");
-    raw_file(&p, r#"{"ids":{"dtype":"I32","shape":[2,2],"data_offsets":[0,16]}}"#, &[0u8; 16]);
+    raw_file(
+        &p,
+        r#"{"ids":{"dtype":"I32","shape":[2,2],"data_offsets":[0,16]}}"#,
+        &[0u8; 16],
+    );
     let mut a = prune(&p);
     a.extend(["--include".into(), "ids".into()]);
     refused(&argv(&a), &[&p], &out, "ints.safetensors", Some("ids"));
@@ -271,24 +472,44 @@ fn bad_inputs_are_refused_cleanly() {
     // Non-finite weights, refused unless allowed.
     let nf = d.join("nonfinite.safetensors");
     small_file(&nf, "layer.weight", &[2, 2], &[1.0, f32::NAN, 0.05, 2.0]);
-    refused(&argv(&prune(&nf)), &[&nf], &out, "nonfinite.safetensors", Some("layer.weight"));
+    refused(
+        &argv(&prune(&nf)),
+        &[&nf],
+        &out,
+        "nonfinite.safetensors",
+        Some("layer.weight"),
+    );
     let mut a = prune(&nf);
     a.push("--allow-nonfinite".into());
     let (ok, _, err) = run(&argv(&a));
     assert!(ok, "{err}");
     let m = Model::open(&out).unwrap();
-    let t = m.shards[0].tensor(&m.shards[0].entries[0]).unwrap().to_f32_vec();
+    let t = m.shards[0]
+        .tensor(&m.shards[0].entries[0])
+        .unwrap()
+        .to_f32_vec();
     assert!(t[1].is_nan() && t[2] == 0.0 && t[3] == 2.0);
 
     // The output exists: refused unless --force; an input never, even with it.
     let before = snapshot(&out);
     let (ok, _, err) = run(&argv(&prune(&good)));
-    assert!(!ok && err.contains("already exists") && err.contains("out.safetensors"), "{err}");
+    assert!(
+        !ok && err.contains("already exists") && err.contains("out.safetensors"),
+        "{err}"
+    );
     assert_eq!(snapshot(&out), before);
     let mut a = prune(&good);
     a.push("--force".into());
     assert!(run(&argv(&a)).0, "--force replaces");
-    let self_out = vec!["prune", s(&good), "--threshold", "0.1", "-o", s(&good), "--force"];
+    let self_out = vec![
+        "prune",
+        s(&good),
+        "--threshold",
+        "0.1",
+        "-o",
+        s(&good),
+        "--force",
+    ];
     let before = snapshot(&good);
     let (ok, _, err) = run(&self_out);
     assert!(!ok && err.contains("is an input"), "{err}");
@@ -298,11 +519,37 @@ fn bad_inputs_are_refused_cleanly() {
     // Models that differ: names and shapes.
     let other = d.join("other.safetensors");
     small_file(&other, "v", &[4, 4], &[0.1; 16]);
-    refused(&["mix", s(&good), s(&other), "--weights", "0.5,0.5", "-o", s(&out)], &[&good, &other], &out, "other.safetensors", Some("w"));
+    refused(
+        &[
+            "mix",
+            s(&good),
+            s(&other),
+            "--weights",
+            "0.5,0.5",
+            "-o",
+            s(&out),
+        ],
+        &[&good, &other],
+        &out,
+        "other.safetensors",
+        Some("w"),
+    );
     let wide = d.join("wide.safetensors");
     small_file(&wide, "w", &[2, 8], &[0.1; 16]);
-    refused(&["transfer", s(&good), "--delta", s(&wide), "-o", s(&out)], &[&good, &wide], &out, "wide.safetensors", Some("w"));
-    refused(&["delta", s(&good), s(&wide), "-o", s(&out)], &[&good, &wide], &out, "wide.safetensors", Some("w"));
+    refused(
+        &["transfer", s(&good), "--delta", s(&wide), "-o", s(&out)],
+        &[&good, &wide],
+        &out,
+        "wide.safetensors",
+        Some("w"),
+    );
+    refused(
+        &["delta", s(&good), s(&wide), "-o", s(&out)],
+        &[&good, &wide],
+        &out,
+        "wide.safetensors",
+        Some("w"),
+    );
     let (ok, _, err) = run(&["mix", s(&good), s(&good), "--weights", "0.5", "-o", s(&out)]);
     assert!(!ok && err.contains("weights"), "{err}");
     assert!(!out.exists());
@@ -311,8 +558,16 @@ fn bad_inputs_are_refused_cleanly() {
     let sd = d.join("sharded");
     write_llama_model(&sd, SMALL, DType::BF16, 2, 1).unwrap();
     let idx = sd.join("model.safetensors.index.json");
-    let text = std::fs::read_to_string(&idx).unwrap().replace("lm_head.weight", "lm_head.missing");
+    let text = std::fs::read_to_string(&idx)
+        .unwrap()
+        .replace("lm_head.weight", "lm_head.missing");
     std::fs::write(&idx, text).unwrap();
     let dout = d.join("dout");
-    refused(&["prune", s(&sd), "--threshold", "0.1", "-o", s(&dout)], &[&sd], &dout, "model.safetensors.index.json", Some("lm_head"));
+    refused(
+        &["prune", s(&sd), "--threshold", "0.1", "-o", s(&dout)],
+        &[&sd],
+        &dout,
+        "model.safetensors.index.json",
+        Some("lm_head"),
+    );
 }

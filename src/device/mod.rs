@@ -16,11 +16,14 @@ pub(crate) use kernels::Kernel;
 use crate::error::{Error, Result};
 use std::sync::Arc;
 
-/// Largest chunk a kernel binds at once when the device allows more: big
-/// enough to amortize a submit (about 0.1 ms against milliseconds of
-/// transfer), small enough that the host-side staging and readback of two
-/// chunks in flight stay a small part of memory.
-pub const DEFAULT_MAX_CHUNK_BYTES: u64 = 64 << 20;
+/// Largest chunk a kernel binds at once when the device allows more. Two
+/// chunks are in flight, each with host-side staging and readback copies
+/// (and, on a software adapter, its device buffers in host memory too):
+/// 16 MiB keeps that near 64–128 MB, so a whole-model job stays within
+/// twice its largest tensor plus 300 MB, while a submit (about 0.1 ms) is
+/// still small against moving 16 MiB each way. MODELPRESS_CHUNK_BYTES or
+/// `with_chunk_bytes` raise it where memory is plentiful.
+pub const DEFAULT_MAX_CHUNK_BYTES: u64 = 16 << 20;
 
 /// Smallest chunk accepted: 64 elements of 4 bytes.
 pub const MIN_CHUNK_BYTES: u64 = 256;
