@@ -42,5 +42,5 @@ struct ReadmeDoctests;
 
 pub use device::{list_adapters, AdapterSummary, Device, Gpu};
 pub use error::{Error, Result};
-pub use ops::{mix, prune, quantize, reduce, transfer};
+pub use ops::{mix, prune, quantize, reduce, select, transfer};
 pub use tensor::{DType, QTensor, Tensor, TensorRef};

@@ -23,11 +23,14 @@ pub(crate) enum Kernel {
     OffsetTensor,
     Mix,
     MixRows,
+    KeyHist,
+    CutApply,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 enum Family {
     Prune,
+    Select,
     Reduce,
     Quantize,
     Transfer,
@@ -38,6 +41,7 @@ impl Family {
     fn source(self) -> &'static str {
         match self {
             Family::Prune => include_str!("../../shaders/prune.wgsl"),
+            Family::Select => include_str!("../../shaders/select.wgsl"),
             Family::Reduce => include_str!("../../shaders/reduce.wgsl"),
             Family::Quantize => include_str!("../../shaders/quantize.wgsl"),
             Family::Transfer => include_str!("../../shaders/transfer.wgsl"),
@@ -54,6 +58,7 @@ impl Kernel {
             Kernel::QuantizeI8 | Kernel::DequantizeI8 | Kernel::Convert => Family::Quantize,
             Kernel::OffsetScalar | Kernel::OffsetTensor => Family::Transfer,
             Kernel::Mix | Kernel::MixRows => Family::Mix,
+            Kernel::KeyHist | Kernel::CutApply => Family::Select,
         }
     }
 
@@ -70,6 +75,8 @@ impl Kernel {
             Kernel::OffsetTensor => "offset_tensor",
             Kernel::Mix => "mix",
             Kernel::MixRows => "mix_rows",
+            Kernel::KeyHist => "key_hist",
+            Kernel::CutApply => "cut_apply",
         }
     }
 }

@@ -7,6 +7,7 @@ pub mod mix;
 pub mod prune;
 pub mod quantize;
 pub mod reduce;
+pub mod select;
 pub mod transfer;
 
 use crate::device::Gpu;

@@ -1,0 +1,97 @@
+// Exact-count selection for target sparsity. The key of a weight is the bit
+// pattern of |w| as f32 (integer order = value order; NaN sorts last). The
+// cut is found by a 16-bit radix select over key histograms; `cut_apply`
+// prunes keys below the cut and lists the positions of keys equal to it, of
+// which the host prunes the first ones in flat order (ties to the lower
+// index), so the mask is exact and identical on every device.
+
+struct HistParams {
+    n: u32,
+    // 0: bins are the key's high 16 bits; 1: the low 16 bits of keys whose
+    // high 16 bits equal `high`.
+    level: u32,
+    high: u32,
+    _pad0: u32,
+}
+
+@group(0) @binding(0) var<uniform> hp: HistParams;
+@group(0) @binding(1) var<storage, read> h_src: array<u32>;
+@group(0) @binding(2) var<storage, read_write> h_bins: array<atomic<u32>>;
+
+fn key_of(raw: u32, dt: u32) -> u32 {
+    return raw_to_f32_bits(raw, dt) & 0x7fffffffu;
+}
+
+@compute @workgroup_size(256)
+fn key_hist(
+    @builtin(global_invocation_id) gid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+) {
+    let epw = elems_per_word(DTYPE);
+    let words = (hp.n + epw - 1u) / epw;
+    for (var w = gid.x; w < words; w += nwg.x * WG) {
+        let word = h_src[w];
+        for (var l = 0u; l < epw; l++) {
+            if (w * epw + l < hp.n) {
+                let key = key_of(lane_raw(word, l, DTYPE), DTYPE);
+                if (hp.level == 0u) {
+                    atomicAdd(&h_bins[key >> 16u], 1u);
+                } else if ((key >> 16u) == hp.high) {
+                    atomicAdd(&h_bins[key & 0xffffu], 1u);
+                }
+            }
+        }
+    }
+}
+
+struct CutParams {
+    n: u32,
+    cut: u32,
+    _pad0: u32,
+    _pad1: u32,
+}
+
+@group(0) @binding(0) var<uniform> cp: CutParams;
+@group(0) @binding(1) var<storage, read> c_src: array<u32>;
+@group(0) @binding(2) var<storage, read_write> c_dst: array<u32>;
+// Chunk-local positions of keys equal to the cut, in no particular order.
+@group(0) @binding(3) var<storage, read_write> c_ties: array<u32>;
+// [ties listed, zeros in the output (ties not counted)]
+@group(0) @binding(4) var<storage, read_write> c_counts: array<atomic<u32>>;
+
+var<workgroup> wg_zeros: atomic<u32>;
+
+@compute @workgroup_size(256)
+fn cut_apply(
+    @builtin(global_invocation_id) gid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let epw = elems_per_word(DTYPE);
+    let words = (cp.n + epw - 1u) / epw;
+    var zeros = 0u;
+    for (var w = gid.x; w < words; w += nwg.x * WG) {
+        let word = c_src[w];
+        var out = 0u;
+        for (var l = 0u; l < epw; l++) {
+            let e = w * epw + l;
+            let raw = lane_raw(word, l, DTYPE);
+            let key = key_of(raw, DTYPE);
+            let cut = key < cp.cut;
+            out |= lane_put(select(raw, 0u, cut), l, DTYPE);
+            if (e < cp.n) {
+                if (key == cp.cut) {
+                    c_ties[atomicAdd(&c_counts[0], 1u)] = e;
+                } else {
+                    zeros += u32(cut || key == 0u);
+                }
+            }
+        }
+        c_dst[w] = out;
+    }
+    atomicAdd(&wg_zeros, zeros);
+    workgroupBarrier();
+    if (lid == 0u) {
+        atomicAdd(&c_counts[1], atomicLoad(&wg_zeros));
+    }
+}
