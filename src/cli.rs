@@ -73,13 +73,30 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Zero weights with |w| < T, or whole output neurons (--rows).
+    /// Zero weights with |w| < T (--threshold), exactly a fraction S of them
+    /// (--sparsity), or whole output neurons (--rows).
     Prune {
         model: PathBuf,
+        #[arg(
+            long,
+            allow_negative_numbers = true,
+            conflicts_with = "sparsity",
+            required_unless_present = "sparsity"
+        )]
+        threshold: Option<f32>,
+        /// Zero exactly round(S·n) weights of each tensor, smallest |w| first
+        /// (ties to the lower index); weights already zero count.
         #[arg(long, allow_negative_numbers = true)]
-        threshold: f32,
+        sparsity: Option<f64>,
+        /// With --sparsity: one cut across all touched tensors.
+        #[arg(long, requires = "sparsity")]
+        global: bool,
+        /// With --sparsity: S of the weights still non-zero, on top of the zeros
+        /// (PyTorch's repeated pruning).
+        #[arg(long, requires = "sparsity")]
+        of_remaining: bool,
         /// Zero whole rows (output neurons) whose norm is below T.
-        #[arg(long)]
+        #[arg(long, requires = "threshold")]
         rows: bool,
         /// Row norm for --rows.
         #[arg(long, value_enum, default_value = "l2")]
@@ -237,8 +254,11 @@ fn options(c: &Common) -> Result<JobOptions> {
 
 /// Runs one job and prints its summary; writes the report when asked.
 fn job(op: &dyn TensorOp, models: &[Model], c: &Common) -> Result<Report> {
-    let opts = options(c)?;
-    let report = pipeline::run(op, models, &c.output, &opts)?;
+    job_with(op, models, c, &options(c)?)
+}
+
+fn job_with(op: &dyn TensorOp, models: &[Model], c: &Common, opts: &JobOptions) -> Result<Report> {
+    let report = pipeline::run(op, models, &c.output, opts)?;
     if let Some(p) = &c.report {
         write_report(p, &report)?;
     }
@@ -322,10 +342,30 @@ fn run(cli: Cli) -> Result<()> {
         Command::Prune {
             model,
             threshold,
+            sparsity,
+            global,
+            of_remaining,
             rows,
             norm,
             common,
         } => {
+            if let Some(s) = sparsity {
+                let m = open(&model)?;
+                let opts = options(&common)?;
+                let op = if global {
+                    crate::jobs::Sparsity::global(
+                        &opts.device,
+                        &m,
+                        &opts.selection,
+                        s,
+                        of_remaining,
+                    )?
+                } else {
+                    crate::jobs::Sparsity::per_tensor(s, of_remaining)?
+                };
+                return job_with(&op, &[m], &common, &opts).map(|_| ());
+            }
+            let threshold = threshold.expect("clap requires --threshold without --sparsity");
             let op = if rows {
                 Prune::Rows(
                     threshold,

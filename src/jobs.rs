@@ -14,11 +14,13 @@ use crate::error::{Error, Result};
 use crate::formats::model::Model;
 use crate::formats::safetensors::{Entry, Metadata, OutEntry};
 use crate::ops::quantize::Granularity;
+use crate::ops::select::{self, Cut};
 use crate::ops::{mix, prune, quantize, transfer};
-use crate::pipeline::{Applied, Src, TensorOp};
+use crate::pipeline::{Applied, Selection, Src, TensorOp};
 use crate::tensor::{matrix_view, DType, QTensor, Tensor};
 use serde_json::{json, Map, Value};
 use std::collections::HashMap;
+use std::sync::Mutex;
 
 pub const QUANT_KEY: &str = "modelpress.quantization";
 
@@ -59,6 +61,164 @@ impl TensorOp for Prune {
                 a
             }
         })
+    }
+}
+
+/// `prune --sparsity`: exactly round_ties_even(S·n) weights zeroed,
+/// smallest |w| first, ties to the lower index — per tensor, or with one
+/// cut across every touched tensor (`global`).
+pub struct Sparsity {
+    pub s: f64,
+    pub of_remaining: bool,
+    global: Option<GlobalCut>,
+}
+
+/// The cut of a global prune and the ties it may still take, spent in the
+/// order the pipeline writes tensors (model order).
+struct GlobalCut {
+    cut: Cut,
+    ties_left: Mutex<u64>,
+    /// Keys equal to the cut, per tensor.
+    equal: HashMap<String, u64>,
+    /// Passes over the model the cut took.
+    passes: usize,
+}
+
+impl Sparsity {
+    pub fn per_tensor(s: f64, of_remaining: bool) -> Result<Sparsity> {
+        select::check_sparsity(s)?;
+        Ok(Sparsity {
+            s,
+            of_remaining,
+            global: None,
+        })
+    }
+
+    /// Streams the tensors `selection` touches in `model` (one or two
+    /// histogram passes; a zero-count pass first with `of_remaining`) and
+    /// fixes one cut for all of them.
+    pub fn global(
+        dev: &Device,
+        model: &Model,
+        selection: &Selection,
+        s: f64,
+        of_remaining: bool,
+    ) -> Result<Sparsity> {
+        select::check_sparsity(s)?;
+        let probe = Sparsity::per_tensor(s, of_remaining)?;
+        let chosen: Vec<_> = model
+            .entries()
+            .filter(|(_, e)| selection.chosen(&probe, e))
+            .collect();
+        let tensors = || {
+            chosen.iter().map(|(f, e)| {
+                let t = f.tensor(e).ok_or_else(|| {
+                    Error::Unsupported(format!(
+                        "dtype {} (the kernels take F32, F16 and BF16)",
+                        e.dtype
+                    ))
+                    .at(&f.path, &e.name)
+                });
+                (*f, *e, t)
+            })
+        };
+        let n: u64 = chosen.iter().map(|(_, e)| e.numel() as u64).sum();
+        let mut passes = 0;
+        let k = if of_remaining {
+            passes += 1;
+            let mut zeros = 0;
+            for (f, e, t) in tensors() {
+                zeros += crate::ops::reduce::tensor_stats(dev, &t?)?.zeros;
+                f.release(e);
+            }
+            zeros + select::count_for(s, n - zeros)
+        } else {
+            select::count_for(s, n)
+        };
+        let low_needed = chosen
+            .iter()
+            .any(|(_, e)| e.kernel_dtype().is_some_and(select::needs_low_level));
+        let mut per_tensor: Vec<Vec<u64>> = Vec::new();
+        let cut = select::find_cut(k, low_needed, |level| {
+            passes += 1;
+            let mut total = vec![0u64; 1 << 16];
+            per_tensor.clear();
+            for (f, e, t) in tensors() {
+                let h = select::key_histogram(dev, &t?, level)
+                    .map_err(|err| err.at(&f.path, &e.name))?;
+                f.release(e);
+                total.iter_mut().zip(&h).for_each(|(a, b)| *a += b);
+                per_tensor.push(h);
+            }
+            Ok(total)
+        })?;
+        // Keys equal to the cut per tensor, from the last level's histograms.
+        let bin = if low_needed {
+            cut.key & 0xffff
+        } else {
+            cut.key >> 16
+        } as usize;
+        let equal = chosen
+            .iter()
+            .zip(&per_tensor)
+            .map(|((_, e), h)| (e.name.clone(), if k == 0 { u64::MAX } else { h[bin] }))
+            .collect();
+        Ok(Sparsity {
+            s,
+            of_remaining,
+            global: Some(GlobalCut {
+                cut,
+                ties_left: Mutex::new(cut.ties),
+                equal,
+                passes,
+            }),
+        })
+    }
+
+    /// Histogram passes the global cut took (0 per tensor).
+    pub fn passes(&self) -> usize {
+        self.global.as_ref().map_or(0, |g| g.passes)
+    }
+}
+
+impl TensorOp for Sparsity {
+    fn describe(&self) -> String {
+        let scope = if self.global.is_some() {
+            "global"
+        } else {
+            "per tensor"
+        };
+        let of = if self.of_remaining {
+            " of remaining"
+        } else {
+            ""
+        };
+        format!("prune to sparsity {}{of} ({scope})", self.s)
+    }
+
+    fn apply(&self, dev: &Device, srcs: &[Src], _: &[Model]) -> Result<Applied> {
+        let t = srcs[0].tensor()?;
+        let (out, st) = match &self.global {
+            None => select::prune_to_sparsity(dev, &t, self.s, self.of_remaining)?,
+            Some(g) => {
+                let mut left = g.ties_left.lock().unwrap();
+                let equal = g
+                    .equal
+                    .get(&srcs[0].entry.name)
+                    .copied()
+                    .unwrap_or(u64::MAX);
+                let cut = Cut {
+                    ties: *left,
+                    ..g.cut
+                };
+                let r = select::apply_cut(dev, &t, cut, equal)?;
+                *left -= r.1.ties_pruned;
+                r
+            }
+        };
+        let mut a = float_out(out);
+        a.note = Some(format!("{} of {} zero", st.zeros, st.numel));
+        Ok(a)
     }
 }
 

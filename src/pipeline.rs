@@ -105,7 +105,8 @@ impl Selection {
         })
     }
 
-    fn chosen(&self, op: &dyn TensorOp, e: &Entry) -> bool {
+    /// Whether `op` touches `e` under this selection.
+    pub fn chosen(&self, op: &dyn TensorOp, e: &Entry) -> bool {
         let inc = if self.include.is_empty() {
             op.default_select(e)
         } else {

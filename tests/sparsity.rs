@@ -123,3 +123,93 @@ fn bad_sparsity_is_an_error() {
         }
     }
 }
+
+#[test]
+fn global_cut_over_a_model_matches_the_brute_force_over_all_tensors() {
+    use modelpress::formats::model::Model;
+    use modelpress::jobs::Sparsity;
+    use modelpress::pipeline::{self, JobOptions, Selection, TensorOp};
+    use modelpress::sample::{write_llama_model, LlamaShape};
+    let shape = LlamaShape {
+        hidden: 32,
+        intermediate: 48,
+        layers: 2,
+        heads: 2,
+        vocab: 64,
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    for dtype in [DType::BF16, DType::F32] {
+        let dir = tmp.path().join(format!("m-{dtype}"));
+        write_llama_model(&dir, shape, dtype, 2, seed("global")).unwrap();
+        let model = Model::open(&dir).unwrap();
+        let sel = Selection::default();
+        let probe = Sparsity::per_tensor(0.5, false).unwrap();
+        // The specification over the touched tensors in model order.
+        let touched: Vec<_> = model
+            .entries()
+            .filter(|(_, e)| sel.chosen(&probe, e))
+            .collect();
+        let mut all = Vec::new();
+        for (f, e) in &touched {
+            all.extend(f.tensor(e).unwrap().to_f32_vec());
+        }
+        for s in [0.3, 0.5, 0.9] {
+            let k = count_for(s, all.len() as u64) as usize;
+            let mut order: Vec<usize> = (0..all.len()).collect();
+            order.sort_by_key(|&i| (key(all[i]), i));
+            let mut pruned = vec![false; all.len()];
+            order[..k].iter().for_each(|&i| pruned[i] = true);
+            let mut outputs = Vec::new();
+            for (name, dev) in devices().into_iter().take(2) {
+                let op = Sparsity::global(&dev, &model, &sel, s, false).unwrap();
+                assert!(op.passes() <= 2 && op.describe().contains("global"));
+                let out = tmp.path().join(format!("{dtype}-{s}-{name}"));
+                let opts = JobOptions {
+                    device: dev,
+                    selection: Selection::default(),
+                    allow_nonfinite: false,
+                    force: false,
+                    progress: false,
+                    command: "test".into(),
+                };
+                pipeline::run(&op, &[Model::open(&dir).unwrap()], &out, &opts).unwrap();
+                let m = Model::open(&out).unwrap();
+                let mut pos = 0;
+                for (_, e) in &touched {
+                    let (f2, e2) = m.find(&e.name).unwrap();
+                    let got = f2.tensor(e2).unwrap().to_f32_vec();
+                    for (j, v) in got.iter().enumerate() {
+                        if pruned[pos + j] {
+                            assert_eq!(v.to_bits(), 0, "{name} {dtype} s={s} {} [{j}]", e.name);
+                        } else {
+                            assert_eq!(
+                                v.to_bits(),
+                                all[pos + j].to_bits(),
+                                "{name} {dtype} s={s} {} [{j}]",
+                                e.name
+                            );
+                        }
+                    }
+                    pos += got.len();
+                }
+                outputs.push(out);
+            }
+            if outputs.len() == 2 {
+                let read = |p: &std::path::Path| {
+                    let mut v: Vec<_> = std::fs::read_dir(p)
+                        .unwrap()
+                        .map(|e| e.unwrap().path())
+                        .collect();
+                    v.sort();
+                    v.iter()
+                        .map(|f| std::fs::read(f).unwrap())
+                        .collect::<Vec<_>>()
+                };
+                assert!(
+                    read(&outputs[0]) == read(&outputs[1]),
+                    "{dtype} s={s}: GPU and CPU bytes differ"
+                );
+            }
+        }
+    }
+}

@@ -70,7 +70,11 @@ def load(path):
             metas[f] = so.metadata() or {}
             keys = list(so.keys())
         with open(full, "rb") as fh:
-            items = deserialize(fh.read())
+            raw = fh.read()
+        items = deserialize(raw)
+        # File order (data offsets), which is model order within a shard.
+        header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
+        items.sort(key=lambda it: header[it[0]]["data_offsets"][0])
         if sorted(keys) != sorted(n for n, _ in items):
             fail(f"{full}: safe_open and deserialize disagree")
         for name, t in items:
@@ -162,6 +166,36 @@ for n, (dt, w) in matrices(base).items():
     same(f"task-vector/{n}", task[n][1], bf16_round(t + np.float32(-1) * w))
     same(f"half-tuned/{n}", half[n][1], bf16_round(w + np.float32(0.5) * task[n][1]))
     same(f"merged/{n}", merged[n][1], bf16_round(np.float32(0.5) * w + np.float32(0.5) * t))
+
+# prune --sparsity: exactly round_half_even(S·n) smallest |w| zeroed, ties
+# to the lower flat index; per tensor and with one global cut.
+def smallest_k_mask(values, k):
+    keys = values.view(np.uint32) & np.uint32(0x7FFFFFFF)
+    order = np.lexsort((np.arange(values.size), keys))
+    mask = np.zeros(values.size, bool)
+    mask[order[:k]] = True
+    return mask
+
+
+sp = os.path.join(WORK, "sparsity")
+run("prune", os.path.join(demo, "llama"), "--sparsity", "0.5", "-o", sp)
+got, _ = load(sp)
+for n, (dt, w) in matrices(base).items():
+    flat = w.ravel()
+    k = round(0.5 * flat.size)
+    same(f"sparsity/{n}", got[n][1].ravel(), np.where(smallest_k_mask(flat, k), np.float32(0), flat))
+gp = os.path.join(WORK, "sparsity-global")
+run("prune", os.path.join(demo, "llama"), "--sparsity", "0.6", "--global", "-o", gp)
+got, _ = load(gp)
+# Model order: shards in order, tensors in file order (as written by the demo).
+order_in_model = [n for n in base if n in matrices(base)]
+flat = np.concatenate([base[n][1].ravel() for n in order_in_model])
+mask = smallest_k_mask(flat, round(0.6 * flat.size))
+pos = 0
+for n in order_in_model:
+    w = base[n][1].ravel()
+    same(f"sparsity-global/{n}", got[n][1].ravel(), np.where(mask[pos:pos + w.size], np.float32(0), w))
+    pos += w.size
 
 # A single F16 file written by numpy's safetensors: quantize --scale and prune.
 rng = np.random.default_rng(int.from_bytes(os.urandom(4), "little"))
