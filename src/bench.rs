@@ -160,6 +160,39 @@ pub fn cases() -> Vec<Case> {
             bytes: |s| 3 * s.a.data.len() as u64,
         },
         Case {
+            // Exact 50% sparsity: key histograms (1 pass for bf16, 2 for
+            // f32) and one apply pass.
+            name: "prune.sparsity",
+            run: |d, s| {
+                Ok(Output::Float(
+                    crate::ops::select::prune_to_sparsity(d, &s.a.view(), 0.5, false)?.0,
+                ))
+            },
+            bytes: float_rw,
+        },
+        Case {
+            // The yardstick for prune.sparsity: sorting (|w|, index) on the
+            // CPU's cores, and zeroing the first half.
+            name: "baseline.sort-prune",
+            run: |_, s| {
+                use rayon::prelude::*;
+                let v = s.a.view().to_f32_vec();
+                let mut order: Vec<(u32, u32)> = v
+                    .iter()
+                    .enumerate()
+                    .map(|(i, x)| (crate::ops::select::key(*x), i as u32))
+                    .collect();
+                order.par_sort_unstable();
+                let mut out = s.a.clone();
+                for &(_, i) in &order[..crate::ops::select::count_for(0.5, v.len() as u64) as usize]
+                {
+                    s.a.dtype.write_raw(&mut out.data, i as usize, 0);
+                }
+                Ok(Output::Float(out))
+            },
+            bytes: float_rw,
+        },
+        Case {
             name: "quantize.round",
             run: |d, s| {
                 Ok(Output::Int8(

@@ -93,6 +93,12 @@ pub fn run(dev: &Device, seed: u64, keep: Option<&Path>) -> Result<()> {
         &out("pruned"),
     )?;
     step(
+        "prune to 50% sparsity per tensor",
+        &crate::jobs::Sparsity::per_tensor(0.5, false)?,
+        &[&base],
+        &out("sparse"),
+    )?;
+    step(
         "prune rows, L2 norm < 0.98",
         &Prune::Rows(0.98, NeuronNorm::L2),
         &[&base],
