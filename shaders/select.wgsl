@@ -95,3 +95,61 @@ fn cut_apply(
         atomicAdd(&c_counts[1], atomicLoad(&wg_zeros));
     }
 }
+
+// N:M patterns: in each run of M consecutive weights along a row (from the
+// row's start), at most N stay: the N largest |w| (by key), ties to the lower
+// index. Each invocation owns whole output words and ranks each of its
+// elements within its group, so nothing races and the mask is exact.
+struct NmParams {
+    n: u32,
+    // Length of the row segments in this chunk (whole rows, or one part of
+    // a row that starts on a group boundary).
+    seg_len: u32,
+    m: u32,
+    keep: u32,
+}
+
+@group(0) @binding(0) var<uniform> np: NmParams;
+@group(0) @binding(1) var<storage, read> nm_src: array<u32>;
+@group(0) @binding(2) var<storage, read_write> nm_dst: array<u32>;
+
+fn nm_key(i: u32) -> u32 {
+    let epw = elems_per_word(DTYPE);
+    return key_of(lane_raw(nm_src[i / epw], i % epw, DTYPE), DTYPE);
+}
+
+@compute @workgroup_size(256)
+fn nm_prune(
+    @builtin(global_invocation_id) gid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+) {
+    let epw = elems_per_word(DTYPE);
+    let words = (np.n + epw - 1u) / epw;
+    for (var w = gid.x; w < words; w += nwg.x * WG) {
+        let word = nm_src[w];
+        var out = 0u;
+        for (var l = 0u; l < epw; l++) {
+            let e = w * epw + l;
+            let raw = lane_raw(word, l, DTYPE);
+            var kept = true;
+            if (e < np.n) {
+                let col = e % np.seg_len;
+                let g0 = e - col + (col / np.m) * np.m;
+                let glen = min(np.m, np.seg_len - (col / np.m) * np.m);
+                // A short group at a row's end is the tail, kept dense (the
+                // host refuses it unless asked).
+                if (glen == np.m) {
+                    let ke = key_of(raw, DTYPE);
+                    var rank = 0u;
+                    for (var i = g0; i < g0 + glen; i++) {
+                        let ki = nm_key(i);
+                        rank += u32(ki > ke || (ki == ke && i < e));
+                    }
+                    kept = rank < np.keep;
+                }
+            }
+            out |= lane_put(select(0u, raw, kept), l, DTYPE);
+        }
+        nm_dst[w] = out;
+    }
+}

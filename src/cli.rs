@@ -59,6 +59,12 @@ enum NormArg {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
+enum TailArg {
+    Error,
+    Keep,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
 enum Int8Arg {
     PerTensor,
     PerRow,
@@ -74,16 +80,21 @@ enum Command {
         json: bool,
     },
     /// Zero weights with |w| < T (--threshold), exactly a fraction S of them
-    /// (--sparsity), or whole output neurons (--rows).
+    /// (--sparsity), all but N of every M (--pattern), or whole output
+    /// neurons (--threshold T --rows).
+    #[command(group(clap::ArgGroup::new("mode").required(true).args(["threshold", "sparsity", "pattern"])))]
     Prune {
         model: PathBuf,
-        #[arg(
-            long,
-            allow_negative_numbers = true,
-            conflicts_with = "sparsity",
-            required_unless_present = "sparsity"
-        )]
+        #[arg(long, allow_negative_numbers = true)]
         threshold: Option<f32>,
+        /// N:M, e.g. 2:4: in each run of M consecutive weights along a row,
+        /// keep the N largest |w| (ties to the lower index).
+        #[arg(long)]
+        pattern: Option<String>,
+        /// With --pattern, for rows whose length is not a multiple of M:
+        /// `error` (default) or `keep` (leave the last, shorter run dense).
+        #[arg(long, value_enum, default_value = "error", requires = "pattern")]
+        pattern_tail: TailArg,
         /// Zero exactly round(S·n) weights of each tensor, smallest |w| first
         /// (ties to the lower index); weights already zero count.
         #[arg(long, allow_negative_numbers = true)]
@@ -342,6 +353,8 @@ fn run(cli: Cli) -> Result<()> {
         Command::Prune {
             model,
             threshold,
+            pattern,
+            pattern_tail,
             sparsity,
             global,
             of_remaining,
@@ -349,6 +362,13 @@ fn run(cli: Cli) -> Result<()> {
             norm,
             common,
         } => {
+            if let Some(p) = pattern {
+                let op = crate::jobs::PatternPrune {
+                    pattern: crate::ops::select::Pattern::parse(&p)?,
+                    keep_tail: matches!(pattern_tail, TailArg::Keep),
+                };
+                return job(&op, &[open(&model)?], &common).map(|_| ());
+            }
             if let Some(s) = sparsity {
                 let m = open(&model)?;
                 let opts = options(&common)?;

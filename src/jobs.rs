@@ -222,6 +222,28 @@ impl TensorOp for Sparsity {
     }
 }
 
+/// `prune --pattern N:M`.
+pub struct PatternPrune {
+    pub pattern: select::Pattern,
+    pub keep_tail: bool,
+}
+
+impl TensorOp for PatternPrune {
+    fn describe(&self) -> String {
+        format!("prune to {}:{}", self.pattern.n, self.pattern.m)
+    }
+
+    fn apply(&self, dev: &Device, srcs: &[Src], _: &[Model]) -> Result<Applied> {
+        let t = srcs[0].tensor()?;
+        Ok(float_out(select::prune_pattern(
+            dev,
+            &t,
+            self.pattern,
+            self.keep_tail,
+        )?))
+    }
+}
+
 /// How `quantize` rounds.
 #[derive(Clone, Copy, Debug)]
 pub enum QuantScheme {

@@ -213,3 +213,99 @@ fn global_cut_over_a_model_matches_the_brute_force_over_all_tensors() {
         }
     }
 }
+
+/// The N:M specification: per row, per run of M, keep the N largest keys
+/// (ties to the lower index); a shorter tail run stays dense.
+fn nm_brute_force(t: &Tensor, n_keep: usize, m: usize) -> Tensor {
+    let v = t.to_f32_vec();
+    let rows = if t.shape.is_empty() {
+        1
+    } else if t.shape.len() == 1 {
+        1
+    } else {
+        t.shape[0]
+    };
+    let row_len = if rows == 0 { 0 } else { v.len() / rows.max(1) };
+    let mut out = t.clone();
+    for r in 0..rows {
+        let mut g0 = 0;
+        while g0 + m <= row_len {
+            let idx: Vec<usize> = (r * row_len + g0..r * row_len + g0 + m).collect();
+            let mut order = idx.clone();
+            order.sort_by_key(|&i| (std::cmp::Reverse(key(v[i])), i));
+            for &i in &order[n_keep..] {
+                t.dtype.write_raw_public(&mut out.data, i, 0);
+            }
+            g0 += m;
+        }
+    }
+    out
+}
+
+#[test]
+fn nm_patterns_keep_the_n_largest_of_every_m() {
+    use modelpress::select::Pattern;
+    let mut rng = Rng::new(seed("nm"));
+    for (name, dev) in devices() {
+        for dtype in FLOATS {
+            for (nk, m) in [
+                (2u32, 4u32),
+                (4, 8),
+                (1, 2),
+                (0, 4),
+                (4, 4),
+                (3, 5),
+                (2, 16),
+            ] {
+                for &(rows, cols) in &[(1, 16), (7, 40), (33, 80), (3, 2000), (0, 8), (5, 0)] {
+                    if cols % m as usize != 0 {
+                        continue;
+                    }
+                    let t = tensor(dtype, &[rows, cols], &tied(&mut rng, rows * cols));
+                    let ctx = format!("{name} {dtype} {nk}:{m} [{rows}, {cols}]");
+                    let got = select::prune_pattern(&dev, &t.view(), Pattern { n: nk, m }, false)
+                        .unwrap();
+                    assert_identical(&got, &nm_brute_force(&t, nk as usize, m as usize), &ctx);
+                    // The invariant itself: at most N non-zero in every run of M.
+                    let g = got.to_f32_vec();
+                    for grp in g.chunks(m as usize) {
+                        assert!(
+                            grp.iter().filter(|x| **x != 0.0).count() <= nk as usize,
+                            "{ctx}"
+                        );
+                    }
+                }
+            }
+            // Rows not a multiple of M: an error, or a dense tail when asked.
+            let t = tensor(dtype, &[6, 10], &tied(&mut rng, 60));
+            let e =
+                select::prune_pattern(&dev, &t.view(), Pattern { n: 2, m: 4 }, false).unwrap_err();
+            assert!(
+                matches!(e, Error::Input(ref s) if s.contains("multiple of M")),
+                "{e}"
+            );
+            let got = select::prune_pattern(&dev, &t.view(), Pattern { n: 2, m: 4 }, true).unwrap();
+            assert_identical(
+                &got,
+                &nm_brute_force(&t, 2, 4),
+                &format!("{name} {dtype} tail"),
+            );
+            for r in 0..6 {
+                assert_eq!(
+                    got.raw_bits()[r * 10 + 8..r * 10 + 10],
+                    t.raw_bits()[r * 10 + 8..r * 10 + 10],
+                    "tail dense"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn nm_arguments_are_checked() {
+    use modelpress::select::Pattern;
+    assert_eq!(Pattern::parse("2:4").unwrap(), Pattern { n: 2, m: 4 });
+    for bad in ["5:4", "2:0", "2-4", "a:b", "2:65", ""] {
+        assert!(matches!(Pattern::parse(bad), Err(Error::Input(_))), "{bad}");
+    }
+}

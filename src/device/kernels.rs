@@ -25,6 +25,7 @@ pub(crate) enum Kernel {
     MixRows,
     KeyHist,
     CutApply,
+    NmPrune,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -58,7 +59,7 @@ impl Kernel {
             Kernel::QuantizeI8 | Kernel::DequantizeI8 | Kernel::Convert => Family::Quantize,
             Kernel::OffsetScalar | Kernel::OffsetTensor => Family::Transfer,
             Kernel::Mix | Kernel::MixRows => Family::Mix,
-            Kernel::KeyHist | Kernel::CutApply => Family::Select,
+            Kernel::KeyHist | Kernel::CutApply | Kernel::NmPrune => Family::Select,
         }
     }
 
@@ -77,6 +78,7 @@ impl Kernel {
             Kernel::MixRows => "mix_rows",
             Kernel::KeyHist => "key_hist",
             Kernel::CutApply => "cut_apply",
+            Kernel::NmPrune => "nm_prune",
         }
     }
 }

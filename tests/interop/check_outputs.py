@@ -197,6 +197,22 @@ for n in order_in_model:
     same(f"sparsity-global/{n}", got[n][1].ravel(), np.where(mask[pos:pos + w.size], np.float32(0), w))
     pos += w.size
 
+# prune --pattern 2:4: per row, per run of 4, keep the 2 largest |w| (ties
+# to the lower index).
+nm = os.path.join(WORK, "pattern")
+run("prune", os.path.join(demo, "llama"), "--pattern", "2:4", "-o", nm)
+got, _ = load(nm)
+for n, (dt, w) in matrices(base).items():
+    keys = (w.view(np.uint32) & np.uint32(0x7FFFFFFF)).reshape(w.shape[0], -1, 4).astype(np.int64)
+    pos = np.arange(4)[None, None, :]
+    # rank = how many in the run beat this one (larger key, or equal and earlier)
+    beats = (keys[..., :, None] > keys[..., None, :]) | (
+        (keys[..., :, None] == keys[..., None, :]) & (pos[..., :, None] < pos[..., None, :])
+    )
+    rank = beats.sum(axis=-2)
+    keep = (rank < 2).reshape(w.shape)
+    same(f"pattern/{n}", got[n][1], np.where(keep, w, np.float32(0)))
+
 # A single F16 file written by numpy's safetensors: quantize --scale and prune.
 rng = np.random.default_rng(int.from_bytes(os.urandom(4), "little"))
 single = os.path.join(WORK, "single.safetensors")
