@@ -427,8 +427,8 @@ fn pattern_cpu(t: &TensorRef, p: Pattern) -> Tensor {
             if g0 + m > row_len {
                 break; // the tail stays dense
             }
-            for j in 0..m {
-                keys[j] = key(C::to_f32(C::read(t.data, base + g0 + j)));
+            for (j, k) in keys[..m].iter_mut().enumerate() {
+                *k = key(C::to_f32(C::read(t.data, base + g0 + j)));
             }
             for j in 0..m {
                 if !nm_kept(&keys[..m], j, p.n) {
