@@ -218,13 +218,7 @@ fn global_cut_over_a_model_matches_the_brute_force_over_all_tensors() {
 /// (ties to the lower index); a shorter tail run stays dense.
 fn nm_brute_force(t: &Tensor, n_keep: usize, m: usize) -> Tensor {
     let v = t.to_f32_vec();
-    let rows = if t.shape.is_empty() {
-        1
-    } else if t.shape.len() == 1 {
-        1
-    } else {
-        t.shape[0]
-    };
+    let rows = if t.shape.len() <= 1 { 1 } else { t.shape[0] };
     let row_len = if rows == 0 { 0 } else { v.len() / rows.max(1) };
     let mut out = t.clone();
     for r in 0..rows {
