@@ -1,7 +1,7 @@
 // Thresholding. `threshold`: w -> +0 where |w| < tau; |w| == tau and NaN are
 // kept. Compared on bits: for non-negative floats the bit order is the value
 // order, so no driver's subnormal or NaN handling can change the mask.
-// `zero_rows`: zeroes the rows a host-decided mask names.
+// `zero_rows`: zeroes the rows (or columns) a host-decided mask names.
 
 struct ThresholdParams {
     n: u32,
@@ -58,12 +58,14 @@ struct RowParams {
     row_len: u32,
     // Column of the chunk's first element within its row.
     col0: u32,
-    _pad0: u32,
+    // 0: the mask is per row (row 0 = the chunk's first row); 1: per column.
+    by_col: u32,
 }
 
 @group(0) @binding(0) var<uniform> zp: RowParams;
 @group(0) @binding(1) var<storage, read> z_src: array<u32>;
-// One word per row touched by the chunk (row 0 = the chunk's first row): 1 = zero it.
+// One bit per line, 1 = zero it: the rows the chunk touches (bit 0 = the
+// chunk's first row), or every column.
 @group(0) @binding(2) var<storage, read> z_mask: array<u32>;
 @group(0) @binding(3) var<storage, read_write> z_dst: array<u32>;
 // [zeros in the output]
@@ -84,7 +86,8 @@ fn zero_rows(
         for (var l = 0u; l < epw; l++) {
             let e = w * epw + l;
             let raw = lane_raw(word, l, DTYPE);
-            let cut = e < zp.n && z_mask[(zp.col0 + e) / zp.row_len] != 0u;
+            let line = select((zp.col0 + e) / zp.row_len, (zp.col0 + e) % zp.row_len, zp.by_col != 0u);
+            let cut = e < zp.n && ((z_mask[line / 32u] >> (line % 32u)) & 1u) != 0u;
             let kept = select(raw, 0u, cut);
             out |= lane_put(kept, l, DTYPE);
             if (e < zp.n) {

@@ -126,3 +126,42 @@ fn tensor_stats(
         atomicAdd(&s_out[2], atomicLoad(&wg_zeros));
     }
 }
+
+// Per-column figures of a tile of rows (rows × cols, row-major): each
+// invocation sums one column down the tile's rows; the host adds tiles.
+struct ColParams {
+    rows: u32,
+    cols: u32,
+    _pad0: u32,
+    _pad1: u32,
+}
+
+@group(0) @binding(0) var<uniform> colp: ColParams;
+@group(0) @binding(1) var<storage, read> col_src: array<u32>;
+@group(0) @binding(2) var<storage, read_write> col_sumsq: array<f32>;
+@group(0) @binding(3) var<storage, read_write> col_sumabs: array<f32>;
+@group(0) @binding(4) var<storage, read_write> col_max: array<u32>;
+
+@compute @workgroup_size(256)
+fn col_stats(
+    @builtin(global_invocation_id) gid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+) {
+    let epw = elems_per_word(DTYPE);
+    for (var c = gid.x; c < colp.cols; c += nwg.x * WG) {
+        var sq = 0.0;
+        var ab = 0.0;
+        var mx = 0u;
+        for (var r = 0u; r < colp.rows; r++) {
+            let e = r * colp.cols + c;
+            let xb = raw_to_f32_bits(lane_raw(col_src[e / epw], e % epw, DTYPE), DTYPE);
+            let x = bitcast<f32>(xb);
+            sq += x * x;
+            ab += abs(x);
+            mx = max(mx, xb & 0x7fffffffu);
+        }
+        col_sumsq[c] = sq;
+        col_sumabs[c] = ab;
+        col_max[c] = mx;
+    }
+}

@@ -54,8 +54,25 @@ struct Common {
 
 #[derive(Clone, Copy, ValueEnum)]
 enum NormArg {
+    /// Σ|w|
+    #[value(name = "1", alias = "l1")]
+    L1,
+    /// √Σw²
+    #[value(name = "2", alias = "l2")]
     L2,
-    Max,
+    /// max |w|
+    #[value(name = "inf", alias = "max")]
+    Inf,
+}
+
+impl NormArg {
+    fn norm(self) -> NeuronNorm {
+        match self {
+            NormArg::L1 => NeuronNorm::L1,
+            NormArg::L2 => NeuronNorm::L2,
+            NormArg::Inf => NeuronNorm::Max,
+        }
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -82,7 +99,7 @@ enum Command {
     /// Zero weights with |w| < T (--threshold), exactly a fraction S of them
     /// (--sparsity), all but N of every M (--pattern), or whole output
     /// neurons (--threshold T --rows).
-    #[command(group(clap::ArgGroup::new("mode").required(true).args(["threshold", "sparsity", "pattern"])))]
+    #[command(group(clap::ArgGroup::new("mode").required(true).multiple(true).args(["threshold", "sparsity", "pattern", "rows", "cols"])))]
     Prune {
         model: PathBuf,
         #[arg(long, allow_negative_numbers = true)]
@@ -106,11 +123,17 @@ enum Command {
         /// (PyTorch's repeated pruning).
         #[arg(long, requires = "sparsity")]
         of_remaining: bool,
-        /// Zero whole rows (output neurons) whose norm is below T.
-        #[arg(long, requires = "threshold")]
-        rows: bool,
-        /// Row norm for --rows.
-        #[arg(long, value_enum, default_value = "l2")]
+        /// Output neurons: with --threshold T, zero the rows whose norm is
+        /// below T; with a value S, zero exactly round(S·rows) rows of
+        /// smallest norm (PyTorch ln_structured, dim 0).
+        #[arg(long, num_args = 0..=1, value_name = "S")]
+        rows: Option<Option<f64>>,
+        /// Input features: zero exactly round(S·columns) columns of smallest
+        /// norm (ln_structured, dim 1).
+        #[arg(long, value_name = "S")]
+        cols: Option<f64>,
+        /// Norm of a row or column.
+        #[arg(long, value_enum, default_value = "2")]
         norm: NormArg,
         #[command(flatten)]
         common: Common,
@@ -359,13 +382,41 @@ fn run(cli: Cli) -> Result<()> {
             global,
             of_remaining,
             rows,
+            cols,
             norm,
             common,
         } => {
+            let modes = [
+                threshold.is_some(),
+                sparsity.is_some(),
+                pattern.is_some(),
+                matches!(rows, Some(Some(_))),
+                cols.is_some(),
+            ];
+            let rows_flag = matches!(rows, Some(None));
+            if modes.iter().filter(|&&m| m).count() != 1 || (rows_flag && threshold.is_none()) {
+                return Err(Error::input(
+                    "choose one of --threshold T [--rows], --sparsity S, --pattern N:M, --rows S, --cols S",
+                ));
+            }
             if let Some(p) = pattern {
                 let op = crate::jobs::PatternPrune {
                     pattern: crate::ops::select::Pattern::parse(&p)?,
                     keep_tail: matches!(pattern_tail, TailArg::Keep),
+                };
+                return job(&op, &[open(&model)?], &common).map(|_| ());
+            }
+            let structured = match (rows, cols) {
+                (Some(Some(s)), _) => Some((crate::ops::prune::Axis::Rows, s)),
+                (_, Some(s)) => Some((crate::ops::prune::Axis::Cols, s)),
+                _ => None,
+            };
+            if let Some((axis, s)) = structured {
+                crate::ops::select::check_sparsity(s)?;
+                let op = crate::jobs::Lines {
+                    axis,
+                    s,
+                    norm: norm.norm(),
                 };
                 return job(&op, &[open(&model)?], &common).map(|_| ());
             }
@@ -385,15 +436,9 @@ fn run(cli: Cli) -> Result<()> {
                 };
                 return job_with(&op, &[m], &common, &opts).map(|_| ());
             }
-            let threshold = threshold.expect("clap requires --threshold without --sparsity");
-            let op = if rows {
-                Prune::Rows(
-                    threshold,
-                    match norm {
-                        NormArg::L2 => NeuronNorm::L2,
-                        NormArg::Max => NeuronNorm::Max,
-                    },
-                )
+            let threshold = threshold.expect("checked above");
+            let op = if rows_flag {
+                Prune::Rows(threshold, norm.norm())
             } else {
                 Prune::Threshold(threshold)
             };

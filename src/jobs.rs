@@ -222,6 +222,37 @@ impl TensorOp for Sparsity {
     }
 }
 
+/// `prune --rows S` / `--cols S`: exactly round(S·n) rows or columns of
+/// smallest norm zeroed.
+pub struct Lines {
+    pub axis: prune::Axis,
+    pub s: f64,
+    pub norm: prune::NeuronNorm,
+}
+
+impl TensorOp for Lines {
+    fn describe(&self) -> String {
+        let what = if self.axis == prune::Axis::Rows {
+            "rows"
+        } else {
+            "columns"
+        };
+        format!("prune {} of {what} by {:?} norm", self.s, self.norm)
+    }
+
+    fn apply(&self, dev: &Device, srcs: &[Src], _: &[Model]) -> Result<Applied> {
+        let t = srcs[0].tensor()?;
+        let (out, mask, _) = prune::prune_lines(dev, &t, self.axis, self.s, self.norm)?;
+        let mut a = float_out(out);
+        a.note = Some(format!(
+            "{} of {} zeroed",
+            mask.iter().filter(|&&m| m).count(),
+            mask.len()
+        ));
+        Ok(a)
+    }
+}
+
 /// `prune --pattern N:M`.
 pub struct PatternPrune {
     pub pattern: select::Pattern,

@@ -139,6 +139,7 @@ fn rows_near_tau(rng: &mut Rng, rows: usize, cols: usize, tau: f32, norm: Neuron
     for r in 0..rows {
         let row: Vec<f32> = (0..cols).map(|_| rng.normal() as f32).collect();
         let norm = match norm {
+            NeuronNorm::L1 => row.iter().map(|x| x.abs() as f64).sum::<f64>(),
             NeuronNorm::L2 => row.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt(),
             NeuronNorm::Max => row.iter().fold(0f64, |m, x| m.max(x.abs() as f64)),
         };
@@ -172,7 +173,7 @@ fn neurons_match_reference_and_gpu() {
                 (0, 4),
             ] {
                 let tau = 1.0;
-                for norm in [NeuronNorm::L2, NeuronNorm::Max] {
+                for norm in [NeuronNorm::L1, NeuronNorm::L2, NeuronNorm::Max] {
                     let t = tensor(
                         dtype,
                         &[rows, cols],
@@ -185,6 +186,7 @@ fn neurons_match_reference_and_gpu() {
                     for r in 0..rows {
                         let row = &x[r * cols..(r + 1) * cols];
                         let measure = match norm {
+                            NeuronNorm::L1 => row.iter().map(|v| v.abs() as f64).sum::<f64>(),
                             NeuronNorm::L2 => {
                                 row.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt()
                             }
@@ -259,5 +261,122 @@ fn neurons_special_values_and_activations() {
                 [0.0, -2.0, tensor(dtype, &[1], &[0.6]).to_f32_vec()[0]]
             );
         }
+    }
+}
+
+/// The structured reference: f64 norms per line, the k smallest by
+/// (norm, index).
+fn lines_brute_force(
+    t: &modelpress::Tensor,
+    axis: prune::Axis,
+    s: f64,
+    norm: NeuronNorm,
+) -> Vec<bool> {
+    let (rows, cols) = (t.shape[0], t.shape[1..].iter().product::<usize>());
+    let x = t.to_f32_vec();
+    let n = if axis == prune::Axis::Rows {
+        rows
+    } else {
+        cols
+    };
+    let line = |i: usize| -> Vec<f64> {
+        if axis == prune::Axis::Rows {
+            (0..cols).map(|c| x[i * cols + c] as f64).collect()
+        } else {
+            (0..rows).map(|r| x[r * cols + i] as f64).collect()
+        }
+    };
+    let measure = |v: Vec<f64>| match norm {
+        NeuronNorm::L1 => v.iter().map(|a| a.abs()).sum::<f64>(),
+        NeuronNorm::L2 => v.iter().map(|a| a * a).sum::<f64>(),
+        NeuronNorm::Max => v.iter().fold(0f64, |m, a| m.max(a.abs())),
+    };
+    let mut order: Vec<(f64, usize)> = (0..n).map(|i| (measure(line(i)), i)).collect();
+    order.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+    let k = modelpress::select::count_for(s, n as u64) as usize;
+    let mut mask = vec![false; n];
+    order[..k].iter().for_each(|&(_, i)| mask[i] = true);
+    mask
+}
+
+#[test]
+fn structured_fractions_match_the_reference_on_every_device() {
+    let mut rng = Rng::new(seed("structured"));
+    let mut devs = vec![("cpu".to_string(), Device::Cpu)];
+    devs.extend(gpu_variants());
+    for (name, dev) in &devs {
+        for dtype in FLOATS {
+            for &(rows, cols) in &[(1, 1), (6, 5), (40, 33), (13, 700), (300, 9), (3, 3000)] {
+                // Lines of near-equal norm: one base row repeated with tiny
+                // changes, plus exact duplicates.
+                let base: Vec<f32> = (0..cols).map(|_| rng.normal() as f32).collect();
+                let mut v = Vec::with_capacity(rows * cols);
+                for r in 0..rows {
+                    for c in 0..cols {
+                        let bump = if r % 3 == 0 {
+                            0.0
+                        } else {
+                            (rng.normal() * 1e-3) as f32
+                        };
+                        v.push(base[c] * (1.0 + bump) + if (r + c) % 7 == 0 { 1e-4 } else { 0.0 });
+                    }
+                }
+                let t = tensor(dtype, &[rows, cols], &v);
+                for axis in [prune::Axis::Rows, prune::Axis::Cols] {
+                    for norm in [NeuronNorm::L1, NeuronNorm::L2, NeuronNorm::Max] {
+                        for s in [0.0, 0.25, 0.5, 1.0] {
+                            let ctx =
+                                format!("{name} {dtype} [{rows}, {cols}] {axis:?} {norm:?} s={s}");
+                            let (out, mask, zeros) =
+                                prune::prune_lines(dev, &t.view(), axis, s, norm).unwrap();
+                            assert_eq!(mask, lines_brute_force(&t, axis, s, norm), "{ctx}");
+                            let o = out.raw_bits();
+                            let i = t.raw_bits();
+                            for (e, (&a, &b)) in o.iter().zip(&i).enumerate() {
+                                let l = if axis == prune::Axis::Rows {
+                                    e / cols
+                                } else {
+                                    e % cols
+                                };
+                                assert_eq!(a, if mask[l] { 0 } else { b }, "{ctx} element {e}");
+                            }
+                            assert_eq!(
+                                zeros as usize,
+                                out.to_f32_vec().iter().filter(|x| **x == 0.0).count(),
+                                "{ctx}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn structured_needs_a_matrix_and_a_fraction() {
+    let v = tensor(DType::F32, &[4], &[1.0; 4]);
+    let m = tensor(DType::F32, &[2, 2], &[1.0; 4]);
+    assert!(matches!(
+        prune::prune_lines(
+            &Device::Cpu,
+            &v.view(),
+            prune::Axis::Rows,
+            0.5,
+            NeuronNorm::L2
+        ),
+        Err(Error::Input(_))
+    ));
+    for s in [-0.5, 1.01, f64::NAN] {
+        assert!(matches!(
+            prune::prune_lines(
+                &Device::Cpu,
+                &m.view(),
+                prune::Axis::Cols,
+                s,
+                NeuronNorm::L2
+            ),
+            Err(Error::Input(_))
+        ));
     }
 }

@@ -26,6 +26,7 @@ pub(crate) enum Kernel {
     KeyHist,
     CutApply,
     NmPrune,
+    ColStats,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -55,7 +56,7 @@ impl Kernel {
     fn family(self) -> Family {
         match self {
             Kernel::Threshold | Kernel::ZeroRows => Family::Prune,
-            Kernel::RowStats | Kernel::TensorStats => Family::Reduce,
+            Kernel::RowStats | Kernel::TensorStats | Kernel::ColStats => Family::Reduce,
             Kernel::QuantizeI8 | Kernel::DequantizeI8 | Kernel::Convert => Family::Quantize,
             Kernel::OffsetScalar | Kernel::OffsetTensor => Family::Transfer,
             Kernel::Mix | Kernel::MixRows => Family::Mix,
@@ -79,6 +80,7 @@ impl Kernel {
             Kernel::KeyHist => "key_hist",
             Kernel::CutApply => "cut_apply",
             Kernel::NmPrune => "nm_prune",
+            Kernel::ColStats => "col_stats",
         }
     }
 }

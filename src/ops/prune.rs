@@ -11,11 +11,8 @@
 //!   vector: each element is its own neuron, so the rule is elementwise.
 
 use super::codec::{with_codec, Codec};
-use super::reduce::{row_figures, row_stats};
-use super::{
-    check_row_len, chunk_elems, chunk_rows, chunks, cpu_map, params, row_vector_bytes_per_elem,
-    u32_at,
-};
+use super::reduce::{row_figures, row_stats, RowStats};
+use super::{check_row_len, chunk_elems, chunk_rows, chunks, cpu_map, params, u32_at};
 use crate::device::{Chunk, Device, Gpu, Kernel, StreamLayout};
 use crate::error::{Error, Result};
 use crate::tensor::{Tensor, TensorRef};
@@ -44,10 +41,19 @@ impl PruneStats {
 /// How a neuron's magnitude is measured.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum NeuronNorm {
+    /// Σ |w|
+    L1,
     /// √Σ w²
     L2,
     /// max |w|
     Max,
+}
+
+/// Rows (output neurons) or columns (input features) of the matrix view.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Axis {
+    Rows,
+    Cols,
 }
 
 /// What a neuron prune did.
@@ -173,10 +179,11 @@ pub fn prune_neurons(
 }
 
 /// The reference decision for a row from its figures.
-fn row_is_pruned(sumsq: f64, max_bits: u32, tau: f32, tau_bits: u32, norm: NeuronNorm) -> bool {
+fn row_is_pruned(fig: (f64, f64, u32), tau: f32, tau_bits: u32, norm: NeuronNorm) -> bool {
     match norm {
-        NeuronNorm::L2 => sumsq.sqrt() < tau as f64,
-        NeuronNorm::Max => max_bits < tau_bits,
+        NeuronNorm::L1 => fig.1 < tau as f64,
+        NeuronNorm::L2 => fig.0.sqrt() < tau as f64,
+        NeuronNorm::Max => fig.2 < tau_bits,
     }
 }
 
@@ -186,22 +193,32 @@ fn row_is_pruned(sumsq: f64, max_bits: u32, tau: f32, tau_bits: u32, norm: Neuro
 pub fn neuron_mask(dev: &Device, t: &TensorRef, tau: f32, norm: NeuronNorm) -> Result<Vec<bool>> {
     let tau_bits = check_tau(tau)?;
     let st = row_stats(dev, t)?;
-    let t2 = (tau as f64) * (tau as f64);
+    // The decision in the measure's own terms: Σw² against τ², Σ|w| against τ.
+    let (cut, measure): (f64, fn(&RowStats, usize) -> f64) = match norm {
+        NeuronNorm::L2 => ((tau as f64) * (tau as f64), |s, r| s.sumsq[r]),
+        NeuronNorm::L1 => (tau as f64, |s, r| s.sumabs[r]),
+        NeuronNorm::Max => (0.0, |_, _| 0.0),
+    };
     let mut referred = 0usize;
     let mask = (0..st.sumsq.len())
         .map(|r| {
-            let (s, mx) = (st.sumsq[r], st.max_abs_bits[r]);
-            let close = norm == NeuronNorm::L2
-                && st.approximate
-                && (!s.is_finite() || mx >= 0x7f80_0000 || (s - t2).abs() <= st.sumsq_bound(r));
+            if norm == NeuronNorm::Max || !st.approximate {
+                return row_is_pruned(
+                    (st.sumsq[r], st.sumabs[r], st.max_abs_bits[r]),
+                    tau,
+                    tau_bits,
+                    norm,
+                );
+            }
+            let v = measure(&st, r);
+            let close = !v.is_finite()
+                || st.max_abs_bits[r] >= 0x7f80_0000
+                || (v - cut).abs() <= st.bound(v);
             if close {
                 referred += 1;
-                let (s, _, mx) = row_figures(t, r);
-                row_is_pruned(s, mx, tau, tau_bits, norm)
-            } else if st.approximate && norm == NeuronNorm::L2 {
-                s < t2
+                row_is_pruned(row_figures(t, r), tau, tau_bits, norm)
             } else {
-                row_is_pruned(s, mx, tau, tau_bits, norm)
+                v < cut
             }
         })
         .collect();
@@ -211,30 +228,163 @@ pub fn neuron_mask(dev: &Device, t: &TensorRef, tau: f32, norm: NeuronNorm) -> R
     Ok(mask)
 }
 
+/// The lines (rows or columns) to zero so that exactly round_ties_even(s·n)
+/// of the n lines go, those with the smallest norm first, ties to the lower
+/// index (PyTorch ln_structured's count, with a deterministic choice).
+///
+/// Identical on every device: each line's GPU norm comes with an error
+/// bound; lines whose interval is certainly inside or outside the k
+/// smallest are decided by it, and the rest by their exact (CPU reference)
+/// values, ranked by (value, index).
+pub fn line_mask(
+    dev: &Device,
+    t: &TensorRef,
+    axis: Axis,
+    s: f64,
+    norm: NeuronNorm,
+) -> Result<Vec<bool>> {
+    t.check_float("structured prune")?;
+    super::select::check_sparsity(s)?;
+    if t.shape.len() < 2 {
+        return Err(Error::input(format!(
+            "structured pruning needs a tensor of rank ≥ 2, got shape {:?}",
+            t.shape
+        )));
+    }
+    let st = match axis {
+        Axis::Rows => row_stats(dev, t)?,
+        Axis::Cols => super::reduce::col_stats(dev, t)?,
+    };
+    let n = st.sumsq.len();
+    let k = super::select::count_for(s, n as u64) as usize;
+    // The ranked quantity: Σw² for L2 (same order as its root), Σ|w|, or
+    // the bits of max |w| (exact everywhere).
+    let value = |fig: (f64, f64, u32)| match norm {
+        NeuronNorm::L2 => fig.0,
+        NeuronNorm::L1 => fig.1,
+        NeuronNorm::Max => fig.2 as f64,
+    };
+    let exact = |i: usize| {
+        value(match axis {
+            Axis::Rows => row_figures(t, i),
+            Axis::Cols => super::reduce::col_figures(t, i),
+        })
+    };
+    let approx = st.approximate && norm != NeuronNorm::Max;
+    let bounds: Vec<(f64, f64)> = (0..n)
+        .map(|i| {
+            let v = value((st.sumsq[i], st.sumabs[i], st.max_abs_bits[i]));
+            if !approx {
+                (v, v)
+            } else if !v.is_finite() || st.max_abs_bits[i] >= 0x7f80_0000 {
+                (f64::NEG_INFINITY, f64::INFINITY)
+            } else {
+                let b = st.bound(v);
+                (v - b, v + b)
+            }
+        })
+        .collect();
+    let mut lowers: Vec<f64> = bounds.iter().map(|b| b.0).collect();
+    let mut uppers: Vec<f64> = bounds.iter().map(|b| b.1).collect();
+    lowers.sort_by(f64::total_cmp);
+    uppers.sort_by(f64::total_cmp);
+    let mut mask = vec![false; n];
+    let mut open: Vec<(f64, usize)> = Vec::new();
+    let mut certain = 0;
+    for (i, &(lo, hi)) in bounds.iter().enumerate() {
+        // Lines whose lower end is ≤ my upper end: all that may rank at or
+        // below me (myself included). Lines wholly below me: certainly smaller.
+        let may_be_below = lowers.partition_point(|&x| x <= hi);
+        let surely_below = uppers.partition_point(|&x| x < lo);
+        if approx && may_be_below <= k {
+            mask[i] = true;
+            certain += 1;
+        } else if approx && surely_below >= k {
+            // certainly kept
+        } else {
+            open.push((if approx { exact(i) } else { bounds[i].0 }, i));
+        }
+    }
+    open.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+    for &(_, i) in open.iter().take(k.saturating_sub(certain)) {
+        mask[i] = true;
+    }
+    Ok(mask)
+}
+
+/// Zeroes exactly round_ties_even(s·n) of the n rows or columns, smallest
+/// norm first (see `line_mask`). Returns the result, the mask and its zeros.
+pub fn prune_lines(
+    dev: &Device,
+    t: &TensorRef,
+    axis: Axis,
+    s: f64,
+    norm: NeuronNorm,
+) -> Result<(Tensor, Vec<bool>, u64)> {
+    let mask = line_mask(dev, t, axis, s, norm)?;
+    let (out, zeros) = match axis {
+        Axis::Rows => zero_rows(dev, t, &mask)?,
+        Axis::Cols => zero_cols(dev, t, &mask)?,
+    };
+    Ok((out, mask, zeros))
+}
+
+/// Zeroes the columns named by `mask` (one entry per column of the matrix
+/// view). Returns the result and its count of zeros.
+pub fn zero_cols(dev: &Device, t: &TensorRef, mask: &[bool]) -> Result<(Tensor, u64)> {
+    zero_lines(dev, t, mask, Axis::Cols)
+}
+
 /// Zeroes the rows named by `mask` (one entry per row of the matrix view).
 /// Returns the result and its count of zeros.
 pub fn zero_rows(dev: &Device, t: &TensorRef, mask: &[bool]) -> Result<(Tensor, u64)> {
-    t.check_float("zero rows")?;
+    zero_lines(dev, t, mask, Axis::Rows)
+}
+
+fn zero_lines(dev: &Device, t: &TensorRef, mask: &[bool], axis: Axis) -> Result<(Tensor, u64)> {
+    t.check_float("zero rows or columns")?;
     let (rows, row_len) = t.rows();
-    if mask.len() != rows {
+    let lines = if axis == Axis::Rows { rows } else { row_len };
+    if mask.len() != lines {
         return Err(Error::input(format!(
-            "row mask has {} entries for {rows} rows",
-            mask.len()
+            "mask has {} entries for {lines} {}",
+            mask.len(),
+            if axis == Axis::Rows {
+                "rows"
+            } else {
+                "columns"
+            }
         )));
     }
+    let line_of = |i: usize| {
+        if axis == Axis::Rows {
+            i / row_len
+        } else {
+            i % row_len
+        }
+    };
     match dev {
         Device::Cpu => {
             let (out, [zeros]) = with_codec!(t.dtype, C => cpu_map::<C, C, 1>(t, t.dtype, |i, raw| {
-                let kept = if mask[i / row_len] { 0 } else { raw };
+                let kept = if mask[line_of(i)] { 0 } else { raw };
                 (kept, [(C::to_f32(kept).to_bits() & 0x7fff_ffff == 0) as u64])
             }));
             Ok((out, zeros))
         }
-        Device::Gpu(g) => zero_rows_gpu(g, t, mask),
+        Device::Gpu(g) => zero_lines_gpu(g, t, mask, axis),
     }
 }
 
-fn zero_rows_gpu(g: &Gpu, t: &TensorRef, mask: &[bool]) -> Result<(Tensor, u64)> {
+/// One bit per entry, little-endian within each word.
+fn pack_bits(mask: &[bool]) -> Vec<u32> {
+    let mut w = vec![0u32; mask.len().div_ceil(32).max(1)];
+    for (i, &m) in mask.iter().enumerate() {
+        w[i / 32] |= (m as u32) << (i % 32);
+    }
+    w
+}
+
+fn zero_lines_gpu(g: &Gpu, t: &TensorRef, mask: &[bool], axis: Axis) -> Result<(Tensor, u64)> {
     let n = t.numel();
     let es = t.dtype.size();
     let (_, row_len) = t.rows();
@@ -244,22 +394,40 @@ fn zero_rows_gpu(g: &Gpu, t: &TensorRef, mask: &[bool]) -> Result<(Tensor, u64)>
         return Ok((out, 0));
     }
     check_row_len(row_len)?;
-    let words: Vec<u32> = mask.iter().map(|&m| m as u32).collect();
-    let ce = chunk_elems(g, n, (es as f64).max(row_vector_bytes_per_elem(row_len)), 8)?;
+    let by_col = axis == Axis::Cols;
+    // One bit per line. Rows: the rows a chunk touches, packed per chunk.
+    // Columns: all of them, packed once.
+    let col_bits = if by_col { pack_bits(mask) } else { Vec::new() };
+    let (ce, mask_words) = if by_col {
+        let ce = chunk_elems(g, n, es as f64, (col_bits.len() * 4) as u64)?;
+        (ce, col_bits.len())
+    } else {
+        let ce = chunk_elems(g, n, es as f64, 16)?;
+        (ce, (ce / row_len + 2).div_ceil(32))
+    };
     let layout = StreamLayout {
-        inputs: vec![(ce * es) as u64, ((ce / row_len + 2) * 4) as u64],
+        inputs: vec![(ce * es) as u64, (mask_words * 4) as u64],
         outputs: vec![((ce * es) as u64, false), (4, true)],
     };
     let pipeline = g.ctx.pipeline(Kernel::ZeroRows, t.dtype.shader_code(), 0)?;
     let ranges: Vec<_> = chunks(n, ce).collect();
     let jobs = ranges.iter().map(|r| {
         let cr = chunk_rows(r, row_len);
+        let lines: crate::device::Input = if by_col {
+            bytemuck::cast_slice(&col_bits[..]).into()
+        } else {
+            bytemuck::cast_slice(&pack_bits(&mask[cr.first_row..cr.first_row + cr.rows]))
+                .to_vec()
+                .into()
+        };
         Chunk {
-            params: params(&[r.len() as u32, row_len as u32, cr.col0 as u32, 0]),
-            inputs: vec![
-                (&t.data[r.start * es..r.end * es]).into(),
-                bytemuck::cast_slice(&words[cr.first_row..cr.first_row + cr.rows]).into(),
-            ],
+            params: params(&[
+                r.len() as u32,
+                row_len as u32,
+                cr.col0 as u32,
+                by_col as u32,
+            ]),
+            inputs: vec![(&t.data[r.start * es..r.end * es]).into(), lines],
             read: vec![(r.len() * es) as u64, 4],
             workgroups: g.ctx.workgroups_for((r.len() * es).div_ceil(4) as u64),
         }

@@ -30,21 +30,32 @@ pub struct RowStats {
     pub max_abs_bits: Vec<u32>,
     /// Whether the sums came from the GPU (and so are approximate).
     pub approximate: bool,
+    /// Relative error bound of the sums when approximate: each f32 square
+    /// and addition rounds once (2^-24) over at most `steps` sequential
+    /// additions, with a safety factor of two.
+    pub rel_err: f64,
 }
 
 impl RowStats {
-    /// A bound on |sumsq[r] - exact Σ w²| when the sums are approximate:
-    /// each f32 square and addition rounds once (relative 2^-24) over at most
-    /// PIECE_LEN/256 + 8 sequential steps, and a driver may flush subnormal
-    /// squares (2^-126 each). Used with a safety factor of about 2.5.
+    /// A bound on |sumsq[r] - exact Σ w²| (and on Σ|w|'s error, relative to
+    /// sumabs) when the sums are approximate; a driver may also flush
+    /// subnormal terms (2^-126 each).
     pub fn sumsq_bound(&self, r: usize) -> f64 {
+        self.bound(self.sumsq[r])
+    }
+
+    pub fn bound(&self, value: f64) -> f64 {
         if !self.approximate {
             return 0.0;
         }
-        let rel = 64.0 * 2f64.powi(-24);
         let abs = (self.row_len as f64 + 1.0) * 2f64.powi(-125);
-        rel * self.sumsq[r].abs() + abs
+        self.rel_err * value.abs() + abs
     }
+}
+
+/// The relative error bound of f32 sums of `steps` sequential terms.
+fn rel_err_of(steps: usize) -> f64 {
+    2.0 * (steps as f64 + 2.0) * 2f64.powi(-24)
 }
 
 /// Whole-tensor figures.
@@ -101,6 +112,7 @@ fn row_stats_cpu(t: &TensorRef) -> RowStats {
         sumabs: figs.iter().map(|f| f.1).collect(),
         max_abs_bits: figs.iter().map(|f| f.2).collect(),
         approximate: false,
+        rel_err: 0.0,
     }
 }
 
@@ -112,6 +124,8 @@ fn row_stats_gpu(g: &Gpu, t: &TensorRef) -> Result<RowStats> {
         sumabs: vec![0.0; rows],
         max_abs_bits: vec![0; rows],
         approximate: true,
+        // Each thread adds PIECE_LEN/256 terms, then a tree of 8 levels.
+        rel_err: rel_err_of(PIECE_LEN / 256 + 8),
     };
     let n = t.numel();
     if n == 0 {
@@ -168,6 +182,128 @@ fn row_stats_gpu(g: &Gpu, t: &TensorRef) -> Result<RowStats> {
             st.sumsq[row] += f32_at(outs[0], p) as f64;
             st.sumabs[row] += f32_at(outs[1], p) as f64;
             st.max_abs_bits[row] = st.max_abs_bits[row].max(u32_at(outs[2], p));
+        }
+        Ok(())
+    })?;
+    Ok(st)
+}
+
+/// Per-column Σw², Σ|w| and max |w| (columns of the (shape[0], rest) view),
+/// as `RowStats` whose "rows" are the columns.
+pub fn col_stats(dev: &Device, t: &TensorRef) -> Result<RowStats> {
+    t.check_float("column statistics")?;
+    match dev {
+        Device::Cpu => Ok(col_stats_cpu(t)),
+        Device::Gpu(g) => col_stats_gpu(g, t),
+    }
+}
+
+/// The CPU reference for one column: sequential f64 sums down the rows.
+pub(crate) fn col_figures(t: &TensorRef, c: usize) -> (f64, f64, u32) {
+    let (rows, cols) = t.rows();
+    let (mut sq, mut ab, mut mx) = (0f64, 0f64, 0u32);
+    with_codec!(t.dtype, C => for r in 0..rows {
+        let b = C::to_f32(C::read(t.data, r * cols + c)).to_bits();
+        let x = f32::from_bits(b) as f64;
+        sq += x * x;
+        ab += x.abs();
+        mx = mx.max(b & 0x7fff_ffff);
+    });
+    (sq, ab, mx)
+}
+
+fn col_stats_cpu(t: &TensorRef) -> RowStats {
+    let (rows, cols) = t.rows();
+    // Row-major: walk rows in order, columns in parallel blocks.
+    let block = 4096;
+    let parts: Vec<Vec<(f64, f64, u32)>> = with_codec!(t.dtype, C => (0..cols.div_ceil(block))
+        .into_par_iter()
+        .map(|b| {
+            let cs = b * block..((b + 1) * block).min(cols);
+            let mut acc = vec![(0f64, 0f64, 0u32); cs.len()];
+            for r in 0..rows {
+                for (j, c) in cs.clone().enumerate() {
+                    let bits = C::to_f32(C::read(t.data, r * cols + c)).to_bits();
+                    let x = f32::from_bits(bits) as f64;
+                    acc[j].0 += x * x;
+                    acc[j].1 += x.abs();
+                    acc[j].2 = acc[j].2.max(bits & 0x7fff_ffff);
+                }
+            }
+            acc
+        })
+        .collect());
+    let figs: Vec<_> = parts.into_iter().flatten().collect();
+    RowStats {
+        row_len: rows,
+        sumsq: figs.iter().map(|f| f.0).collect(),
+        sumabs: figs.iter().map(|f| f.1).collect(),
+        max_abs_bits: figs.iter().map(|f| f.2).collect(),
+        approximate: false,
+        rel_err: 0.0,
+    }
+}
+
+fn col_stats_gpu(g: &Gpu, t: &TensorRef) -> Result<RowStats> {
+    let (rows, cols) = t.rows();
+    let es = t.dtype.size();
+    let ce = chunk_elems(g, rows * cols, es as f64, 0)?;
+    let tile_cols = cols.clamp(1, ce);
+    let tile_rows = (ce / tile_cols).clamp(1, rows.max(1));
+    let mut st = RowStats {
+        row_len: rows,
+        sumsq: vec![0.0; cols],
+        sumabs: vec![0.0; cols],
+        max_abs_bits: vec![0; cols],
+        approximate: true,
+        // Each invocation adds a tile's rows in sequence; tiles add in f64.
+        rel_err: rel_err_of(tile_rows),
+    };
+    if rows == 0 || cols == 0 {
+        return Ok(st);
+    }
+    let layout = StreamLayout {
+        inputs: vec![(tile_rows * tile_cols * es) as u64],
+        outputs: vec![((tile_cols * 4) as u64, false); 3],
+    };
+    let pipeline = g.ctx.pipeline(Kernel::ColStats, t.dtype.shader_code(), 0)?;
+    let tiles: Vec<(usize, usize, usize, usize)> = (0..cols.div_ceil(tile_cols))
+        .flat_map(|ct| {
+            (0..rows.div_ceil(tile_rows)).map(move |rt| {
+                let (c0, r0) = (ct * tile_cols, rt * tile_rows);
+                (
+                    r0,
+                    (r0 + tile_rows).min(rows),
+                    c0,
+                    (c0 + tile_cols).min(cols),
+                )
+            })
+        })
+        .collect();
+    let jobs = tiles.iter().map(|&(r0, r1, c0, c1)| {
+        let w = c1 - c0;
+        let data: crate::device::Input = if w == cols {
+            (&t.data[r0 * cols * es..r1 * cols * es]).into()
+        } else {
+            let mut v = Vec::with_capacity((r1 - r0) * w * es);
+            for r in r0..r1 {
+                v.extend_from_slice(&t.data[(r * cols + c0) * es..(r * cols + c1) * es]);
+            }
+            v.into()
+        };
+        Chunk {
+            params: params(&[(r1 - r0) as u32, w as u32, 0, 0]),
+            inputs: vec![data],
+            read: vec![(w * 4) as u64; 3],
+            workgroups: g.ctx.workgroups_for(w as u64),
+        }
+    });
+    g.ctx.stream(&pipeline, &layout, jobs, |k, outs| {
+        let (_, _, c0, c1) = tiles[k];
+        for c in c0..c1 {
+            st.sumsq[c] += f32_at(outs[0], c - c0) as f64;
+            st.sumabs[c] += f32_at(outs[1], c - c0) as f64;
+            st.max_abs_bits[c] = st.max_abs_bits[c].max(u32_at(outs[2], c - c0));
         }
         Ok(())
     })?;

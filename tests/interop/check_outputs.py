@@ -213,6 +213,21 @@ for n, (dt, w) in matrices(base).items():
     keep = (rank < 2).reshape(w.shape)
     same(f"pattern/{n}", got[n][1], np.where(keep, w, np.float32(0)))
 
+# prune --rows S / --cols S: exactly round(S·n) rows or columns of smallest
+# norm (float64), ties to the lower index.
+for flag, s_, norm_arg, axis in (("--rows", 0.25, "2", 1), ("--cols", 0.5, "1", 0)):
+    out = os.path.join(WORK, f"structured{flag}")
+    run("prune", os.path.join(demo, "llama"), flag, str(s_), "--norm", norm_arg, "-o", out)
+    got, _ = load(out)
+    for n, (dt, w) in matrices(base).items():
+        w64 = w.astype(np.float64)
+        norms = (w64 ** 2).sum(axis=axis) if norm_arg == "2" else np.abs(w64).sum(axis=axis)
+        order = np.lexsort((np.arange(norms.size), norms))
+        drop = np.zeros(norms.size, bool)
+        drop[order[: round(s_ * norms.size)]] = True
+        mask = drop[:, None] if flag == "--rows" else drop[None, :]
+        same(f"structured{flag}/{n}", got[n][1], np.where(mask, np.float32(0), w))
+
 # A single F16 file written by numpy's safetensors: quantize --scale and prune.
 rng = np.random.default_rng(int.from_bytes(os.urandom(4), "little"))
 single = os.path.join(WORK, "single.safetensors")
