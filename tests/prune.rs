@@ -312,13 +312,13 @@ fn structured_fractions_match_the_reference_on_every_device() {
                 let base: Vec<f32> = (0..cols).map(|_| rng.normal() as f32).collect();
                 let mut v = Vec::with_capacity(rows * cols);
                 for r in 0..rows {
-                    for c in 0..cols {
+                    for (c, b) in base.iter().enumerate() {
                         let bump = if r % 3 == 0 {
                             0.0
                         } else {
                             (rng.normal() * 1e-3) as f32
                         };
-                        v.push(base[c] * (1.0 + bump) + if (r + c) % 7 == 0 { 1e-4 } else { 0.0 });
+                        v.push(b * (1.0 + bump) + if (r + c) % 7 == 0 { 1e-4 } else { 0.0 });
                     }
                 }
                 let t = tensor(dtype, &[rows, cols], &v);
