@@ -119,6 +119,12 @@ enum Command {
         /// With --sparsity: one cut across all touched tensors.
         #[arg(long, requires = "sparsity")]
         global: bool,
+        /// Activation norms (Wanda): a safetensors file with, for each weight
+        /// NAME, a 1-D tensor NAME of ‖X_j‖₂ per input feature. With
+        /// --sparsity S, each output row loses exactly round(S·columns)
+        /// weights of smallest |w|·‖X_j‖; with --pattern, runs rank by it.
+        #[arg(long, value_name = "FILE")]
+        scores: Option<PathBuf>,
         /// With --sparsity: S of the weights still non-zero, on top of the zeros
         /// (PyTorch's repeated pruning).
         #[arg(long, requires = "sparsity")]
@@ -380,6 +386,7 @@ fn run(cli: Cli) -> Result<()> {
             pattern_tail,
             sparsity,
             global,
+            scores,
             of_remaining,
             rows,
             cols,
@@ -399,10 +406,26 @@ fn run(cli: Cli) -> Result<()> {
                     "choose one of --threshold T [--rows], --sparsity S, --pattern N:M, --rows S, --cols S",
                 ));
             }
+            let scores = scores
+                .as_deref()
+                .map(crate::jobs::ScoresFile::open)
+                .transpose()?;
+            if scores.is_some()
+                && (threshold.is_some()
+                    || global
+                    || of_remaining
+                    || rows.is_some()
+                    || cols.is_some())
+            {
+                return Err(Error::input(
+                    "--scores goes with --sparsity S (per row) or --pattern N:M only",
+                ));
+            }
             if let Some(p) = pattern {
                 let op = crate::jobs::PatternPrune {
                     pattern: crate::ops::select::Pattern::parse(&p)?,
                     keep_tail: matches!(pattern_tail, TailArg::Keep),
+                    scores,
                 };
                 return job(&op, &[open(&model)?], &common).map(|_| ());
             }
@@ -418,6 +441,10 @@ fn run(cli: Cli) -> Result<()> {
                     s,
                     norm: norm.norm(),
                 };
+                return job(&op, &[open(&model)?], &common).map(|_| ());
+            }
+            if let (Some(s), Some(sc)) = (sparsity, scores) {
+                let op = crate::jobs::Sparsity::with_scores(s, sc)?;
                 return job(&op, &[open(&model)?], &common).map(|_| ());
             }
             if let Some(s) = sparsity {

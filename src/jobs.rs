@@ -64,13 +64,59 @@ impl TensorOp for Prune {
     }
 }
 
+/// Activation norms for activation-aware pruning (Wanda): a safetensors
+/// file holding, for each weight tensor NAME to prune, a 1-D tensor NAME
+/// (F32, F16 or BF16) of ‖X_j‖₂ — the L2 norm of input feature j over the
+/// calibration tokens — one per column of the weight's (shape[0], rest) view.
+pub struct ScoresFile {
+    file: crate::formats::safetensors::SafetensorsFile,
+}
+
+impl ScoresFile {
+    pub fn open(path: &std::path::Path) -> Result<ScoresFile> {
+        Ok(ScoresFile {
+            file: crate::formats::safetensors::SafetensorsFile::open(path)?,
+        })
+    }
+
+    /// The norms for weight tensor `e`, checked; errors name this file.
+    pub fn for_tensor(&self, e: &Entry) -> Result<Vec<f32>> {
+        let bad = |why: String| Error::Format {
+            file: self.file.path.display().to_string(),
+            tensor: e.name.clone(),
+            why,
+        };
+        let se = self
+            .file
+            .find(&e.name)
+            .ok_or_else(|| bad("missing from the scores file".into()))?;
+        let t = self.file.tensor(se).ok_or_else(|| {
+            bad(format!(
+                "scores are {}, expected F32, F16 or BF16",
+                se.dtype
+            ))
+        })?;
+        let cols = matrix_view(&e.shape).1;
+        if se.shape.len() != 1 || se.shape[0] != cols {
+            return Err(bad(format!(
+                "scores of shape {:?}; the weight {:?} needs [{cols}]",
+                se.shape, e.shape
+            )));
+        }
+        let x = t.to_f32_vec();
+        select::check_scores(&x, cols).map_err(|err| bad(err.to_string()))
+    }
+}
+
 /// `prune --sparsity`: exactly round_ties_even(S·n) weights zeroed,
 /// smallest |w| first, ties to the lower index — per tensor, or with one
-/// cut across every touched tensor (`global`).
+/// cut across every touched tensor (`global`), or with activation norms
+/// (`scores`, Wanda) per output row, smallest |w|·‖X_j‖ first.
 pub struct Sparsity {
     pub s: f64,
     pub of_remaining: bool,
     global: Option<GlobalCut>,
+    scores: Option<ScoresFile>,
 }
 
 /// The cut of a global prune and the ties it may still take, spent in the
@@ -91,6 +137,18 @@ impl Sparsity {
             s,
             of_remaining,
             global: None,
+            scores: None,
+        })
+    }
+
+    /// Per output row, by |w|·‖X_j‖₂ (Wanda).
+    pub fn with_scores(s: f64, scores: ScoresFile) -> Result<Sparsity> {
+        select::check_sparsity(s)?;
+        Ok(Sparsity {
+            s,
+            of_remaining: false,
+            global: None,
+            scores: Some(scores),
         })
     }
 
@@ -166,6 +224,7 @@ impl Sparsity {
         Ok(Sparsity {
             s,
             of_remaining,
+            scores: None,
             global: Some(GlobalCut {
                 cut,
                 ties_left: Mutex::new(cut.ties),
@@ -198,6 +257,13 @@ impl TensorOp for Sparsity {
 
     fn apply(&self, dev: &Device, srcs: &[Src], _: &[Model]) -> Result<Applied> {
         let t = srcs[0].tensor()?;
+        if let Some(sc) = &self.scores {
+            let x = sc.for_tensor(srcs[0].entry)?;
+            let (out, zeros) = select::prune_rows_to_sparsity(dev, &t, self.s, Some(&x))?;
+            let mut a = float_out(out);
+            a.note = Some(format!("{zeros} of {} zero", t.numel()));
+            return Ok(a);
+        }
         let (out, st) = match &self.global {
             None => select::prune_to_sparsity(dev, &t, self.s, self.of_remaining)?,
             Some(g) => {
@@ -253,24 +319,43 @@ impl TensorOp for Lines {
     }
 }
 
-/// `prune --pattern N:M`.
+/// `prune --pattern N:M`, by |w| or, with scores, by |w|·‖X_j‖₂.
 pub struct PatternPrune {
     pub pattern: select::Pattern,
     pub keep_tail: bool,
+    pub scores: Option<ScoresFile>,
 }
 
 impl TensorOp for PatternPrune {
     fn describe(&self) -> String {
-        format!("prune to {}:{}", self.pattern.n, self.pattern.m)
+        let by = if self.scores.is_some() {
+            " by |w|·‖X‖"
+        } else {
+            ""
+        };
+        format!("prune to {}:{}{by}", self.pattern.n, self.pattern.m)
+    }
+
+    fn prepare(&self, e: &Entry) -> Result<()> {
+        match &self.scores {
+            Some(sc) => sc.for_tensor(e).map(|_| ()),
+            None => Ok(()),
+        }
     }
 
     fn apply(&self, dev: &Device, srcs: &[Src], _: &[Model]) -> Result<Applied> {
         let t = srcs[0].tensor()?;
+        let x = self
+            .scores
+            .as_ref()
+            .map(|sc| sc.for_tensor(srcs[0].entry))
+            .transpose()?;
         Ok(float_out(select::prune_pattern(
             dev,
             &t,
             self.pattern,
             self.keep_tail,
+            x.as_deref(),
         )?))
     }
 }

@@ -80,6 +80,12 @@ pub trait TensorOp: Sync {
         input.cloned()
     }
 
+    /// Checks, before anything is written, that the operation can run on
+    /// `e` (for example that a scores file has its activation norms).
+    fn prepare(&self, _e: &Entry) -> Result<()> {
+        Ok(())
+    }
+
     /// Computes the outputs of one tensor; `srcs[k]` is the tensor of the
     /// same name in model k.
     fn apply(&self, dev: &Device, srcs: &[Src], models: &[Model]) -> Result<Applied>;
@@ -242,6 +248,7 @@ fn check_models(op: &dyn TensorOp, sel: &Selection, models: &[Model]) -> Result<
         if !sel.chosen(op, e) {
             continue;
         }
+        op.prepare(e).map_err(|err| err.at(&file.path, &e.name))?;
         for m in &models[1..] {
             match m.find(&e.name) {
                 None => {

@@ -571,3 +571,88 @@ fn bad_inputs_are_refused_cleanly() {
         Some("lm_head"),
     );
 }
+
+#[test]
+fn bad_scores_files_are_refused_cleanly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let model = d.join("w.safetensors");
+    small_file(
+        &model,
+        "layer.weight",
+        &[2, 4],
+        &[0.1, -0.2, 0.3, -0.4, 0.5, 0.6, -0.7, 0.8],
+    );
+    let out = d.join("out.safetensors");
+    // Missing the tensor.
+    let missing = d.join("missing-scores.safetensors");
+    small_file(&missing, "other.weight", &[4], &[1.0; 4]);
+    refused(
+        &[
+            "prune",
+            s(&model),
+            "--sparsity",
+            "0.5",
+            "--scores",
+            s(&missing),
+            "-o",
+            s(&out),
+        ],
+        &[&model, &missing],
+        &out,
+        "missing-scores.safetensors",
+        Some("layer.weight"),
+    );
+    // The wrong length.
+    let short = d.join("short-scores.safetensors");
+    small_file(&short, "layer.weight", &[3], &[1.0; 3]);
+    refused(
+        &[
+            "prune",
+            s(&model),
+            "--pattern",
+            "2:4",
+            "--scores",
+            s(&short),
+            "-o",
+            s(&out),
+        ],
+        &[&model, &short],
+        &out,
+        "short-scores.safetensors",
+        Some("layer.weight"),
+    );
+    // Scores with a mode that does not use them.
+    let good = d.join("scores.safetensors");
+    small_file(&good, "layer.weight", &[4], &[1.0, 0.0, 2.0, 0.5]);
+    let (ok, _, err) = run(&[
+        "prune",
+        s(&model),
+        "--threshold",
+        "0.1",
+        "--scores",
+        s(&good),
+        "-o",
+        s(&out),
+    ]);
+    assert!(!ok && err.contains("--scores"), "{err}");
+    // And the good file works: per row, the smallest |w|·x go.
+    let (ok, _, err) = run(&[
+        "prune",
+        s(&model),
+        "--sparsity",
+        "0.5",
+        "--scores",
+        s(&good),
+        "-o",
+        s(&out),
+    ]);
+    assert!(ok, "{err}");
+    let m = Model::open(&out).unwrap();
+    let v = m.shards[0]
+        .tensor(&m.shards[0].entries[0])
+        .unwrap()
+        .to_f32_vec();
+    // Row 0 scores |w|·x = [0.1, 0, 0.6, 0.2]: columns 1 and 0 go.
+    assert_eq!(&v[..4], &[0.0, 0.0, 0.3, -0.4]);
+}

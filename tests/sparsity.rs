@@ -257,8 +257,9 @@ fn nm_patterns_keep_the_n_largest_of_every_m() {
                     }
                     let t = tensor(dtype, &[rows, cols], &tied(&mut rng, rows * cols));
                     let ctx = format!("{name} {dtype} {nk}:{m} [{rows}, {cols}]");
-                    let got = select::prune_pattern(&dev, &t.view(), Pattern { n: nk, m }, false)
-                        .unwrap();
+                    let got =
+                        select::prune_pattern(&dev, &t.view(), Pattern { n: nk, m }, false, None)
+                            .unwrap();
                     assert_identical(&got, &nm_brute_force(&t, nk as usize, m as usize), &ctx);
                     // The invariant itself: at most N non-zero in every run of M.
                     let g = got.to_f32_vec();
@@ -272,13 +273,14 @@ fn nm_patterns_keep_the_n_largest_of_every_m() {
             }
             // Rows not a multiple of M: an error, or a dense tail when asked.
             let t = tensor(dtype, &[6, 10], &tied(&mut rng, 60));
-            let e =
-                select::prune_pattern(&dev, &t.view(), Pattern { n: 2, m: 4 }, false).unwrap_err();
+            let e = select::prune_pattern(&dev, &t.view(), Pattern { n: 2, m: 4 }, false, None)
+                .unwrap_err();
             assert!(
                 matches!(e, Error::Input(ref s) if s.contains("multiple of M")),
                 "{e}"
             );
-            let got = select::prune_pattern(&dev, &t.view(), Pattern { n: 2, m: 4 }, true).unwrap();
+            let got =
+                select::prune_pattern(&dev, &t.view(), Pattern { n: 2, m: 4 }, true, None).unwrap();
             assert_identical(
                 &got,
                 &nm_brute_force(&t, 2, 4),
@@ -301,5 +303,122 @@ fn nm_arguments_are_checked() {
     assert_eq!(Pattern::parse("2:4").unwrap(), Pattern { n: 2, m: 4 });
     for bad in ["5:4", "2:0", "2-4", "a:b", "2:65", ""] {
         assert!(matches!(Pattern::parse(bad), Err(Error::Input(_))), "{bad}");
+    }
+}
+
+/// Per row: sort (key, column) and zero the first k; key = |w| or the
+/// activation-aware score.
+fn rows_brute_force(t: &Tensor, s: f64, scores: Option<&[f32]>) -> Tensor {
+    let (rows, cols) = (t.shape[0], t.shape[1]);
+    let v = t.to_f32_vec();
+    let k = count_for(s, cols as u64) as usize;
+    let mut out = t.clone();
+    for r in 0..rows {
+        let mut keyed: Vec<(u32, usize)> = (0..cols)
+            .map(|j| {
+                let w = v[r * cols + j];
+                (scores.map_or(key(w), |x| select::score_key(w, x[j])), j)
+            })
+            .collect();
+        keyed.sort();
+        for &(_, j) in &keyed[..k] {
+            t.dtype.write_raw_public(&mut out.data, r * cols + j, 0);
+        }
+    }
+    out
+}
+
+#[test]
+fn per_row_sparsity_and_activation_aware_scores() {
+    use modelpress::select::Pattern;
+    let mut rng = Rng::new(seed("wanda"));
+    for (name, dev) in devices() {
+        for dtype in FLOATS {
+            for &(rows, cols) in &[(1, 1), (5, 8), (17, 100), (3, 1000), (64, 12)] {
+                let t = tensor(dtype, &[rows, cols], &tied(&mut rng, rows * cols));
+                // Norms with zeros, repeats and a subnormal.
+                let x: Vec<f32> = (0..cols)
+                    .map(|j| match j % 5 {
+                        0 => 0.0,
+                        1 => 1.0,
+                        2 => 1e-40,
+                        _ => rng.uniform() as f32 * 4.0,
+                    })
+                    .collect();
+                for s in [0.0, 0.3, 0.5, 1.0] {
+                    for sc in [None, Some(&x[..])] {
+                        let ctx = format!(
+                            "{name} {dtype} [{rows}, {cols}] s={s} scores={}",
+                            sc.is_some()
+                        );
+                        let (got, zeros) =
+                            match select::prune_rows_to_sparsity(&dev, &t.view(), s, sc) {
+                                Ok(r) => r,
+                                // Whole rows (and their norms) must fit one chunk;
+                                // the forced tiny chunks cannot hold long rows.
+                                Err(Error::Limit { .. })
+                                    if name.contains("chunks") && cols * 8 > 700 =>
+                                {
+                                    continue
+                                }
+                                Err(e) => panic!("{ctx}: {e}"),
+                            };
+                        assert_identical(&got, &rows_brute_force(&t, s, sc), &ctx);
+                        assert_eq!(
+                            zeros as usize,
+                            got.to_f32_vec().iter().filter(|v| **v == 0.0).count(),
+                            "{ctx}"
+                        );
+                    }
+                }
+                if cols % 4 == 0 {
+                    let got = select::prune_pattern(
+                        &dev,
+                        &t.view(),
+                        Pattern { n: 2, m: 4 },
+                        false,
+                        Some(&x),
+                    )
+                    .unwrap();
+                    let cpu = select::prune_pattern(
+                        &Device::Cpu,
+                        &t.view(),
+                        Pattern { n: 2, m: 4 },
+                        false,
+                        Some(&x),
+                    )
+                    .unwrap();
+                    assert_identical(&got, &cpu, &format!("{name} {dtype} 2:4 by score"));
+                    // By hand: in each run, the 2 largest scores survive.
+                    let v = t.to_f32_vec();
+                    for r in 0..rows {
+                        for g in 0..cols / 4 {
+                            let mut idx: Vec<usize> = (g * 4..g * 4 + 4).collect();
+                            idx.sort_by_key(|&j| {
+                                (
+                                    std::cmp::Reverse(select::score_key(v[r * cols + j], x[j])),
+                                    j,
+                                )
+                            });
+                            for &j in &idx[2..] {
+                                assert_eq!(
+                                    got.to_f32_vec()[r * cols + j].to_bits(),
+                                    0,
+                                    "{name} {dtype} r{r} j{j}"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+            // Bad scores: wrong length, negative, NaN.
+            let t = tensor(dtype, &[2, 4], &[1.0; 8]);
+            for bad in [vec![1.0; 3], vec![1.0, -1.0, 1.0, 1.0], vec![f32::NAN; 4]] {
+                assert!(matches!(
+                    select::prune_rows_to_sparsity(&dev, &t.view(), 0.5, Some(&bad)),
+                    Err(Error::Input(_))
+                ));
+            }
+        }
     }
 }

@@ -27,6 +27,8 @@ pub(crate) enum Kernel {
     CutApply,
     NmPrune,
     ColStats,
+    RowCut,
+    RowCutApply,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -60,7 +62,11 @@ impl Kernel {
             Kernel::QuantizeI8 | Kernel::DequantizeI8 | Kernel::Convert => Family::Quantize,
             Kernel::OffsetScalar | Kernel::OffsetTensor => Family::Transfer,
             Kernel::Mix | Kernel::MixRows => Family::Mix,
-            Kernel::KeyHist | Kernel::CutApply | Kernel::NmPrune => Family::Select,
+            Kernel::KeyHist
+            | Kernel::CutApply
+            | Kernel::NmPrune
+            | Kernel::RowCut
+            | Kernel::RowCutApply => Family::Select,
         }
     }
 
@@ -81,6 +87,8 @@ impl Kernel {
             Kernel::CutApply => "cut_apply",
             Kernel::NmPrune => "nm_prune",
             Kernel::ColStats => "col_stats",
+            Kernel::RowCut => "row_cut",
+            Kernel::RowCutApply => "row_cut_apply",
         }
     }
 }

@@ -380,14 +380,59 @@ impl Pattern {
     }
 }
 
+/// Activation-aware scores (Wanda): one ‖X_j‖₂ per input feature j (column
+/// of the (shape[0], rest) view). Checked (finite, ≥ 0, one per column) and
+/// flushed of subnormals, as the kernels read them.
+pub fn check_scores(x: &[f32], row_len: usize) -> Result<Vec<f32>> {
+    if x.len() != row_len {
+        return Err(Error::input(format!(
+            "{} activation norms for rows of {row_len} weights",
+            x.len()
+        )));
+    }
+    if let Some((j, v)) = x
+        .iter()
+        .enumerate()
+        .find(|(_, v)| !(v.is_finite() && **v >= 0.0))
+    {
+        return Err(Error::input(format!(
+            "activation norm {j} is {v}: norms must be finite and ≥ 0"
+        )));
+    }
+    Ok(x.iter()
+        .map(|v| f32::from_bits(super::flush_subnormal(v.to_bits())))
+        .collect())
+}
+
+/// The key of an activation-aware score |w|·x (mirrors score_key in
+/// select.wgsl): subnormals flushed, one product; a non-finite weight gets
+/// the largest key.
+#[inline(always)]
+pub fn score_key(w: f32, x: f32) -> u32 {
+    let a = super::flush_subnormal(w.to_bits() & 0x7fff_ffff);
+    if a >= 0x7f80_0000 {
+        return 0x7fff_ffff;
+    }
+    super::flush_subnormal((f32::from_bits(a) * x).to_bits()) & 0x7fff_ffff
+}
+
 /// Keeps, in each run of M consecutive weights along each row (of the
-/// (shape[0], rest) view), the N largest |w|, ties to the lower index.
-/// A row whose length is not a multiple of M is an error unless
-/// `keep_tail`, which leaves its last, shorter run dense.
-pub fn prune_pattern(dev: &Device, t: &TensorRef, p: Pattern, keep_tail: bool) -> Result<Tensor> {
+/// (shape[0], rest) view), the N largest |w| — or, with `scores` (one
+/// activation norm per column, see `check_scores`), the N largest |w|·x —
+/// ties to the lower index. A row whose length is not a multiple of M is an
+/// error unless `keep_tail`, which leaves its last, shorter run dense.
+pub fn prune_pattern(
+    dev: &Device,
+    t: &TensorRef,
+    p: Pattern,
+    keep_tail: bool,
+    scores: Option<&[f32]>,
+) -> Result<Tensor> {
     t.check_float("N:M prune")?;
     p.check()?;
     let (_, row_len) = t.rows();
+    let scores = scores.map(|x| check_scores(x, row_len)).transpose()?;
+    let scores = scores.as_deref();
     if row_len % p.m as usize != 0 && !keep_tail {
         return Err(Error::input(format!(
             "rows of {row_len} weights (shape {:?}) are not a multiple of M = {} (--pattern-tail keep leaves the tail dense)",
@@ -396,8 +441,8 @@ pub fn prune_pattern(dev: &Device, t: &TensorRef, p: Pattern, keep_tail: bool) -
     }
     super::check_row_len(row_len)?;
     match dev {
-        Device::Cpu => Ok(pattern_cpu(t, p)),
-        Device::Gpu(g) => pattern_gpu(g, t, p),
+        Device::Cpu => Ok(pattern_cpu(t, p, scores)),
+        Device::Gpu(g) => pattern_gpu(g, t, p, scores),
     }
 }
 
@@ -413,7 +458,7 @@ fn nm_kept(keys: &[u32], e: usize, keep: u32) -> bool {
     rank < keep as usize
 }
 
-fn pattern_cpu(t: &TensorRef, p: Pattern) -> Tensor {
+fn pattern_cpu(t: &TensorRef, p: Pattern, scores: Option<&[f32]>) -> Tensor {
     let (_, row_len) = t.rows();
     let mut out = t.to_owned();
     if row_len == 0 {
@@ -428,7 +473,11 @@ fn pattern_cpu(t: &TensorRef, p: Pattern) -> Tensor {
                 break; // the tail stays dense
             }
             for (j, k) in keys[..m].iter_mut().enumerate() {
-                *k = key(C::to_f32(C::read(t.data, base + g0 + j)));
+                let w = C::to_f32(C::read(t.data, base + g0 + j));
+                *k = match scores {
+                    Some(x) => score_key(w, x[g0 + j]),
+                    None => key(w),
+                };
             }
             for j in 0..m {
                 if !nm_kept(&keys[..m], j, p.n) {
@@ -440,7 +489,7 @@ fn pattern_cpu(t: &TensorRef, p: Pattern) -> Tensor {
     out
 }
 
-fn pattern_gpu(g: &Gpu, t: &TensorRef, p: Pattern) -> Result<Tensor> {
+fn pattern_gpu(g: &Gpu, t: &TensorRef, p: Pattern, scores: Option<&[f32]>) -> Result<Tensor> {
     let n = t.numel();
     let es = t.dtype.size();
     let (_, row_len) = t.rows();
@@ -470,15 +519,38 @@ fn pattern_gpu(g: &Gpu, t: &TensorRef, p: Pattern) -> Result<Tensor> {
     }
     let cap = plan.iter().map(|c| c.1).max().unwrap_or(0);
     let layout = StreamLayout {
-        inputs: vec![(cap * es) as u64],
+        inputs: vec![(cap * es) as u64, (row_len.min(cap).max(1) * 4) as u64],
         outputs: vec![((cap * es) as u64, false)],
     };
     let pipeline = g.ctx.pipeline(Kernel::NmPrune, t.dtype.shader_code(), 0)?;
-    let jobs = plan.iter().map(|&(start, len, seg)| Chunk {
-        params: params(&[len as u32, seg as u32, p.m, p.n]),
-        inputs: vec![(&t.data[start * es..(start + len) * es]).into()],
-        read: vec![(len * es) as u64],
-        workgroups: g.ctx.workgroups_for((len * es).div_ceil(4) as u64),
+    let none = [0f32];
+    let jobs = plan.iter().map(|&(start, len, seg)| {
+        // The activation norms of the segment's columns.
+        let x: &[f32] = match scores {
+            Some(x) => {
+                let c0 = start % row_len;
+                &x[c0..c0 + seg]
+            }
+            None => &none,
+        };
+        Chunk {
+            params: params(&[
+                len as u32,
+                seg as u32,
+                p.m,
+                p.n,
+                scores.is_some() as u32,
+                0,
+                0,
+                0,
+            ]),
+            inputs: vec![
+                (&t.data[start * es..(start + len) * es]).into(),
+                bytemuck::cast_slice(x).into(),
+            ],
+            read: vec![(len * es) as u64],
+            workgroups: g.ctx.workgroups_for((len * es).div_ceil(4) as u64),
+        }
     });
     g.ctx.stream(&pipeline, &layout, jobs, |k, outs| {
         let (start, len, _) = plan[k];
@@ -486,4 +558,171 @@ fn pattern_gpu(g: &Gpu, t: &TensorRef, p: Pattern) -> Result<Tensor> {
         Ok(())
     })?;
     Ok(out)
+}
+
+/// Zeroes, in each row (of the (shape[0], rest) view), exactly
+/// round_ties_even(s·row length) weights: the smallest |w| — or, with
+/// `scores`, the smallest |w|·x (Wanda) — ties to the lower index. Returns
+/// the result and its zeros.
+pub fn prune_rows_to_sparsity(
+    dev: &Device,
+    t: &TensorRef,
+    s: f64,
+    scores: Option<&[f32]>,
+) -> Result<(Tensor, u64)> {
+    t.check_float("per-row sparsity prune")?;
+    check_sparsity(s)?;
+    let (_, row_len) = t.rows();
+    let scores = scores.map(|x| check_scores(x, row_len)).transpose()?;
+    let k = count_for(s, row_len as u64) as usize;
+    match dev {
+        Device::Cpu => Ok(rows_cpu(t, k, scores.as_deref())),
+        Device::Gpu(g) => rows_gpu(g, t, k, scores.as_deref()),
+    }
+}
+
+fn rows_cpu(t: &TensorRef, k: usize, scores: Option<&[f32]>) -> (Tensor, u64) {
+    let (_, row_len) = t.rows();
+    let mut out = t.to_owned();
+    if row_len == 0 {
+        return (out, 0);
+    }
+    let zeros = with_codec!(t.dtype, C => out.data.par_chunks_mut(row_len * C::SIZE).enumerate().map(|(r, ob)| {
+        let mut keyed: Vec<(u32, usize)> = (0..row_len)
+            .map(|j| {
+                let w = C::to_f32(C::read(t.data, r * row_len + j));
+                (match scores { Some(x) => score_key(w, x[j]), None => key(w) }, j)
+            })
+            .collect();
+        keyed.sort_unstable();
+        for &(_, j) in &keyed[..k] {
+            C::write(ob, j, 0);
+        }
+        (0..row_len).filter(|&j| C::to_f32(C::read(ob, j)) == 0.0).count() as u64
+    }).sum());
+    (out, zeros)
+}
+
+fn rows_gpu(g: &Gpu, t: &TensorRef, k: usize, scores: Option<&[f32]>) -> Result<(Tensor, u64)> {
+    let n = t.numel();
+    let es = t.dtype.size();
+    let (rows, row_len) = t.rows();
+    let mut out = Tensor::zeros(t.dtype, t.shape);
+    if n == 0 {
+        return Ok((out, 0));
+    }
+    // Whole rows per chunk: each row's cut needs the whole row.
+    let ce = chunk_elems(g, n, 4.0f64.max(es as f64), (row_len * 4) as u64)?;
+    if row_len > ce {
+        return Err(Error::Limit {
+            what: "row length for per-row selection (elements per chunk)",
+            asked: row_len as u64,
+            max: ce as u64,
+        });
+    }
+    let rows_per = ce / row_len;
+    let plan: Vec<(usize, usize)> = (0..rows)
+        .step_by(rows_per)
+        .map(|r0| (r0, (r0 + rows_per).min(rows)))
+        .collect();
+    let none = [0f32];
+    let x: &[f32] = scores.unwrap_or(&none);
+    let use_scores = scores.is_some() as u32;
+    // Pass 1: each row's cut.
+    let mut cuts = vec![0u32; 3 * rows];
+    let layout = StreamLayout {
+        inputs: vec![(rows_per * row_len * es) as u64, (x.len() * 4) as u64],
+        outputs: vec![((3 * rows_per * 4) as u64, false)],
+    };
+    let pipeline = g.ctx.pipeline(Kernel::RowCut, t.dtype.shader_code(), 0)?;
+    let jobs = plan.iter().map(|&(r0, r1)| Chunk {
+        params: params(&[
+            ((r1 - r0) * row_len) as u32,
+            row_len as u32,
+            k as u32,
+            use_scores,
+        ]),
+        inputs: vec![
+            (&t.data[r0 * row_len * es..r1 * row_len * es]).into(),
+            bytemuck::cast_slice(x).into(),
+        ],
+        read: vec![(3 * (r1 - r0) * 4) as u64],
+        workgroups: ((r1 - r0) as u32).min(g.ctx.limits.max_compute_workgroups_per_dimension),
+    });
+    g.ctx.stream(&pipeline, &layout, jobs, |c, outs| {
+        let (r0, r1) = plan[c];
+        for i in 0..3 * (r1 - r0) {
+            cuts[3 * r0 + i] = u32_at(outs[0], i);
+        }
+        Ok(())
+    })?;
+    // Pass 2: apply; ties of rows that prune only some of theirs come back
+    // listed, and the lowest-index ones are pruned here.
+    let layout = StreamLayout {
+        inputs: vec![
+            (rows_per * row_len * es) as u64,
+            (x.len() * 4) as u64,
+            (3 * rows_per * 4) as u64,
+        ],
+        outputs: vec![
+            ((rows_per * row_len * es) as u64, false),
+            ((rows_per * row_len * 4) as u64, false),
+            (8, true),
+        ],
+    };
+    let pipeline = g
+        .ctx
+        .pipeline(Kernel::RowCutApply, t.dtype.shader_code(), 0)?;
+    let listed_max: Vec<u64> = plan
+        .iter()
+        .map(|&(r0, r1)| {
+            (r0..r1)
+                .filter(|&r| cuts[3 * r + 1] > 0 && cuts[3 * r + 1] < cuts[3 * r + 2])
+                .map(|r| cuts[3 * r + 2] as u64)
+                .sum()
+        })
+        .collect();
+    let jobs = plan.iter().enumerate().map(|(c, &(r0, r1))| Chunk {
+        params: params(&[((r1 - r0) * row_len) as u32, row_len as u32, use_scores, 0]),
+        inputs: vec![
+            (&t.data[r0 * row_len * es..r1 * row_len * es]).into(),
+            bytemuck::cast_slice(x).into(),
+            bytemuck::cast_slice(&cuts[3 * r0..3 * r1]).into(),
+        ],
+        read: vec![((r1 - r0) * row_len * es) as u64, listed_max[c] * 4, 8],
+        workgroups: g
+            .ctx
+            .workgroups_for(((r1 - r0) * row_len * es).div_ceil(4) as u64),
+    });
+    let mut zeros = 0u64;
+    let dt = t.dtype;
+    g.ctx.stream(&pipeline, &layout, jobs, |c, outs| {
+        let (r0, r1) = plan[c];
+        let o = &mut out.data[r0 * row_len * es..r1 * row_len * es];
+        o.copy_from_slice(outs[0]);
+        zeros += u32_at(outs[2], 1) as u64;
+        let listed = u32_at(outs[2], 0) as usize;
+        let mut ties: Vec<u32> = (0..listed).map(|i| u32_at(outs[1], i)).collect();
+        ties.sort_unstable();
+        let mut taken_in_row = 0u32;
+        let mut row = usize::MAX;
+        for &e in &ties {
+            let r = e as usize / row_len;
+            if r != row {
+                row = r;
+                taken_in_row = 0;
+            }
+            let budget = cuts[3 * (r0 + r) + 1];
+            let raw = dt.read_raw(o, e as usize);
+            if taken_in_row < budget {
+                dt.write_raw(o, e as usize, 0);
+                taken_in_row += 1;
+                zeros += 1;
+            } else {
+                zeros += (dt.raw_to_f32(raw) == 0.0) as u64;
+            }
+        }
+        Ok(())
+    })?;
+    Ok((out, zeros))
 }

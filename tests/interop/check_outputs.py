@@ -113,6 +113,7 @@ def matrices(model):
     return {n: v for n, v in model.items() if v[1].ndim >= 2}
 
 
+rng = np.random.default_rng(int.from_bytes(os.urandom(4), "little"))
 demo = os.path.join(WORK, "demo")
 run("demo", "--keep", demo)
 base, _ = load(os.path.join(demo, "llama"))
@@ -228,8 +229,48 @@ for flag, s_, norm_arg, axis in (("--rows", 0.25, "2", 1), ("--cols", 0.5, "1", 
         mask = drop[:, None] if flag == "--rows" else drop[None, :]
         same(f"structured{flag}/{n}", got[n][1], np.where(mask, np.float32(0), w))
 
+# Activation-aware (Wanda): a scores file from numpy; per row, exactly
+# round(S·columns) smallest |w|·x go; with --pattern 2:4 runs rank by it.
+def flush(a):
+    a = np.asarray(a, np.float32)
+    return np.where(np.abs(a) < np.float32(2.0**-126), np.float32(0), a)
+
+
+def score_keys(w, x):
+    a = flush(np.abs(w))
+    prod = flush(a * x[None, :].astype(np.float32))
+    keys = prod.view(np.uint32) & np.uint32(0x7FFFFFFF)
+    return np.where(np.isfinite(w), keys, np.uint32(0x7FFFFFFF))
+
+
+norms = {n: (np.abs(rng.standard_normal(w.shape[1])) * 3).astype(np.float32) for n, (dt, w) in matrices(base).items()}
+scores_path = os.path.join(WORK, "scores.safetensors")
+save_file(norms, scores_path)
+wanda = os.path.join(WORK, "wanda")
+run("prune", os.path.join(demo, "llama"), "--sparsity", "0.5", "--scores", scores_path, "-o", wanda)
+got, _ = load(wanda)
+for n, (dt, w) in matrices(base).items():
+    keys = score_keys(w, norms[n]).astype(np.int64)
+    k = round(0.5 * w.shape[1])
+    cols = np.arange(w.shape[1])
+    want = w.copy()
+    for r in range(w.shape[0]):
+        order = np.lexsort((cols, keys[r]))
+        want[r, order[:k]] = 0
+    same(f"wanda/{n}", got[n][1], want)
+wanda24 = os.path.join(WORK, "wanda-2-4")
+run("prune", os.path.join(demo, "llama"), "--pattern", "2:4", "--scores", scores_path, "-o", wanda24)
+got, _ = load(wanda24)
+for n, (dt, w) in matrices(base).items():
+    keys = score_keys(w, norms[n]).astype(np.int64).reshape(w.shape[0], -1, 4)
+    pos = np.arange(4)[None, None, :]
+    beats = (keys[..., :, None] > keys[..., None, :]) | (
+        (keys[..., :, None] == keys[..., None, :]) & (pos[..., :, None] < pos[..., None, :])
+    )
+    keep = (beats.sum(axis=-2) < 2).reshape(w.shape)
+    same(f"wanda-2-4/{n}", got[n][1], np.where(keep, w, np.float32(0)))
+
 # A single F16 file written by numpy's safetensors: quantize --scale and prune.
-rng = np.random.default_rng(int.from_bytes(os.urandom(4), "little"))
 single = os.path.join(WORK, "single.safetensors")
 w = (rng.standard_normal((37, 129)) * 0.1).astype(np.float16)
 save_file({"layer.weight": w, "layer.bias": rng.standard_normal(37).astype(np.float16)}, single, metadata={"k": "v"})
