@@ -99,7 +99,7 @@ enum Command {
     /// Zero weights with |w| < T (--threshold), exactly a fraction S of them
     /// (--sparsity), all but N of every M (--pattern), or whole output
     /// neurons (--threshold T --rows).
-    #[command(group(clap::ArgGroup::new("mode").required(true).multiple(true).args(["threshold", "sparsity", "pattern", "rows", "cols"])))]
+    #[command(group(clap::ArgGroup::new("mode").required(true).multiple(true).args(["threshold", "sparsity", "pattern", "rows", "cols", "remove_neurons"])))]
     Prune {
         model: PathBuf,
         #[arg(long, allow_negative_numbers = true)]
@@ -141,6 +141,12 @@ enum Command {
         /// Norm of a row or column.
         #[arg(long, value_enum, default_value = "2")]
         norm: NormArg,
+        /// Physically remove the fraction S of intermediate neurons of every
+        /// MLP block (LLaMA gate/up/down_proj, BERT intermediate/output.dense)
+        /// with the smallest ‖in rows‖·‖out column‖, and rewrite
+        /// intermediate_size in config.json.
+        #[arg(long, value_name = "S")]
+        remove_neurons: Option<f64>,
         #[command(flatten)]
         common: Common,
     },
@@ -391,6 +397,7 @@ fn run(cli: Cli) -> Result<()> {
             rows,
             cols,
             norm,
+            remove_neurons,
             common,
         } => {
             let modes = [
@@ -399,11 +406,12 @@ fn run(cli: Cli) -> Result<()> {
                 pattern.is_some(),
                 matches!(rows, Some(Some(_))),
                 cols.is_some(),
+                remove_neurons.is_some(),
             ];
             let rows_flag = matches!(rows, Some(None));
             if modes.iter().filter(|&&m| m).count() != 1 || (rows_flag && threshold.is_none()) {
                 return Err(Error::input(
-                    "choose one of --threshold T [--rows], --sparsity S, --pattern N:M, --rows S, --cols S",
+                    "choose one of --threshold T [--rows], --sparsity S, --pattern N:M, --rows S, --cols S, --remove-neurons S",
                 ));
             }
             let scores = scores
@@ -420,6 +428,17 @@ fn run(cli: Cli) -> Result<()> {
                 return Err(Error::input(
                     "--scores goes with --sparsity S (per row) or --pattern N:M only",
                 ));
+            }
+            if let Some(frac) = remove_neurons {
+                if !common.include.is_empty() || !common.exclude.is_empty() {
+                    return Err(Error::input(
+                        "--remove-neurons changes whole MLP blocks: --include/--exclude would leave them inconsistent",
+                    ));
+                }
+                let m = open(&model)?;
+                let opts = options(&common)?;
+                let op = crate::neurons::RemoveNeurons::new(&opts.device, &m, frac)?;
+                return job_with(&op, &[m], &common, &opts).map(|_| ());
             }
             if let Some(p) = pattern {
                 let op = crate::jobs::PatternPrune {

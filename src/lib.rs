@@ -29,6 +29,7 @@ pub mod error;
 pub mod formats;
 pub mod inspect;
 pub mod jobs;
+pub mod neurons;
 pub mod ops;
 pub mod pipeline;
 pub mod report;

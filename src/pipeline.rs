@@ -80,6 +80,12 @@ pub trait TensorOp: Sync {
         input.cloned()
     }
 
+    /// New contents for a copied file of a model directory (config.json
+    /// after neurons were removed), or None to copy it as it is.
+    fn rewrite_file(&self, _name: &str, _bytes: &[u8]) -> Result<Option<Vec<u8>>> {
+        Ok(None)
+    }
+
     /// Checks, before anything is written, that the operation can run on
     /// `e` (for example that a scores file has its activation norms).
     fn prepare(&self, _e: &Entry) -> Result<()> {
@@ -367,6 +373,8 @@ pub fn run(op: &dyn TensorOp, models: &[Model], out: &Path, opts: &JobOptions) -
                             shape: e.shape.clone(),
                             dtype_in: e.dtype.clone(),
                             dtypes_out: vec![e.dtype.clone()],
+                            shape_out: None,
+                            removed_l2_rel: None,
                             bytes_in: b,
                             bytes_out: b,
                             zeros: None,
@@ -407,7 +415,7 @@ pub fn run(op: &dyn TensorOp, models: &[Model], out: &Path, opts: &JobOptions) -
         written
     })?;
     progress.finish_and_clear();
-    writer.commit(base)?;
+    writer.commit(base, &|name, bytes| op.rewrite_file(name, bytes))?;
     report.finish_totals(started.elapsed().as_secs_f64());
     Ok(report)
 }
@@ -459,6 +467,11 @@ fn process<'a>(
         shape: e.shape.clone(),
         dtype_in: e.dtype.clone(),
         dtypes_out: outs.iter().map(|o| o.dtype.clone()).collect(),
+        shape_out: outs
+            .first()
+            .filter(|o| o.shape != e.shape)
+            .map(|o| o.shape.clone()),
+        removed_l2_rel: None,
         bytes_in: e.bytes() as u64,
         bytes_out: out_bytes,
         zeros: None,
@@ -469,7 +482,10 @@ fn process<'a>(
         seconds,
         note: applied.note.clone(),
     };
-    if let (Ok(input), Some(approx)) = (src.tensor(), &applied.approx) {
+    if let (Ok(input), Some(approx)) = (
+        src.tensor(),
+        applied.approx.as_ref().filter(|a| a.shape == e.shape),
+    ) {
         let d = diff(&input, &approx.view());
         if d.nonfinite_in > 0 && !opts.allow_nonfinite {
             budget.give(in_bytes + out_bytes);
@@ -486,6 +502,7 @@ fn process<'a>(
         });
         r.max_abs_err = Some(d.max_abs);
         r.rmse = Some(d.rmse);
+        r.removed_l2_rel = Some(d.rel_l2);
         r.nonfinite_in = d.nonfinite_in;
     }
     // The other models' inputs (and the first's, when nothing approximates

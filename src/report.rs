@@ -14,6 +14,13 @@ pub struct TensorReport {
     pub dtype_in: String,
     /// Output tensors written for this one (quantization adds scales).
     pub dtypes_out: Vec<String>,
+    /// The output's shape when the operation changed it (removed neurons).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shape_out: Option<Vec<usize>>,
+    /// ‖out − in‖₂ / ‖in‖₂: how much of the tensor an operation removed or
+    /// changed (for prune, the norm of what was removed, relative).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub removed_l2_rel: Option<f64>,
     pub bytes_in: u64,
     pub bytes_out: u64,
     /// Zeros in the result (touched tensors).
@@ -104,6 +111,8 @@ impl Report {
 pub struct Diff {
     pub max_abs: f64,
     pub rmse: f64,
+    /// ‖approx − input‖₂ / ‖input‖₂ (0 for an all-zero input).
+    pub rel_l2: f64,
     pub zeros: u64,
     pub nonfinite_in: u64,
 }
@@ -111,10 +120,10 @@ pub struct Diff {
 pub fn diff(input: &TensorRef, approx: &TensorRef) -> Diff {
     let n = input.numel();
     let block = 1 << 16;
-    let parts: Vec<(f64, f64, u64, u64)> = (0..n.div_ceil(block))
+    let parts: Vec<(f64, f64, u64, u64, f64)> = (0..n.div_ceil(block))
         .into_par_iter()
         .map(|b| {
-            let (mut mx, mut sq, mut z, mut nf) = (0f64, 0f64, 0u64, 0u64);
+            let (mut mx, mut sq, mut z, mut nf, mut norm) = (0f64, 0f64, 0u64, 0u64, 0f64);
             for i in b * block..((b + 1) * block).min(n) {
                 let x = input.dtype.raw_to_f32(input.dtype.read_raw(input.data, i));
                 let y = approx
@@ -126,20 +135,24 @@ pub fn diff(input: &TensorRef, approx: &TensorRef) -> Diff {
                     continue;
                 }
                 let d = (y as f64 - x as f64).abs();
+                norm += (x as f64) * (x as f64);
                 if d.is_finite() {
                     mx = mx.max(d);
                     sq += d * d;
                 }
             }
-            (mx, sq, z, nf)
+            (mx, sq, z, nf, norm)
         })
         .collect();
-    let (mx, sq, z, nf) = parts.into_iter().fold((0f64, 0f64, 0u64, 0u64), |a, b| {
-        (a.0.max(b.0), a.1 + b.1, a.2 + b.2, a.3 + b.3)
-    });
+    let (mx, sq, z, nf, norm) = parts
+        .into_iter()
+        .fold((0f64, 0f64, 0u64, 0u64, 0f64), |a, b| {
+            (a.0.max(b.0), a.1 + b.1, a.2 + b.2, a.3 + b.3, a.4 + b.4)
+        });
     Diff {
         max_abs: mx,
         rmse: if n > 0 { (sq / n as f64).sqrt() } else { 0.0 },
+        rel_l2: if norm > 0.0 { (sq / norm).sqrt() } else { 0.0 },
         zeros: z,
         nonfinite_in: nf,
     }

@@ -120,6 +120,93 @@ impl LlamaShape {
     }
 }
 
+/// The shape of a BERT-style sample model (encoder with a pooler).
+#[derive(Clone, Copy, Debug)]
+pub struct BertShape {
+    pub hidden: usize,
+    pub intermediate: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub vocab: usize,
+}
+
+impl BertShape {
+    pub const DEMO: BertShape = BertShape {
+        hidden: 128,
+        intermediate: 512,
+        layers: 2,
+        heads: 2,
+        vocab: 1000,
+    };
+
+    /// Tensor names and shapes as `BertModel` names them.
+    pub fn tensors(&self) -> Vec<(String, Vec<usize>)> {
+        let (h, i, v) = (self.hidden, self.intermediate, self.vocab);
+        let e = "bert.embeddings";
+        let mut t = vec![
+            (format!("{e}.word_embeddings.weight"), vec![v, h]),
+            (format!("{e}.position_embeddings.weight"), vec![512, h]),
+            (format!("{e}.token_type_embeddings.weight"), vec![2, h]),
+            (format!("{e}.LayerNorm.weight"), vec![h]),
+            (format!("{e}.LayerNorm.bias"), vec![h]),
+        ];
+        for l in 0..self.layers {
+            let p = format!("bert.encoder.layer.{l}");
+            for x in ["query", "key", "value"] {
+                t.push((format!("{p}.attention.self.{x}.weight"), vec![h, h]));
+                t.push((format!("{p}.attention.self.{x}.bias"), vec![h]));
+            }
+            t.push((format!("{p}.attention.output.dense.weight"), vec![h, h]));
+            t.push((format!("{p}.attention.output.dense.bias"), vec![h]));
+            t.push((format!("{p}.attention.output.LayerNorm.weight"), vec![h]));
+            t.push((format!("{p}.attention.output.LayerNorm.bias"), vec![h]));
+            t.push((format!("{p}.intermediate.dense.weight"), vec![i, h]));
+            t.push((format!("{p}.intermediate.dense.bias"), vec![i]));
+            t.push((format!("{p}.output.dense.weight"), vec![h, i]));
+            t.push((format!("{p}.output.dense.bias"), vec![h]));
+            t.push((format!("{p}.output.LayerNorm.weight"), vec![h]));
+            t.push((format!("{p}.output.LayerNorm.bias"), vec![h]));
+        }
+        t.push(("bert.pooler.dense.weight".into(), vec![h, h]));
+        t.push(("bert.pooler.dense.bias".into(), vec![h]));
+        t
+    }
+}
+
+/// Writes a seeded BERT-shaped model directory (config.json and
+/// `shards` safetensors files, with an index when more than one).
+pub fn write_bert_model(
+    dir: &std::path::Path,
+    shape: BertShape,
+    dtype: DType,
+    shards: usize,
+    seed: u64,
+) -> crate::Result<()> {
+    let config = serde_json::json!({
+        "architectures": ["BertModel"],
+        "model_type": "bert",
+        "hidden_size": shape.hidden,
+        "intermediate_size": shape.intermediate,
+        "num_hidden_layers": shape.layers,
+        "num_attention_heads": shape.heads,
+        "vocab_size": shape.vocab,
+        "max_position_embeddings": 512,
+        "type_vocab_size": 2,
+        "hidden_act": "gelu",
+        "layer_norm_eps": 1e-12,
+        "torch_dtype": torch_dtype(dtype)
+    });
+    write_sample(dir, &shape.tensors(), config, dtype, shards, seed)
+}
+
+fn torch_dtype(dtype: DType) -> &'static str {
+    match dtype {
+        DType::BF16 => "bfloat16",
+        DType::F16 => "float16",
+        _ => "float32",
+    }
+}
+
 /// Writes a seeded LLaMA-shaped model directory: config.json,
 /// generation_config.json, tokenizer_config.json and `shards` safetensors
 /// files (with model.safetensors.index.json when more than one).
@@ -130,17 +217,6 @@ pub fn write_llama_model(
     shards: usize,
     seed: u64,
 ) -> crate::Result<()> {
-    use crate::formats::safetensors::{OutEntry, SafetensorsWriter};
-    let io = |p: &std::path::Path| {
-        let p = p.to_path_buf();
-        move |e| crate::Error::Io { path: p, source: e }
-    };
-    std::fs::create_dir_all(dir).map_err(io(dir))?;
-    let torch_dtype = match dtype {
-        DType::BF16 => "bfloat16",
-        DType::F16 => "float16",
-        _ => "float32",
-    };
     let config = serde_json::json!({
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -154,10 +230,30 @@ pub fn write_llama_model(
         "rms_norm_eps": 1e-5,
         "hidden_act": "silu",
         "tie_word_embeddings": false,
-        "torch_dtype": torch_dtype,
+        "torch_dtype": torch_dtype(dtype),
         "bos_token_id": 1,
         "eos_token_id": 2
     });
+    write_sample(dir, &shape.tensors(), config, dtype, shards, seed)
+}
+
+/// Writes config.json, generation_config.json, tokenizer_config.json and
+/// the tensors (norm weights around 1, other 1-D tensors small, matrices
+/// N(0, 1/columns)) in `shards` files.
+fn write_sample(
+    dir: &std::path::Path,
+    tensors: &[(String, Vec<usize>)],
+    config: serde_json::Value,
+    dtype: DType,
+    shards: usize,
+    seed: u64,
+) -> crate::Result<()> {
+    use crate::formats::safetensors::{OutEntry, SafetensorsWriter};
+    let io = |p: &std::path::Path| {
+        let p = p.to_path_buf();
+        move |e| crate::Error::Io { path: p, source: e }
+    };
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
     let files = [
         ("config.json", config),
         (
@@ -174,7 +270,6 @@ pub fn write_llama_model(
         std::fs::write(&p, serde_json::to_string_pretty(&v).unwrap()).map_err(io(&p))?;
     }
     let mut rng = Rng::new(seed);
-    let tensors = shape.tensors();
     let per_shard = tensors.len().div_ceil(shards.max(1));
     let names: Vec<String> = (0..shards.max(1))
         .map(|k| {

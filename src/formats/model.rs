@@ -337,13 +337,23 @@ impl ModelWriter {
         SafetensorsWriter::create(&path, entries, metadata)
     }
 
-    /// Copies the input's other files and writes the index, then moves the
-    /// output into place.
-    pub fn commit(mut self, model: &Model) -> Result<()> {
+    /// Copies the input's other files (through `rewrite`, which may return
+    /// new contents for a file name, such as a config whose sizes changed)
+    /// and writes the index, then moves the output into place.
+    pub fn commit(
+        mut self,
+        model: &Model,
+        rewrite: &dyn Fn(&str, &[u8]) -> Result<Option<Vec<u8>>>,
+    ) -> Result<()> {
         if self.target.is_dir {
             for f in &model.other_files {
-                let dest = self.staging.join(f.file_name().unwrap());
-                std::fs::copy(f, &dest).map_err(io(f))?;
+                let name = f.file_name().unwrap().to_string_lossy().to_string();
+                let dest = self.staging.join(&name);
+                let bytes = std::fs::read(f).map_err(io(f))?;
+                match rewrite(&name, &bytes).map_err(|e| e.at(f, "-"))? {
+                    Some(new) => std::fs::write(&dest, new).map_err(io(&dest))?,
+                    None => std::fs::copy(f, &dest).map(|_| ()).map_err(io(f))?,
+                }
             }
             if let Some(index) = &model.index {
                 let mut index = index.clone();

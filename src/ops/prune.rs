@@ -284,6 +284,21 @@ pub fn line_mask(
             }
         })
         .collect();
+    Ok(smallest_k(&bounds, k, approx, exact))
+}
+
+/// Which k of n values are the smallest by (exact value, index), where each
+/// value is known as an interval [lo, hi] (a point when `approx` is false).
+/// Values certainly inside or outside the k smallest are decided by their
+/// interval; the rest by `exact(i)`, so the answer equals the reference
+/// whatever the intervals' source.
+pub(crate) fn smallest_k(
+    bounds: &[(f64, f64)],
+    k: usize,
+    approx: bool,
+    exact: impl Fn(usize) -> f64,
+) -> Vec<bool> {
+    let n = bounds.len();
     let mut lowers: Vec<f64> = bounds.iter().map(|b| b.0).collect();
     let mut uppers: Vec<f64> = bounds.iter().map(|b| b.1).collect();
     lowers.sort_by(f64::total_cmp);
@@ -292,24 +307,24 @@ pub fn line_mask(
     let mut open: Vec<(f64, usize)> = Vec::new();
     let mut certain = 0;
     for (i, &(lo, hi)) in bounds.iter().enumerate() {
-        // Lines whose lower end is ≤ my upper end: all that may rank at or
-        // below me (myself included). Lines wholly below me: certainly smaller.
+        // Values whose lower end is ≤ my upper end: all that may rank at or
+        // below me (myself included). Values wholly below me: certainly smaller.
         let may_be_below = lowers.partition_point(|&x| x <= hi);
         let surely_below = uppers.partition_point(|&x| x < lo);
         if approx && may_be_below <= k {
             mask[i] = true;
             certain += 1;
         } else if approx && surely_below >= k {
-            // certainly kept
+            // certainly not among them
         } else {
-            open.push((if approx { exact(i) } else { bounds[i].0 }, i));
+            open.push((if approx { exact(i) } else { lo }, i));
         }
     }
     open.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
     for &(_, i) in open.iter().take(k.saturating_sub(certain)) {
         mask[i] = true;
     }
-    Ok(mask)
+    mask
 }
 
 /// Zeroes exactly round_ties_even(s·n) of the n rows or columns, smallest

@@ -270,6 +270,24 @@ for n, (dt, w) in matrices(base).items():
     keep = (beats.sum(axis=-2) < 2).reshape(w.shape)
     same(f"wanda-2-4/{n}", got[n][1], np.where(keep, w, np.float32(0)))
 
+# --remove-neurons 0.25: per MLP block, the round(0.25·I) neurons of
+# smallest ‖gate_j‖·‖up_j‖·‖down_·j‖ (float64) leave; the rest are gathered.
+rn = os.path.join(WORK, "removed")
+run("prune", os.path.join(demo, "llama"), "--remove-neurons", "0.25", "-o", rn)
+got, _ = load(rn)
+cfg = json.load(open(os.path.join(rn, "config.json")))
+for n in [n for n in base if n.endswith(".mlp.down_proj.weight")]:
+    p = n[: -len(".mlp.down_proj.weight")]
+    up, gate, down = (base[f"{p}.mlp.{x}_proj.weight"][1].astype(np.float64) for x in ("up", "gate", "down"))
+    score = np.sqrt((up**2).sum(1)) * np.sqrt((gate**2).sum(1)) * np.sqrt((down**2).sum(0))
+    order = np.lexsort((np.arange(score.size), score))
+    kept = np.sort(order[round(0.25 * score.size):])
+    if cfg["intermediate_size"] != kept.size:
+        fail(f"removed: intermediate_size {cfg['intermediate_size']} != {kept.size}")
+    for x in ("up", "gate"):
+        same(f"removed/{p}.{x}", got[f"{p}.mlp.{x}_proj.weight"][1], base[f"{p}.mlp.{x}_proj.weight"][1][kept])
+    same(f"removed/{p}.down", got[n][1], base[n][1][:, kept])
+
 # A single F16 file written by numpy's safetensors: quantize --scale and prune.
 single = os.path.join(WORK, "single.safetensors")
 w = (rng.standard_normal((37, 129)) * 0.1).astype(np.float16)
