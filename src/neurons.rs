@@ -121,6 +121,10 @@ enum Cut {
     Cols(std::sync::Arc<Vec<usize>>),
 }
 
+/// One factor of a neuron's score: each neuron's norm as an interval, and
+/// its exact (CPU reference) value.
+type Factor<'a> = (Vec<(f64, f64)>, Box<dyn Fn(usize) -> f64 + 'a>);
+
 pub struct RemoveNeurons {
     pub fraction: f64,
     pub old_size: usize,
@@ -160,7 +164,7 @@ impl RemoveNeurons {
                     .map(|t| (f, e, t))
             };
             // Interval of each factor's norm; the score is their product.
-            let mut factors: Vec<(Vec<(f64, f64)>, Box<dyn Fn(usize) -> f64 + '_>)> = Vec::new();
+            let mut factors: Vec<Factor> = Vec::new();
             for n in &b.rows {
                 let (f, e, t) = tensor(n)?;
                 let st = row_stats(dev, &t).map_err(|err| err.at(&f.path, n))?;

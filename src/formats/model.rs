@@ -277,6 +277,9 @@ impl OutputTarget {
     }
 }
 
+/// New contents for a copied file (by name), or None to copy it as it is.
+pub type Rewrite<'a> = &'a dyn Fn(&str, &[u8]) -> Result<Option<Vec<u8>>>;
+
 /// Writes a model's output: shards into a staging directory (or one file
 /// beside its target), then `commit` moves everything into place.
 pub struct ModelWriter {
@@ -340,11 +343,7 @@ impl ModelWriter {
     /// Copies the input's other files (through `rewrite`, which may return
     /// new contents for a file name, such as a config whose sizes changed)
     /// and writes the index, then moves the output into place.
-    pub fn commit(
-        mut self,
-        model: &Model,
-        rewrite: &dyn Fn(&str, &[u8]) -> Result<Option<Vec<u8>>>,
-    ) -> Result<()> {
+    pub fn commit(mut self, model: &Model, rewrite: Rewrite) -> Result<()> {
         if self.target.is_dir {
             for f in &model.other_files {
                 let name = f.file_name().unwrap().to_string_lossy().to_string();
