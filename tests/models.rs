@@ -656,3 +656,28 @@ fn bad_scores_files_are_refused_cleanly() {
     // Row 0 scores |w|·x = [0.1, 0, 0.6, 0.2]: columns 1 and 0 go.
     assert_eq!(&v[..4], &[0.0, 0.0, 0.3, -0.4]);
 }
+
+#[test]
+fn subdirectories_of_a_model_directory_are_copied() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("st");
+    write_llama_model(&dir, SMALL, DType::F32, 1, 5).unwrap();
+    std::fs::create_dir_all(dir.join("1_Pooling/deeper")).unwrap();
+    std::fs::write(
+        dir.join("1_Pooling/config.json"),
+        b"{\"pooling_mode_mean_tokens\": true}",
+    )
+    .unwrap();
+    std::fs::write(dir.join("1_Pooling/deeper/x.txt"), b"x").unwrap();
+    let out = tmp.path().join("out");
+    let (ok, _, err) = run(&["prune", s(&dir), "--threshold", "0.01", "-o", s(&out)]);
+    assert!(ok, "{err}");
+    assert_eq!(
+        std::fs::read(out.join("1_Pooling/config.json")).unwrap(),
+        std::fs::read(dir.join("1_Pooling/config.json")).unwrap()
+    );
+    assert_eq!(
+        std::fs::read(out.join("1_Pooling/deeper/x.txt")).unwrap(),
+        b"x"
+    );
+}

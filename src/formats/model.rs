@@ -39,6 +39,8 @@ pub struct Model {
     pub index: Option<Map<String, Value>>,
     /// Files copied as they are (config.json, tokenizer files, ...).
     pub other_files: Vec<PathBuf>,
+    /// Subdirectories copied whole (sentence-transformers' 1_Pooling, ...).
+    pub other_dirs: Vec<PathBuf>,
     by_name: HashMap<String, (usize, usize)>,
 }
 
@@ -50,12 +52,13 @@ impl Model {
             return Model::assemble(path, false, vec![f], None, vec![]);
         }
         let index_path = path.join(INDEX_NAME);
-        let mut listing: Vec<PathBuf> = std::fs::read_dir(path)
+        let mut all: Vec<PathBuf> = std::fs::read_dir(path)
             .map_err(io(path))?
             .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.is_file())
             .collect();
-        listing.sort();
+        all.sort();
+        let other_dirs: Vec<PathBuf> = all.iter().filter(|p| p.is_dir()).cloned().collect();
+        let listing: Vec<PathBuf> = all.into_iter().filter(|p| p.is_file()).collect();
         let (shard_names, index) = if index_path.is_file() {
             let text = std::fs::read(&index_path).map_err(io(&index_path))?;
             let index: Map<String, Value> = serde_json::from_slice(&text)
@@ -124,7 +127,8 @@ impl Model {
                 n != INDEX_NAME && !shard_names.iter().any(|s| *s == n)
             })
             .collect();
-        let model = Model::assemble(path, true, shards, index, other_files)?;
+        let mut model = Model::assemble(path, true, shards, index, other_files)?;
+        model.other_dirs = other_dirs;
         if let Some(Value::Object(map)) = model.index.as_ref().and_then(|i| i.get("weight_map")) {
             for (tensor, file) in map {
                 match model.by_name.get(tensor) {
@@ -187,6 +191,7 @@ impl Model {
             shards,
             index,
             other_files,
+            other_dirs: Vec::new(),
             by_name,
         })
     }
@@ -215,6 +220,21 @@ impl Model {
         v.extend(self.other_files.iter().cloned());
         v
     }
+}
+
+/// Copies a directory tree (regular files and subdirectories).
+fn copy_dir(from: &Path, to: &Path) -> Result<()> {
+    std::fs::create_dir_all(to).map_err(io(to))?;
+    for e in std::fs::read_dir(from).map_err(io(from))? {
+        let p = e.map_err(io(from))?.path();
+        let dest = to.join(p.file_name().unwrap());
+        if p.is_dir() {
+            copy_dir(&p, &dest)?;
+        } else {
+            std::fs::copy(&p, &dest).map_err(io(&p))?;
+        }
+    }
+    Ok(())
 }
 
 /// Where output goes, checked before any work starts.
@@ -353,6 +373,9 @@ impl ModelWriter {
                     Some(new) => std::fs::write(&dest, new).map_err(io(&dest))?,
                     None => std::fs::copy(f, &dest).map(|_| ()).map_err(io(f))?,
                 }
+            }
+            for d in &model.other_dirs {
+                copy_dir(d, &self.staging.join(d.file_name().unwrap()))?;
             }
             if let Some(index) = &model.index {
                 let mut index = index.clone();
