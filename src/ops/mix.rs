@@ -13,8 +13,8 @@
 
 use super::codec::{with_codec, Codec};
 use super::{
-    chunk_elems, chunks, f32_at, finish_special, finite_param, params, same_shape, term_special,
-    u32_at, CPU_BLOCK,
+    chunk_elems, chunks, f32_at, finish_special, finite_param, matrix_tiles, params, same_shape,
+    term_special, tile_input, u32_at, Tile, CPU_BLOCK,
 };
 use crate::device::{Chunk, Device, Gpu, Input, Kernel, StreamLayout};
 use crate::error::{Error, Result};
@@ -198,8 +198,7 @@ fn mix_rows_gpu(g: &Gpu, t: &TensorRef, weights: &[f32]) -> Result<(Vec<f32>, Ve
         return Ok((acc, state));
     }
     let ce = chunk_elems(g, rows * cols, es as f64, 0)?;
-    let tile_cols = cols.min(ce);
-    let tile_rows = (ce / tile_cols).min(rows);
+    let ((tile_rows, tile_cols), tiles) = matrix_tiles(rows, cols, ce);
     let layout = StreamLayout {
         inputs: vec![(tile_rows * tile_cols * es) as u64, (tile_rows * 4) as u64],
         outputs: vec![
@@ -208,40 +207,20 @@ fn mix_rows_gpu(g: &Gpu, t: &TensorRef, weights: &[f32]) -> Result<(Vec<f32>, Ve
         ],
     };
     let pipeline = g.ctx.pipeline(Kernel::MixRows, dt.shader_code(), 0)?;
-    // Column tiles outer, row tiles inner: partial sums arrive in row order.
-    let tiles: Vec<(usize, usize, usize, usize)> = (0..cols.div_ceil(tile_cols))
-        .flat_map(|ct| {
-            (0..rows.div_ceil(tile_rows)).map(move |rt| {
-                let (c0, r0) = (ct * tile_cols, rt * tile_rows);
-                (
-                    r0,
-                    (r0 + tile_rows).min(rows),
-                    c0,
-                    (c0 + tile_cols).min(cols),
-                )
-            })
-        })
-        .collect();
-    let jobs = tiles.iter().map(|&(r0, r1, c0, c1)| {
-        let w = c1 - c0;
-        let data: Input = if w == cols {
-            (&t.data[r0 * cols * es..r1 * cols * es]).into()
-        } else {
-            let mut v = Vec::with_capacity((r1 - r0) * w * es);
-            for r in r0..r1 {
-                v.extend_from_slice(&t.data[(r * cols + c0) * es..(r * cols + c1) * es]);
-            }
-            v.into()
-        };
+    let jobs = tiles.iter().map(|&tile| {
+        let w = tile.c1 - tile.c0;
         Chunk {
-            params: params(&[(r1 - r0) as u32, w as u32, 0, 0]),
-            inputs: vec![data, bytemuck::cast_slice(&weights[r0..r1]).into()],
+            params: params(&[(tile.r1 - tile.r0) as u32, w as u32, 0, 0]),
+            inputs: vec![
+                tile_input(t, tile),
+                bytemuck::cast_slice(&weights[tile.r0..tile.r1]).into(),
+            ],
             read: vec![(w * 4) as u64, (w * 4) as u64],
             workgroups: g.ctx.workgroups_for(w as u64),
         }
     });
     g.ctx.stream(&pipeline, &layout, jobs, |k, outs| {
-        let (r0, _, c0, c1) = tiles[k];
+        let Tile { r0, c0, c1, .. } = tiles[k];
         for c in c0..c1 {
             let partial = f32_at(outs[0], c - c0);
             acc[c] = if r0 == 0 { partial } else { acc[c] + partial };

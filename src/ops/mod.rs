@@ -73,6 +73,53 @@ pub(crate) fn row_segments(
     })
 }
 
+/// A block of a matrix: rows r0..r1 × columns c0..c1.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Tile {
+    pub r0: usize,
+    pub r1: usize,
+    pub c0: usize,
+    pub c1: usize,
+}
+
+/// Tiles of at most `ce` elements covering a rows × cols matrix, column
+/// tiles outer and row tiles inner (so a column's partial results arrive
+/// in row order), with the tile size (rows, cols).
+pub(crate) fn matrix_tiles(rows: usize, cols: usize, ce: usize) -> ((usize, usize), Vec<Tile>) {
+    let tile_cols = cols.clamp(1, ce);
+    let tile_rows = (ce / tile_cols).clamp(1, rows.max(1));
+    let tiles = (0..cols.div_ceil(tile_cols))
+        .flat_map(|ct| {
+            (0..rows.div_ceil(tile_rows)).map(move |rt| {
+                let (c0, r0) = (ct * tile_cols, rt * tile_rows);
+                Tile {
+                    r0,
+                    r1: (r0 + tile_rows).min(rows),
+                    c0,
+                    c1: (c0 + tile_cols).min(cols),
+                }
+            })
+        })
+        .collect();
+    ((tile_rows, tile_cols), tiles)
+}
+
+/// A tile's elements, row-major and contiguous: borrowed when it spans
+/// whole rows, gathered otherwise.
+pub(crate) fn tile_input<'a>(t: &TensorRef<'a>, tile: Tile) -> crate::device::Input<'a> {
+    let (_, cols) = t.rows();
+    let es = t.dtype.size();
+    let Tile { r0, r1, c0, c1 } = tile;
+    if c1 - c0 == cols {
+        return (&t.data[r0 * cols * es..r1 * cols * es]).into();
+    }
+    let mut v = Vec::with_capacity((r1 - r0) * (c1 - c0) * es);
+    for r in r0..r1 {
+        v.extend_from_slice(&t.data[(r * cols + c0) * es..(r * cols + c1) * es]);
+    }
+    v.into()
+}
+
 /// Bytes per element that per-row vectors (one f32 per row) cost a chunk.
 pub(crate) fn row_vector_bytes_per_elem(row_len: usize) -> f64 {
     4.0 / row_len.clamp(1, 4) as f64

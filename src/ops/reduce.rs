@@ -7,7 +7,10 @@
 //! the CPU reference for the rows that land too close to call.
 
 use super::codec::{with_codec, Codec};
-use super::{check_row_len, chunk_elems, chunk_rows, chunks, f32_at, params, u32_at, CPU_BLOCK};
+use super::{
+    check_row_len, chunk_elems, chunk_rows, chunks, f32_at, matrix_tiles, params, tile_input,
+    u32_at, Tile, CPU_BLOCK,
+};
 use crate::device::{Chunk, Device, Gpu, Kernel, StreamLayout};
 use crate::error::Result;
 use crate::tensor::TensorRef;
@@ -248,8 +251,7 @@ fn col_stats_gpu(g: &Gpu, t: &TensorRef) -> Result<RowStats> {
     let (rows, cols) = t.rows();
     let es = t.dtype.size();
     let ce = chunk_elems(g, rows * cols, es as f64, 0)?;
-    let tile_cols = cols.clamp(1, ce);
-    let tile_rows = (ce / tile_cols).clamp(1, rows.max(1));
+    let ((tile_rows, tile_cols), tiles) = matrix_tiles(rows, cols, ce);
     let mut st = RowStats {
         row_len: rows,
         sumsq: vec![0.0; cols],
@@ -267,39 +269,17 @@ fn col_stats_gpu(g: &Gpu, t: &TensorRef) -> Result<RowStats> {
         outputs: vec![((tile_cols * 4) as u64, false); 3],
     };
     let pipeline = g.ctx.pipeline(Kernel::ColStats, t.dtype.shader_code(), 0)?;
-    let tiles: Vec<(usize, usize, usize, usize)> = (0..cols.div_ceil(tile_cols))
-        .flat_map(|ct| {
-            (0..rows.div_ceil(tile_rows)).map(move |rt| {
-                let (c0, r0) = (ct * tile_cols, rt * tile_rows);
-                (
-                    r0,
-                    (r0 + tile_rows).min(rows),
-                    c0,
-                    (c0 + tile_cols).min(cols),
-                )
-            })
-        })
-        .collect();
-    let jobs = tiles.iter().map(|&(r0, r1, c0, c1)| {
-        let w = c1 - c0;
-        let data: crate::device::Input = if w == cols {
-            (&t.data[r0 * cols * es..r1 * cols * es]).into()
-        } else {
-            let mut v = Vec::with_capacity((r1 - r0) * w * es);
-            for r in r0..r1 {
-                v.extend_from_slice(&t.data[(r * cols + c0) * es..(r * cols + c1) * es]);
-            }
-            v.into()
-        };
+    let jobs = tiles.iter().map(|&tile| {
+        let w = tile.c1 - tile.c0;
         Chunk {
-            params: params(&[(r1 - r0) as u32, w as u32, 0, 0]),
-            inputs: vec![data],
+            params: params(&[(tile.r1 - tile.r0) as u32, w as u32, 0, 0]),
+            inputs: vec![tile_input(t, tile)],
             read: vec![(w * 4) as u64; 3],
             workgroups: g.ctx.workgroups_for(w as u64),
         }
     });
     g.ctx.stream(&pipeline, &layout, jobs, |k, outs| {
-        let (_, _, c0, c1) = tiles[k];
+        let Tile { c0, c1, .. } = tiles[k];
         for c in c0..c1 {
             st.sumsq[c] += f32_at(outs[0], c - c0) as f64;
             st.sumabs[c] += f32_at(outs[1], c - c0) as f64;
