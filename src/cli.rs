@@ -150,14 +150,18 @@ enum Command {
         #[command(flatten)]
         common: Common,
     },
-    /// int8: q = round(w·Q) (--scale Q) or symmetric abs-max scales (--int8).
+    /// int8: q = round(w·Q) (--scale Q) or symmetric abs-max scales (--int8);
+    /// or a GGUF file of GGML type T (--type, output ending in .gguf).
     Quantize {
         model: PathBuf,
+        /// GGML type for a GGUF output (this version: F32, F16, BF16).
+        #[arg(long = "type", value_name = "T", conflicts_with_all = ["scale", "int8", "dequantize"])]
+        gguf_type: Option<String>,
         #[arg(
             long,
             allow_negative_numbers = true,
             conflicts_with = "int8",
-            required_unless_present = "int8"
+            required_unless_present_any = ["int8", "gguf_type"]
         )]
         scale: Option<f32>,
         #[arg(long, value_enum)]
@@ -352,6 +356,9 @@ fn open(p: &Path) -> Result<Model> {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Inspect { model, json } => {
+            if model.is_file() && crate::formats::gguf::GgufFile::sniff(&model) {
+                return inspect_gguf(&model, json);
+            }
             let m = open(&model)?;
             let rows = crate::inspect::inspect(&m)?;
             if json {
@@ -493,11 +500,28 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Quantize {
             model,
+            gguf_type,
             scale,
             int8,
             dequantize,
             common,
         } => {
+            if let Some(t) = gguf_type {
+                let dev = Device::choose(&common.device)?;
+                let sm =
+                    crate::gguf_job::write_gguf(&dev, &model, &common.output, &t, common.force)?;
+                println!(
+                    "wrote {}: {} tensors ({} converted to {}), {} in, {} out, on {}",
+                    common.output.display(),
+                    sm.tensors,
+                    sm.converted,
+                    t.to_uppercase(),
+                    human_bytes(sm.bytes_in),
+                    human_bytes(sm.bytes_out),
+                    dev.name()
+                );
+                return Ok(());
+            }
             let scheme = match (scale, int8) {
                 (Some(q), _) => {
                     if !(q.is_finite() && q > 0.0) {
@@ -648,6 +672,53 @@ fn run(cli: Cli) -> Result<()> {
             )
         }
     }
+}
+
+/// `inspect` on a GGUF file: metadata, then tensors with type and shape.
+fn inspect_gguf(path: &Path, json: bool) -> Result<()> {
+    use crate::formats::gguf::GgufFile;
+    let f = GgufFile::open(path)?;
+    if json {
+        let v = serde_json::json!({
+            "version": f.version,
+            "alignment": f.alignment,
+            "metadata": f.metadata.iter().map(|(k, v)| (k.clone(), serde_json::Value::String(v.show()))).collect::<serde_json::Map<_, _>>(),
+            "tensors": f.tensors.iter().map(|t| serde_json::json!({
+                "name": t.name, "type": t.ty.name, "shape": t.shape(), "bytes": t.bytes, "offset": t.offset,
+            })).collect::<Vec<_>>(),
+        });
+        println!("{}", serde_json::to_string_pretty(&v).expect("json"));
+        return Ok(());
+    }
+    println!(
+        "GGUF v{}, alignment {}, {} metadata entries, {} tensors",
+        f.version,
+        f.alignment,
+        f.metadata.len(),
+        f.tensors.len()
+    );
+    for (k, v) in &f.metadata {
+        println!("  {k} = {}", v.show());
+    }
+    println!(
+        "{:<48} {:>8} {:>20} {:>10}",
+        "tensor", "type", "shape", "bytes"
+    );
+    for t in &f.tensors {
+        println!(
+            "{:<48} {:>8} {:>20} {:>10}",
+            t.name,
+            t.ty.name,
+            format!("{:?}", t.shape()),
+            human_bytes(t.bytes)
+        );
+    }
+    println!(
+        "{} tensors, {}",
+        f.tensors.len(),
+        human_bytes(f.tensors.iter().map(|t| t.bytes).sum())
+    );
+    Ok(())
 }
 
 fn check_tau(t: f32) -> Result<()> {

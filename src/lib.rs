@@ -27,6 +27,7 @@ pub mod demo;
 pub mod device;
 pub mod error;
 pub mod formats;
+pub mod gguf_job;
 pub mod inspect;
 pub mod jobs;
 pub mod neurons;

@@ -681,3 +681,23 @@ fn subdirectories_of_a_model_directory_are_copied() {
         b"x"
     );
 }
+
+#[test]
+fn bad_gguf_files_get_one_line_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = tmp.path().join("bad.gguf");
+    let mut b = b"GGUF".to_vec();
+    b.extend_from_slice(&3u32.to_le_bytes());
+    b.extend_from_slice(&u64::MAX.to_le_bytes());
+    b.extend_from_slice(&0u64.to_le_bytes());
+    std::fs::write(&p, &b).unwrap();
+    let (ok, _, err) = run(&["inspect", s(&p)]);
+    assert!(
+        !ok && err.contains("bad.gguf") && err.contains("cannot fit"),
+        "{err}"
+    );
+    let out = tmp.path().join("out.gguf");
+    let (ok, _, err) = run(&["quantize", s(&p), "--type", "F16", "-o", s(&out)]);
+    assert!(!ok && err.contains("bad.gguf"), "{err}");
+    assert!(!out.exists());
+}

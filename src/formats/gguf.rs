@@ -251,6 +251,9 @@ impl GgmlType {
     }
 }
 
+/// Key/value metadata in file order.
+pub type Metadata = Vec<(String, Value)>;
+
 /// A metadata value. Arrays keep their element type (even when empty).
 #[derive(Clone, Debug, PartialEq)]
 pub enum Value {
@@ -807,7 +810,7 @@ impl Drop for GgufWriter {
 }
 
 /// Parses GGUF bytes in memory (tests, fuzzing): the same checks as `open`.
-pub fn parse_bytes(bytes: &[u8]) -> Result<(Vec<(String, Value)>, Vec<GgufTensor>)> {
+pub fn parse_bytes(bytes: &[u8]) -> Result<(Metadata, Vec<GgufTensor>)> {
     let h = parse(Path::new("<memory>"), bytes)?;
     Ok((h.metadata, h.tensors))
 }
