@@ -700,15 +700,21 @@ impl GgufWriter {
                     t.name.len()
                 )));
             }
-            let bytes =
-                t.ty.size_of(t.dims.iter().product())
-                    .filter(|_| t.dims.first().is_none_or(|d| d % t.ty.block == 0))
-                    .ok_or_else(|| {
-                        Error::input(format!(
-                            "tensor '{}': dims {:?} do not fit {} blocks of {}",
-                            t.name, t.dims, t.ty.name, t.ty.block
-                        ))
-                    })?;
+            let bad = || {
+                Error::input(format!(
+                    "tensor '{}': dims {:?} do not fit {} blocks of {}",
+                    t.name, t.dims, t.ty.name, t.ty.block
+                ))
+            };
+            let numel = t
+                .dims
+                .iter()
+                .try_fold(1u64, |a, &d| a.checked_mul(d))
+                .ok_or_else(bad)?;
+            if t.dims.first().is_some_and(|d| d % t.ty.block != 0) {
+                return Err(bad());
+            }
+            let bytes = t.ty.size_of(numel).ok_or_else(bad)?;
             put_string(&mut head, &t.name);
             head.extend_from_slice(&(t.dims.len() as u32).to_le_bytes());
             for d in &t.dims {
@@ -716,7 +722,10 @@ impl GgufWriter {
             }
             head.extend_from_slice(&t.ty.id.to_le_bytes());
             head.extend_from_slice(&offset.to_le_bytes());
-            offset = align(offset + bytes, alignment).expect("sizes fit u64");
+            offset = offset
+                .checked_add(bytes)
+                .and_then(|o| align(o, alignment))
+                .ok_or_else(|| Error::input("tensor sizes overflow"))?;
             sized.push((t, bytes));
         }
         head.resize(align(head.len() as u64, alignment).unwrap() as usize, 0);
