@@ -29,10 +29,12 @@ pub(crate) enum Kernel {
     ColStats,
     RowCut,
     RowCutApply,
+    DivCheck,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 enum Family {
+    SelfCheck,
     Prune,
     Select,
     Reduce,
@@ -44,6 +46,7 @@ enum Family {
 impl Family {
     fn source(self) -> &'static str {
         match self {
+            Family::SelfCheck => include_str!("../../shaders/selfcheck.wgsl"),
             Family::Prune => include_str!("../../shaders/prune.wgsl"),
             Family::Select => include_str!("../../shaders/select.wgsl"),
             Family::Reduce => include_str!("../../shaders/reduce.wgsl"),
@@ -67,6 +70,7 @@ impl Kernel {
             | Kernel::NmPrune
             | Kernel::RowCut
             | Kernel::RowCutApply => Family::Select,
+            Kernel::DivCheck => Family::SelfCheck,
         }
     }
 
@@ -89,6 +93,7 @@ impl Kernel {
             Kernel::ColStats => "col_stats",
             Kernel::RowCut => "row_cut",
             Kernel::RowCutApply => "row_cut_apply",
+            Kernel::DivCheck => "div_check",
         }
     }
 }

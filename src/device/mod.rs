@@ -8,6 +8,7 @@
 mod buffers;
 mod gpu;
 mod kernels;
+mod selfcheck;
 
 pub(crate) use buffers::{Chunk, Input, StreamLayout};
 pub use gpu::{list_adapters, AdapterSummary, GpuContext};
