@@ -30,27 +30,14 @@ fn file_type(t: GgmlType) -> Option<u32> {
     })
 }
 
+/// The GGML type of a dtype: the names agree (U8 and BOOL have none).
 fn ggml_of(d: DType) -> Option<GgmlType> {
-    GgmlType::from_name(match d {
-        DType::F32 => "F32",
-        DType::F16 => "F16",
-        DType::BF16 => "BF16",
-        DType::F64 => "F64",
-        DType::I64 => "I64",
-        DType::I32 => "I32",
-        DType::I16 => "I16",
-        DType::I8 => "I8",
-        DType::U8 | DType::Bool => return None,
-    })
+    GgmlType::from_name(d.name())
 }
 
+/// The float dtype a GGML type converts through, if any.
 fn dtype_of(t: GgmlType) -> Option<DType> {
-    match t.name {
-        "F32" => Some(DType::F32),
-        "F16" => Some(DType::F16),
-        "BF16" => Some(DType::BF16),
-        _ => None,
-    }
+    DType::parse(t.name).filter(|d| d.is_kernel_float())
 }
 
 /// One input tensor, from either kind of file.

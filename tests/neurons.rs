@@ -251,19 +251,9 @@ fn llama_and_bert_blocks_shrink_and_keep_their_function() {
             }
             outs.push(out);
         }
-        let bytes = |p: &Path| {
-            let mut v: Vec<_> = std::fs::read_dir(p)
-                .unwrap()
-                .map(|e| e.unwrap().path())
-                .collect();
-            v.sort();
-            v.iter()
-                .map(|f| std::fs::read(f).unwrap())
-                .collect::<Vec<_>>()
-        };
         for o in &outs[1..] {
             assert!(
-                bytes(&outs[0]) == bytes(o),
+                dir_bytes(&outs[0]) == dir_bytes(o),
                 "GPU and CPU remove the same neurons"
             );
         }

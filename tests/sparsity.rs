@@ -195,18 +195,8 @@ fn global_cut_over_a_model_matches_the_brute_force_over_all_tensors() {
                 outputs.push(out);
             }
             if outputs.len() == 2 {
-                let read = |p: &std::path::Path| {
-                    let mut v: Vec<_> = std::fs::read_dir(p)
-                        .unwrap()
-                        .map(|e| e.unwrap().path())
-                        .collect();
-                    v.sort();
-                    v.iter()
-                        .map(|f| std::fs::read(f).unwrap())
-                        .collect::<Vec<_>>()
-                };
                 assert!(
-                    read(&outputs[0]) == read(&outputs[1]),
+                    dir_bytes(&outputs[0]) == dir_bytes(&outputs[1]),
                     "{dtype} s={s}: GPU and CPU bytes differ"
                 );
             }

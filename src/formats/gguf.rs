@@ -13,10 +13,10 @@
 //! against the file before use, so no input makes it panic or allocate
 //! without bound.
 
+use super::atomic::AtomicFile;
 use crate::error::{Error, Result};
 use memmap2::Mmap;
 use std::fs::File;
-use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 pub const MAGIC: &[u8; 4] = b"GGUF";
@@ -632,9 +632,7 @@ pub struct GgufOut {
 /// are known from shapes and types), then each tensor's bytes padded to the
 /// alignment, into a temporary file renamed into place by `finish`.
 pub struct GgufWriter {
-    path: PathBuf,
-    tmp: PathBuf,
-    out: Option<BufWriter<File>>,
+    file: AtomicFile,
     tensors: Vec<(GgufOut, u64)>,
     next: usize,
     alignment: u64,
@@ -729,37 +727,14 @@ impl GgufWriter {
             sized.push((t, bytes));
         }
         head.resize(align(head.len() as u64, alignment).unwrap() as usize, 0);
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().to_string())
-            .unwrap_or_default();
-        let tmp = path.with_file_name(format!(".{name}.modelpress-{}.tmp", std::process::id()));
-        let file = File::create(&tmp).map_err(|e| Error::Io {
-            path: tmp.clone(),
-            source: e,
-        })?;
-        let mut w = GgufWriter {
-            path: path.to_path_buf(),
-            tmp,
-            out: Some(BufWriter::with_capacity(1 << 20, file)),
+        let mut file = AtomicFile::create(path)?;
+        file.write_all(&head)?;
+        Ok(GgufWriter {
+            file,
             tensors: sized,
             next: 0,
             alignment,
-        };
-        w.put(&head)?;
-        Ok(w)
-    }
-
-    fn put(&mut self, b: &[u8]) -> Result<()> {
-        let tmp = self.tmp.clone();
-        self.out
-            .as_mut()
-            .expect("open until finish")
-            .write_all(b)
-            .map_err(|e| Error::Io {
-                path: tmp,
-                source: e,
-            })
+        })
     }
 
     /// The next tensor's bytes (its declared name and size).
@@ -767,54 +742,34 @@ impl GgufWriter {
         let Some((t, bytes)) = self.tensors.get(self.next) else {
             return Err(Error::input(format!(
                 "{}: tensor '{name}' was not declared",
-                self.path.display()
+                self.file.path().display()
             )));
         };
         if t.name != name || *bytes != data.len() as u64 {
             return Err(Error::input(format!(
                 "{}: expected tensor '{}' of {bytes} bytes, got '{name}' of {}",
-                self.path.display(),
+                self.file.path().display(),
                 t.name,
                 data.len()
             )));
         }
         let pad = (align(*bytes, self.alignment).unwrap() - bytes) as usize;
-        self.put(data)?;
-        self.put(&vec![0u8; pad])?;
+        self.file.write_all(data)?;
+        self.file.write_all(&vec![0u8; pad])?;
         self.next += 1;
         Ok(())
     }
 
-    pub fn finish(mut self) -> Result<()> {
+    pub fn finish(self) -> Result<()> {
         if self.next != self.tensors.len() {
             return Err(Error::input(format!(
                 "{}: {} of {} tensors written",
-                self.path.display(),
+                self.file.path().display(),
                 self.next,
                 self.tensors.len()
             )));
         }
-        let out = self.out.take().expect("open until finish");
-        let file = out.into_inner().map_err(|e| Error::Io {
-            path: self.tmp.clone(),
-            source: e.into_error(),
-        })?;
-        file.sync_all().map_err(|e| Error::Io {
-            path: self.tmp.clone(),
-            source: e,
-        })?;
-        std::fs::rename(&self.tmp, &self.path).map_err(|e| Error::Io {
-            path: self.path.clone(),
-            source: e,
-        })
-    }
-}
-
-impl Drop for GgufWriter {
-    fn drop(&mut self) {
-        if self.out.take().is_some() {
-            let _ = std::fs::remove_file(&self.tmp);
-        }
+        self.file.commit()
     }
 }
 

@@ -4,13 +4,13 @@
 //! the input's tensor order (the crate's own writer sorts by dtype and name)
 //! and renames its temporary file into place only when complete.
 
+use super::atomic::AtomicFile;
 use crate::error::{Error, Result};
 use crate::tensor::{DType, TensorRef};
 use memmap2::{Advice, Mmap};
 use safetensors::tensor::{Dtype, SafeTensorError};
 use serde_json::{Map, Value};
 use std::fs::File;
-use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 /// The file-level metadata (`__metadata__`), in the file's key order.
@@ -232,9 +232,7 @@ impl OutEntry {
 /// temporary file beside `path`; `finish` renames it into place. Dropped
 /// unfinished, it removes the temporary file: no partial output appears.
 pub struct SafetensorsWriter {
-    path: PathBuf,
-    tmp: PathBuf,
-    out: Option<BufWriter<File>>,
+    file: AtomicFile,
     entries: Vec<(OutEntry, usize)>,
     next: usize,
 }
@@ -245,10 +243,6 @@ impl SafetensorsWriter {
         entries: Vec<OutEntry>,
         metadata: Option<&Metadata>,
     ) -> Result<SafetensorsWriter> {
-        let io = |e| Error::Io {
-            path: path.to_path_buf(),
-            source: e,
-        };
         let mut header = Map::new();
         if let Some(m) = metadata {
             header.insert("__metadata__".into(), Value::Object(m.clone()));
@@ -271,30 +265,14 @@ impl SafetensorsWriter {
         while text.len() % 8 != 0 {
             text.push(b' ');
         }
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().to_string())
-            .unwrap_or_default();
-        let tmp = path.with_file_name(format!(".{name}.modelpress-{}.tmp", std::process::id()));
-        let file = File::create(&tmp).map_err(|e| Error::Io {
-            path: tmp.clone(),
-            source: e,
-        })?;
-        let mut out = BufWriter::with_capacity(1 << 20, file);
-        let mut w = || -> std::io::Result<()> {
-            out.write_all(&(text.len() as u64).to_le_bytes())?;
-            out.write_all(&text)
-        };
-        let r = w();
-        let writer = SafetensorsWriter {
-            path: path.to_path_buf(),
-            tmp,
-            out: Some(out),
+        let mut file = AtomicFile::create(path)?;
+        file.write_all(&(text.len() as u64).to_le_bytes())?;
+        file.write_all(&text)?;
+        Ok(SafetensorsWriter {
+            file,
             entries: sized,
             next: 0,
-        };
-        r.map_err(io)?;
-        Ok(writer)
+        })
     }
 
     /// The next tensor's bytes, which must be its declared name and size.
@@ -302,59 +280,33 @@ impl SafetensorsWriter {
         let Some((e, len)) = self.entries.get(self.next) else {
             return Err(Error::input(format!(
                 "{}: tensor '{name}' was not declared",
-                self.path.display()
+                self.file.path().display()
             )));
         };
         if e.name != name || *len != data.len() {
             return Err(Error::input(format!(
                 "{}: expected tensor '{}' of {} bytes, got '{name}' of {}",
-                self.path.display(),
+                self.file.path().display(),
                 e.name,
                 len,
                 data.len()
             )));
         }
-        self.out
-            .as_mut()
-            .expect("open until finish")
-            .write_all(data)
-            .map_err(|err| Error::Io {
-                path: self.tmp.clone(),
-                source: err,
-            })?;
+        self.file.write_all(data)?;
         self.next += 1;
         Ok(())
     }
 
     /// Flushes, syncs and renames the file into place.
-    pub fn finish(mut self) -> Result<()> {
+    pub fn finish(self) -> Result<()> {
         if self.next != self.entries.len() {
             return Err(Error::input(format!(
                 "{}: {} of {} tensors written",
-                self.path.display(),
+                self.file.path().display(),
                 self.next,
                 self.entries.len()
             )));
         }
-        let out = self.out.take().expect("open until finish");
-        let io = |p: &Path, e| Error::Io {
-            path: p.to_path_buf(),
-            source: e,
-        };
-        let file = out
-            .into_inner()
-            .map_err(|e| io(&self.tmp, e.into_error()))?;
-        file.sync_all().map_err(|e| io(&self.tmp, e))?;
-        std::fs::rename(&self.tmp, &self.path).map_err(|e| io(&self.path, e))?;
-        Ok(())
-    }
-}
-
-impl Drop for SafetensorsWriter {
-    fn drop(&mut self) {
-        if self.out.is_some() {
-            self.out = None;
-            let _ = std::fs::remove_file(&self.tmp);
-        }
+        self.file.commit()
     }
 }

@@ -176,3 +176,14 @@ pub fn assert_within(got: &Tensor, want: &Tensor, bound: impl Fn(usize) -> f64, 
         );
     }
 }
+
+/// The bytes of every file directly in `dir`, in name order (to compare
+/// two outputs byte for byte).
+pub fn dir_bytes(dir: &std::path::Path) -> Vec<Vec<u8>> {
+    let mut v: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    v.sort();
+    v.iter().map(|f| std::fs::read(f).unwrap()).collect()
+}

@@ -291,7 +291,8 @@ for n in [n for n in base if n.endswith(".mlp.down_proj.weight")]:
 # A single F16 file written by numpy's safetensors: quantize --scale and prune.
 single = os.path.join(WORK, "single.safetensors")
 w = (rng.standard_normal((37, 129)) * 0.1).astype(np.float16)
-save_file({"layer.weight": w, "layer.bias": rng.standard_normal(37).astype(np.float16)}, single, metadata={"k": "v"})
+bias = rng.standard_normal(37).astype(np.float16)
+save_file({"layer.weight": w, "layer.bias": bias}, single, metadata={"k": "v"})
 qout = os.path.join(WORK, "single-q.safetensors")
 run("quantize", single, "--scale", "100", "-o", qout, "--force")
 got, metas = load(qout)
@@ -306,7 +307,7 @@ pout = os.path.join(WORK, "single-p.safetensors")
 run("prune", single, "--threshold", "0.05", "-o", pout, "--force")
 got, _ = load(pout)
 same("single-p/layer.weight", got["layer.weight"][1], np.where(np.abs(wf) < np.float32(0.05), np.float32(0), wf))
-same("single-p/layer.bias", got["layer.bias"][1], got["layer.bias"][1])
+same("single-p/layer.bias", got["layer.bias"][1], bias.astype(np.float32))  # 1-D: passes through
 
 print(f"interop on device {DEVICE}: every output read by safetensors, {checked} tensors equal to numpy")
 print(f"interop: {checked} passed, 0 failed")
