@@ -30,6 +30,7 @@ pub(crate) enum Kernel {
     RowCut,
     RowCutApply,
     DivCheck,
+    GgmlQuantize,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -41,6 +42,7 @@ enum Family {
     Quantize,
     Transfer,
     Mix,
+    Ggml,
 }
 
 impl Family {
@@ -53,6 +55,7 @@ impl Family {
             Family::Quantize => include_str!("../../shaders/quantize.wgsl"),
             Family::Transfer => include_str!("../../shaders/transfer.wgsl"),
             Family::Mix => include_str!("../../shaders/mix.wgsl"),
+            Family::Ggml => include_str!("../../shaders/ggml.wgsl"),
         }
     }
 }
@@ -71,6 +74,7 @@ impl Kernel {
             | Kernel::RowCut
             | Kernel::RowCutApply => Family::Select,
             Kernel::DivCheck => Family::SelfCheck,
+            Kernel::GgmlQuantize => Family::Ggml,
         }
     }
 
@@ -94,6 +98,7 @@ impl Kernel {
             Kernel::RowCut => "row_cut",
             Kernel::RowCutApply => "row_cut_apply",
             Kernel::DivCheck => "div_check",
+            Kernel::GgmlQuantize => "ggml_quantize",
         }
     }
 }

@@ -3,6 +3,7 @@
 //! dispatch; the public function picks one by `Device`.
 
 pub(crate) mod codec;
+pub mod ggml;
 pub mod mix;
 pub mod prune;
 pub mod quantize;

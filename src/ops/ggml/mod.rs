@@ -1,0 +1,281 @@
+//! GGML block quantization (llama.cpp's Q4_0 … Q8_0 and the K-quants),
+//! byte-identical to ggml's reference quantizers on every device.
+//!
+//! `reference` is the CPU port of ggml-quants.c and the specification.
+//! The GPU kernel (shaders/ggml.wgsl) reproduces it exactly: every float
+//! operation of the reference is done in the same order with the same
+//! rounding; division and square root are correctly rounded integer
+//! routines (WGSL allows 2.5 ulp for `/`); every product passes through an
+//! opaque bit operation so no driver can fuse it into a multiply-add; and
+//! an operation whose result would be subnormal (which a GPU may flush to
+//! zero) or infinite marks its block, which is then quantized by the CPU
+//! reference instead. The number of such blocks is reported; on real
+//! weights it is zero.
+
+pub mod reference;
+
+use crate::device::{Chunk, Device, Gpu, Kernel, StreamLayout};
+use crate::error::{Error, Result};
+use crate::formats::gguf::GgmlType;
+use crate::ops::chunks;
+use crate::tensor::{DType, TensorRef};
+use rayon::prelude::*;
+
+/// The block types modelpress quantizes to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[allow(non_camel_case_types)]
+pub enum BlockType {
+    Q4_0,
+    Q4_1,
+    Q5_0,
+    Q5_1,
+    Q8_0,
+    Q4_K,
+    Q5_K,
+    Q6_K,
+}
+
+impl BlockType {
+    pub const ALL: [BlockType; 8] = [
+        BlockType::Q4_0,
+        BlockType::Q4_1,
+        BlockType::Q5_0,
+        BlockType::Q5_1,
+        BlockType::Q8_0,
+        BlockType::Q4_K,
+        BlockType::Q5_K,
+        BlockType::Q6_K,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            BlockType::Q4_0 => "Q4_0",
+            BlockType::Q4_1 => "Q4_1",
+            BlockType::Q5_0 => "Q5_0",
+            BlockType::Q5_1 => "Q5_1",
+            BlockType::Q8_0 => "Q8_0",
+            BlockType::Q4_K => "Q4_K",
+            BlockType::Q5_K => "Q5_K",
+            BlockType::Q6_K => "Q6_K",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<BlockType> {
+        Self::ALL
+            .into_iter()
+            .find(|t| t.name().eq_ignore_ascii_case(name))
+    }
+
+    pub fn ggml(self) -> GgmlType {
+        GgmlType::from_name(self.name()).expect("every block type is in the GGUF table")
+    }
+
+    pub fn from_ggml(t: GgmlType) -> Option<BlockType> {
+        Self::from_name(t.name)
+    }
+
+    pub fn block_values(self) -> usize {
+        self.ggml().block as usize
+    }
+
+    pub fn block_bytes(self) -> usize {
+        self.ggml().bytes as usize
+    }
+
+    /// Code of the type in the kernel (its `QTYPE` override).
+    fn code(self) -> u32 {
+        Self::ALL.iter().position(|&t| t == self).unwrap() as u32
+    }
+
+    /// Blocks one GPU invocation writes: enough that they fill whole u32
+    /// words, so no two invocations share a word.
+    fn blocks_per_group(self) -> usize {
+        if self.block_bytes() % 4 == 0 {
+            1
+        } else {
+            2
+        }
+    }
+}
+
+/// A quantized tensor's bytes, and how many of its blocks the GPU handed to
+/// the CPU reference (see the module comment).
+pub struct Quantized {
+    pub data: Vec<u8>,
+    pub cpu_blocks: usize,
+}
+
+/// Blocks one CPU task quantizes.
+const CPU_TASK_BLOCKS: usize = 64;
+
+fn check(ty: BlockType, t: &TensorRef) -> Result<usize> {
+    t.check_float("GGML quantization")?;
+    let n = t.numel();
+    let bv = ty.block_values();
+    if n % bv != 0 {
+        return Err(Error::input(format!(
+            "{} needs a multiple of {bv} values, the tensor has {n}",
+            ty.name()
+        )));
+    }
+    Ok(n / bv)
+}
+
+fn non_finite(ty: BlockType) -> Error {
+    Error::input(format!(
+        "non-finite weights (NaN or infinity) cannot be quantized to {}",
+        ty.name()
+    ))
+}
+
+/// Quantizes `t` (f32, f16 or bf16, values in row-major order) to blocks of
+/// `ty`, exactly as ggml's reference does. Non-finite weights are an error.
+pub fn quantize(dev: &Device, ty: BlockType, t: &TensorRef) -> Result<Quantized> {
+    let blocks = check(ty, t)?;
+    match dev {
+        Device::Cpu => quantize_cpu(ty, t, blocks),
+        Device::Gpu(g) => quantize_gpu(g, ty, t, blocks),
+    }
+}
+
+fn quantize_cpu(ty: BlockType, t: &TensorRef, blocks: usize) -> Result<Quantized> {
+    let (bv, bb) = (ty.block_values(), ty.block_bytes());
+    let mut data = vec![0u8; blocks * bb];
+    let ok = data
+        .par_chunks_mut(CPU_TASK_BLOCKS * bb)
+        .enumerate()
+        .all(|(k, out)| {
+            let first = k * CPU_TASK_BLOCKS * bv;
+            let x = values(t, first..first + out.len() / bb * bv);
+            if !x.iter().all(|v| v.is_finite()) {
+                return false;
+            }
+            reference::quantize_blocks(ty, &x, out);
+            true
+        });
+    if !ok {
+        return Err(non_finite(ty));
+    }
+    Ok(Quantized {
+        data,
+        cpu_blocks: 0,
+    })
+}
+
+/// Elements `r` of `t` as f32 (exact for every float dtype).
+fn values(t: &TensorRef, r: std::ops::Range<usize>) -> Vec<f32> {
+    let es = t.dtype.size();
+    let b = &t.data[r.start * es..r.end * es];
+    match t.dtype {
+        DType::F32 => b
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect(),
+        DType::F16 => b
+            .chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        _ => b
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+    }
+}
+
+/// Per-group flags the kernel writes.
+const FLAG_CPU: u32 = 1;
+const FLAG_NON_FINITE: u32 = 2;
+
+fn quantize_gpu(g: &Gpu, ty: BlockType, t: &TensorRef, blocks: usize) -> Result<Quantized> {
+    let (bv, bb) = (ty.block_values(), ty.block_bytes());
+    let gb = ty.blocks_per_group();
+    let (gv, gbytes) = (gb * bv, gb * bb);
+    let es = t.dtype.size();
+    let mut data = vec![0u8; blocks * bb];
+    if blocks == 0 {
+        return Ok(Quantized {
+            data,
+            cpu_blocks: 0,
+        });
+    }
+    // Groups per chunk: the input binding (the largest) within the chunk
+    // bytes, and a multiple of 64 values for 16-bit word alignment.
+    let per_group_in = (gv * es) as u64;
+    let groups_total = blocks.div_ceil(gb);
+    let cg = ((g.chunk_bytes() / per_group_in) as usize).clamp(1, groups_total);
+    let layout = StreamLayout {
+        inputs: vec![cg as u64 * per_group_in],
+        outputs: vec![((cg * gbytes) as u64, false), ((cg * 4) as u64, false)],
+    };
+    let pipeline = g
+        .ctx
+        .pipeline(Kernel::GgmlQuantize, t.dtype.shader_code(), ty.code())?;
+    let n = t.numel();
+    let ranges: Vec<_> = chunks(groups_total, cg).collect();
+    // The last group may hold one block: pad its input with zeros.
+    let padded_tail: Option<Vec<u8>> = (blocks % gb != 0).then(|| {
+        let r = ranges.last().unwrap();
+        let mut v = t.data[r.start * gv * es..n * es].to_vec();
+        v.resize(r.len() * gv * es, 0);
+        v
+    });
+    let jobs = ranges.iter().enumerate().map(|(k, r)| {
+        let input = if k + 1 == ranges.len() && padded_tail.is_some() {
+            padded_tail.as_deref().unwrap().into()
+        } else {
+            (&t.data[r.start * gv * es..r.end * gv * es]).into()
+        };
+        Chunk {
+            params: bytemuck::cast_slice(&[r.len() as u32, 0u32, 0, 0]).to_vec(),
+            inputs: vec![input],
+            read: vec![(r.len() * gbytes) as u64, (r.len() * 4) as u64],
+            workgroups: g.ctx.workgroups_for(r.len() as u64),
+        }
+    });
+    let mut redo: Vec<usize> = Vec::new();
+    let mut bad_input = false;
+    g.ctx.stream(&pipeline, &layout, jobs, |k, outs| {
+        let r = &ranges[k];
+        let start = r.start * gbytes;
+        let end = (r.end * gbytes).min(data.len());
+        data[start..end].copy_from_slice(&outs[0][..end - start]);
+        for (i, f) in outs[1].chunks_exact(4).enumerate() {
+            let f = u32::from_le_bytes(f.try_into().unwrap());
+            if f & FLAG_NON_FINITE != 0 {
+                bad_input = true;
+            } else if f & FLAG_CPU != 0 {
+                redo.push(r.start + i);
+            }
+        }
+        Ok(())
+    })?;
+    if bad_input {
+        return Err(non_finite(ty));
+    }
+    let mut cpu_blocks = 0;
+    for grp in redo {
+        let b0 = grp * gb;
+        let b1 = (b0 + gb).min(blocks);
+        let x = values(t, b0 * bv..b1 * bv);
+        reference::quantize_blocks(ty, &x, &mut data[b0 * bb..b1 * bb]);
+        cpu_blocks += b1 - b0;
+    }
+    Ok(Quantized { data, cpu_blocks })
+}
+
+/// Dequantizes `n` values of `ty` blocks to f32 (ggml's dequantize_row_*).
+pub fn dequantize(ty: BlockType, q: &[u8], n: usize) -> Result<Vec<f32>> {
+    let (bv, bb) = (ty.block_values(), ty.block_bytes());
+    if n % bv != 0 || q.len() != n / bv * bb {
+        return Err(Error::input(format!(
+            "{} data of {} bytes does not hold {n} values",
+            ty.name(),
+            q.len()
+        )));
+    }
+    let mut y = vec![0f32; n];
+    y.par_chunks_mut(CPU_TASK_BLOCKS * bv)
+        .zip(q.par_chunks(CPU_TASK_BLOCKS * bb))
+        .for_each(|(y, q)| reference::dequantize_blocks(ty, q, y));
+    Ok(y)
+}

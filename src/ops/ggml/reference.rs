@@ -1,0 +1,588 @@
+//! The CPU reference: ports of ggml's `quantize_row_*_ref` and
+//! `dequantize_row_*` (ggml-quants.c), which llama-quantize runs when no
+//! importance matrix is given. They are the specification the GPU kernels
+//! are held to, byte for byte.
+//!
+//! Every expression keeps the C source's operation order and types: Rust
+//! neither contracts `a*b+c` into a fused multiply-add nor reorders float
+//! arithmetic, `f32::sqrt` and `/` are correctly rounded like `sqrtf` and
+//! C's `/`, and `half` converts to fp16 rounding to nearest even like
+//! `GGML_FP32_TO_FP16`. Casts follow C: `(int8_t)v` of an in-range float
+//! truncates, `(uint8_t)` of an int wraps.
+
+use super::BlockType;
+
+/// Values per K-quant super-block.
+pub const QK_K: usize = 256;
+/// Values per block of the legacy types.
+pub const QK: usize = 32;
+/// ggml's GROUP_MAX_EPS: a (sub-)block whose largest |x| is below is zero.
+const GROUP_MAX_EPS: f32 = 1e-15;
+
+pub(crate) fn fp16(x: f32) -> [u8; 2] {
+    half::f16::from_f32(x).to_bits().to_le_bytes()
+}
+
+fn f16_at(b: &[u8], at: usize) -> f32 {
+    half::f16::from_bits(u16::from_le_bytes([b[at], b[at + 1]])).to_f32()
+}
+
+/// ggml's `nearest_int`: the magic-number trick, bit for bit (rounds half
+/// to even; beyond ±4194303, where C asserts in debug builds, it returns
+/// what release builds return).
+#[inline]
+pub fn nearest_int(f: f32) -> i32 {
+    let val = f + 12582912.0;
+    (val.to_bits() as i32 & 0x007f_ffff) - 0x0040_0000
+}
+
+/// Quantizes whole blocks of `x` into `out` (`out.len()` = blocks × bytes).
+pub fn quantize_blocks(ty: BlockType, x: &[f32], out: &mut [u8]) {
+    let (n, b) = (ty.block_values(), ty.block_bytes());
+    debug_assert_eq!(x.len() / n * b, out.len());
+    for (xb, yb) in x.chunks_exact(n).zip(out.chunks_exact_mut(b)) {
+        match ty {
+            BlockType::Q4_0 => q4_0(xb, yb),
+            BlockType::Q4_1 => q4_1(xb, yb),
+            BlockType::Q5_0 => q5_0(xb, yb),
+            BlockType::Q5_1 => q5_1(xb, yb),
+            BlockType::Q8_0 => q8_0(xb, yb),
+            BlockType::Q4_K => q4_k(xb, yb),
+            BlockType::Q5_K => q5_k(xb, yb),
+            BlockType::Q6_K => q6_k(xb, yb),
+        }
+    }
+}
+
+/// Dequantizes whole blocks of `q` into `y`.
+pub fn dequantize_blocks(ty: BlockType, q: &[u8], y: &mut [f32]) {
+    let (n, b) = (ty.block_values(), ty.block_bytes());
+    for (qb, yb) in q.chunks_exact(b).zip(y.chunks_exact_mut(n)) {
+        match ty {
+            BlockType::Q4_0 => dq4_0(qb, yb),
+            BlockType::Q4_1 => dq4_1(qb, yb),
+            BlockType::Q5_0 => dq5_0(qb, yb),
+            BlockType::Q5_1 => dq5_1(qb, yb),
+            BlockType::Q8_0 => dq8_0(qb, yb),
+            BlockType::Q4_K => dq4_k(qb, yb),
+            BlockType::Q5_K => dq5_k(qb, yb),
+            BlockType::Q6_K => dq6_k(qb, yb),
+        }
+    }
+}
+
+// ---- legacy 32-value blocks -------------------------------------------------
+
+/// The signed value of largest magnitude, the first one on ties.
+fn signed_absmax(x: &[f32]) -> f32 {
+    let (mut amax, mut max) = (0.0f32, 0.0f32);
+    for &v in x {
+        if amax < v.abs() {
+            amax = v.abs();
+            max = v;
+        }
+    }
+    max
+}
+
+fn min_max(x: &[f32]) -> (f32, f32) {
+    let (mut min, mut max) = (f32::MAX, -f32::MAX);
+    for &v in x {
+        if v < min {
+            min = v;
+        }
+        if v > max {
+            max = v;
+        }
+    }
+    (min, max)
+}
+
+fn q4_0(x: &[f32], y: &mut [u8]) {
+    let d = signed_absmax(x) / -8.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    y[0..2].copy_from_slice(&fp16(d));
+    for j in 0..QK / 2 {
+        let x0 = x[j] * id;
+        let x1 = x[j + QK / 2] * id;
+        let q0 = ((x0 + 8.5) as i32 as i8).min(15) as u8;
+        let q1 = ((x1 + 8.5) as i32 as i8).min(15) as u8;
+        y[2 + j] = q0 | (q1 << 4);
+    }
+}
+
+fn q4_1(x: &[f32], y: &mut [u8]) {
+    let (min, max) = min_max(x);
+    let d = (max - min) / 15.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    y[0..2].copy_from_slice(&fp16(d));
+    y[2..4].copy_from_slice(&fp16(min));
+    for j in 0..QK / 2 {
+        let x0 = (x[j] - min) * id;
+        let x1 = (x[j + QK / 2] - min) * id;
+        let q0 = ((x0 + 0.5) as i32 as i8).min(15) as u8;
+        let q1 = ((x1 + 0.5) as i32 as i8).min(15) as u8;
+        y[4 + j] = q0 | (q1 << 4);
+    }
+}
+
+fn q5_0(x: &[f32], y: &mut [u8]) {
+    let d = signed_absmax(x) / -16.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    y[0..2].copy_from_slice(&fp16(d));
+    let mut qh = 0u32;
+    for j in 0..QK / 2 {
+        let x0 = x[j] * id;
+        let x1 = x[j + QK / 2] * id;
+        let q0 = ((x0 + 16.5) as i32 as i8).min(31) as u8;
+        let q1 = ((x1 + 16.5) as i32 as i8).min(31) as u8;
+        y[6 + j] = (q0 & 0x0f) | ((q1 & 0x0f) << 4);
+        qh |= (((q0 & 0x10) >> 4) as u32) << j;
+        qh |= (((q1 & 0x10) >> 4) as u32) << (j + QK / 2);
+    }
+    y[2..6].copy_from_slice(&qh.to_le_bytes());
+}
+
+fn q5_1(x: &[f32], y: &mut [u8]) {
+    let (min, max) = min_max(x);
+    let d = (max - min) / 31.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    y[0..2].copy_from_slice(&fp16(d));
+    y[2..4].copy_from_slice(&fp16(min));
+    let mut qh = 0u32;
+    for j in 0..QK / 2 {
+        let x0 = (x[j] - min) * id;
+        let x1 = (x[j + QK / 2] - min) * id;
+        // No clamp in the reference: (uint8_t)(x + 0.5f).
+        let q0 = (x0 + 0.5) as i32 as u8;
+        let q1 = (x1 + 0.5) as i32 as u8;
+        y[8 + j] = (q0 & 0x0f) | ((q1 & 0x0f) << 4);
+        qh |= (((q0 & 0x10) >> 4) as u32) << j;
+        qh |= (((q1 & 0x10) >> 4) as u32) << (j + QK / 2);
+    }
+    y[4..8].copy_from_slice(&qh.to_le_bytes());
+}
+
+fn q8_0(x: &[f32], y: &mut [u8]) {
+    let amax = x.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+    let d = amax / 127.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    y[0..2].copy_from_slice(&fp16(d));
+    for j in 0..QK {
+        // C roundf: half away from zero.
+        y[2 + j] = (x[j] * id).round() as i32 as i8 as u8;
+    }
+}
+
+fn dq4_0(q: &[u8], y: &mut [f32]) {
+    let d = f16_at(q, 0);
+    for j in 0..QK / 2 {
+        y[j] = ((q[2 + j] & 0x0f) as i32 - 8) as f32 * d;
+        y[j + QK / 2] = ((q[2 + j] >> 4) as i32 - 8) as f32 * d;
+    }
+}
+
+fn dq4_1(q: &[u8], y: &mut [f32]) {
+    let (d, m) = (f16_at(q, 0), f16_at(q, 2));
+    for j in 0..QK / 2 {
+        y[j] = (q[4 + j] & 0x0f) as f32 * d + m;
+        y[j + QK / 2] = (q[4 + j] >> 4) as f32 * d + m;
+    }
+}
+
+fn high_bits(q: &[u8], at: usize, j: usize) -> (u8, u8) {
+    let qh = u32::from_le_bytes([q[at], q[at + 1], q[at + 2], q[at + 3]]);
+    (
+        (((qh >> j) << 4) & 0x10) as u8,
+        ((qh >> (j + 12)) & 0x10) as u8,
+    )
+}
+
+fn dq5_0(q: &[u8], y: &mut [f32]) {
+    let d = f16_at(q, 0);
+    for j in 0..QK / 2 {
+        let (h0, h1) = high_bits(q, 2, j);
+        y[j] = (((q[6 + j] & 0x0f) | h0) as i32 - 16) as f32 * d;
+        y[j + QK / 2] = (((q[6 + j] >> 4) | h1) as i32 - 16) as f32 * d;
+    }
+}
+
+fn dq5_1(q: &[u8], y: &mut [f32]) {
+    let (d, m) = (f16_at(q, 0), f16_at(q, 2));
+    for j in 0..QK / 2 {
+        let (h0, h1) = high_bits(q, 4, j);
+        y[j] = ((q[8 + j] & 0x0f) | h0) as f32 * d + m;
+        y[j + QK / 2] = ((q[8 + j] >> 4) | h1) as f32 * d + m;
+    }
+}
+
+fn dq8_0(q: &[u8], y: &mut [f32]) {
+    let d = f16_at(q, 0);
+    for j in 0..QK {
+        y[j] = (q[2 + j] as i8) as f32 * d;
+    }
+}
+
+// ---- K-quants ---------------------------------------------------------------
+
+/// ggml's `make_qkx2_quants` (no imatrix): an affine fit of `x` to
+/// `nmax + 1` levels, searching `nstep + 1` scales around nmax/(max − min).
+/// Returns (scale, −min) and the levels in `l`.
+#[allow(clippy::too_many_arguments)]
+fn make_qkx2_quants(
+    nmax: i32,
+    x: &[f32],
+    weights: &[f32],
+    l: &mut [u8],
+    laux: &mut [u8],
+    rmin: f32,
+    rdelta: f32,
+    nstep: i32,
+) -> (f32, f32) {
+    let n = x.len();
+    let mut min = x[0];
+    let mut max = x[0];
+    let sum_w0 = weights[0];
+    let mut sum_w = sum_w0;
+    let mut sum_x = sum_w0 * x[0];
+    for i in 1..n {
+        if x[i] < min {
+            min = x[i];
+        }
+        if x[i] > max {
+            max = x[i];
+        }
+        let w = weights[i];
+        sum_w += w;
+        sum_x += w * x[i];
+    }
+    if min > 0.0 {
+        min = 0.0;
+    }
+    if max == min {
+        l[..n].fill(0);
+        return (0.0, -min);
+    }
+    let nmaxf = nmax as f32;
+    let mut iscale = nmaxf / (max - min);
+    let mut scale = 1.0 / iscale;
+    let mut best_error = 0.0f32;
+    for i in 0..n {
+        let li = nearest_int(iscale * (x[i] - min)).clamp(0, nmax);
+        l[i] = li as u8;
+        let diff = scale * l[i] as f32 + min - x[i];
+        best_error += weights[i] * (diff * diff);
+    }
+    for is in 0..=nstep {
+        iscale = (rmin + rdelta * is as f32 + nmaxf) / (max - min);
+        let (mut sum_l, mut sum_l2, mut sum_xl) = (0.0f32, 0.0f32, 0.0f32);
+        for i in 0..n {
+            let li = nearest_int(iscale * (x[i] - min)).clamp(0, nmax);
+            laux[i] = li as u8;
+            let (w, lf) = (weights[i], li as f32);
+            sum_l += w * lf;
+            sum_l2 += w * lf * lf;
+            sum_xl += w * lf * x[i];
+        }
+        let d = sum_w * sum_l2 - sum_l * sum_l;
+        if d > 0.0 {
+            let mut this_scale = (sum_w * sum_xl - sum_x * sum_l) / d;
+            let mut this_min = (sum_l2 * sum_x - sum_l * sum_xl) / d;
+            if this_min > 0.0 {
+                this_min = 0.0;
+                this_scale = sum_xl / sum_l2;
+            }
+            let mut cur_error = 0.0f32;
+            for i in 0..n {
+                let diff = this_scale * laux[i] as f32 + this_min - x[i];
+                cur_error += weights[i] * (diff * diff);
+            }
+            if cur_error < best_error {
+                l[..n].copy_from_slice(&laux[..n]);
+                best_error = cur_error;
+                scale = this_scale;
+                min = this_min;
+            }
+        }
+    }
+    (scale, -min)
+}
+
+/// ggml's `get_scale_min_k4`: sub-block j's 6-bit scale and min.
+pub(crate) fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (q[j] & 63, q[j + 4] & 63)
+    } else {
+        (
+            (q[j + 4] & 0xf) | ((q[j - 4] >> 6) << 4),
+            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
+        )
+    }
+}
+
+/// Q4_K and Q5_K: eight sub-blocks of 32, each an affine fit with 6-bit
+/// scale and min; returns the levels, the scale bytes and d, dmin.
+fn qk_affine(x: &[f32], nmax: i32, rmin: f32, nstep: i32) -> ([u8; QK_K], [u8; 12], [u8; 4]) {
+    let mut l = [0u8; QK_K];
+    let mut laux = [0u8; 32];
+    let mut weights = [0f32; 32];
+    let mut mins = [0f32; 8];
+    let mut scales = [0f32; 8];
+    let (mut max_scale, mut max_min) = (0.0f32, 0.0f32);
+    for j in 0..QK_K / 32 {
+        let xs = &x[32 * j..32 * j + 32];
+        let mut sum_x2 = 0.0f32;
+        for &v in xs {
+            sum_x2 += v * v;
+        }
+        let av_x = (sum_x2 / 32.0).sqrt();
+        for (w, &v) in weights.iter_mut().zip(xs) {
+            *w = av_x + v.abs();
+        }
+        let (s, m) = make_qkx2_quants(
+            nmax,
+            xs,
+            &weights,
+            &mut l[32 * j..32 * j + 32],
+            &mut laux,
+            rmin,
+            0.1,
+            nstep,
+        );
+        scales[j] = s;
+        mins[j] = m;
+        if s > max_scale {
+            max_scale = s;
+        }
+        if m > max_min {
+            max_min = m;
+        }
+    }
+    let inv_scale = if max_scale > 0.0 {
+        63.0 / max_scale
+    } else {
+        0.0
+    };
+    let inv_min = if max_min > 0.0 { 63.0 / max_min } else { 0.0 };
+    let mut sc = [0u8; 12];
+    for j in 0..QK_K / 32 {
+        let ls = (nearest_int(inv_scale * scales[j]) as u8).min(63);
+        let lm = (nearest_int(inv_min * mins[j]) as u8).min(63);
+        if j < 4 {
+            sc[j] = ls;
+            sc[j + 4] = lm;
+        } else {
+            sc[j + 4] = (ls & 0xf) | ((lm & 0xf) << 4);
+            sc[j - 4] |= (ls >> 4) << 6;
+            sc[j] |= (lm >> 4) << 6;
+        }
+    }
+    let (dh, mh) = (fp16(max_scale / 63.0), fp16(max_min / 63.0));
+    let (df, mf) = (f16_at(&dh, 0), f16_at(&mh, 0));
+    for j in 0..QK_K / 32 {
+        let (s, m) = scale_min_k4(j, &sc);
+        let d = df * s as f32;
+        if d == 0.0 {
+            continue;
+        }
+        let dm = mf * m as f32;
+        for ii in 0..32 {
+            l[32 * j + ii] = nearest_int((x[32 * j + ii] + dm) / d).clamp(0, nmax) as u8;
+        }
+    }
+    (l, sc, [dh[0], dh[1], mh[0], mh[1]])
+}
+
+fn q4_k(x: &[f32], y: &mut [u8]) {
+    let (l, sc, dd) = qk_affine(x, 15, -1.0, 20);
+    y[0..4].copy_from_slice(&dd);
+    y[4..16].copy_from_slice(&sc);
+    for c in 0..QK_K / 64 {
+        for k in 0..32 {
+            y[16 + 32 * c + k] = l[64 * c + k] | (l[64 * c + 32 + k] << 4);
+        }
+    }
+}
+
+fn q5_k(x: &[f32], y: &mut [u8]) {
+    let (l, sc, dd) = qk_affine(x, 31, -0.5, 15);
+    y[0..4].copy_from_slice(&dd);
+    y[4..16].copy_from_slice(&sc);
+    let (qh, ql) = y[16..176].split_at_mut(32);
+    qh.fill(0);
+    for c in 0..QK_K / 64 {
+        let (m1, m2) = (1u8 << (2 * c), 2u8 << (2 * c));
+        for k in 0..32 {
+            let mut l1 = l[64 * c + k];
+            if l1 > 15 {
+                l1 -= 16;
+                qh[k] |= m1;
+            }
+            let mut l2 = l[64 * c + 32 + k];
+            if l2 > 15 {
+                l2 -= 16;
+                qh[k] |= m2;
+            }
+            ql[32 * c + k] = l1 | (l2 << 4);
+        }
+    }
+}
+
+/// ggml's `make_qx_quants` with rmse_type 1 and no imatrix (Q6_K): a
+/// symmetric fit to [−nmax, nmax−1] weighted by x², searching 18 scales
+/// around −nmax/max. Levels come back offset by nmax.
+fn make_qx_quants(nmax: i32, x: &[f32], l: &mut [i8]) -> f32 {
+    let (mut max, mut amax) = (0.0f32, 0.0f32);
+    for &v in x {
+        if v.abs() > amax {
+            amax = v.abs();
+            max = v;
+        }
+    }
+    if amax < GROUP_MAX_EPS {
+        l.fill(0);
+        return 0.0;
+    }
+    let nmaxf = nmax as f32;
+    let mut iscale = -nmaxf / max;
+    let (mut sumlx, mut suml2) = (0.0f32, 0.0f32);
+    for i in 0..x.len() {
+        let li = nearest_int(iscale * x[i]).clamp(-nmax, nmax - 1);
+        l[i] = (li + nmax) as i8;
+        let w = x[i] * x[i];
+        let lf = li as f32;
+        sumlx += w * x[i] * lf;
+        suml2 += w * lf * lf;
+    }
+    let mut scale = if suml2 != 0.0 { sumlx / suml2 } else { 0.0 };
+    let mut best = scale * sumlx;
+    for is in -9..=9 {
+        if is == 0 {
+            continue;
+        }
+        iscale = -(nmaxf + 0.1 * is as f32) / max;
+        sumlx = 0.0;
+        suml2 = 0.0;
+        for &v in x {
+            let lf = nearest_int(iscale * v).clamp(-nmax, nmax - 1) as f32;
+            let w = v * v;
+            sumlx += w * v * lf;
+            suml2 += w * lf * lf;
+        }
+        if suml2 > 0.0 && sumlx * sumlx > best * suml2 {
+            for i in 0..x.len() {
+                let li = nearest_int(iscale * x[i]).clamp(-nmax, nmax - 1);
+                l[i] = (li + nmax) as i8;
+            }
+            scale = sumlx / suml2;
+            best = scale * sumlx;
+        }
+    }
+    scale
+}
+
+fn q6_k(x: &[f32], y: &mut [u8]) {
+    let mut l = [0i8; QK_K];
+    let mut scales = [0f32; 16];
+    let (mut max_scale, mut max_abs_scale) = (0.0f32, 0.0f32);
+    for ib in 0..QK_K / 16 {
+        let s = make_qx_quants(32, &x[16 * ib..16 * ib + 16], &mut l[16 * ib..16 * ib + 16]);
+        scales[ib] = s;
+        if s.abs() > max_abs_scale {
+            max_abs_scale = s.abs();
+            max_scale = s;
+        }
+    }
+    if max_abs_scale < GROUP_MAX_EPS {
+        y.fill(0);
+        return;
+    }
+    let iscale = -128.0 / max_scale;
+    let dh = fp16(1.0 / iscale);
+    y[208..210].copy_from_slice(&dh);
+    let df = f16_at(&dh, 0);
+    let mut sc = [0i8; 16];
+    for ib in 0..QK_K / 16 {
+        sc[ib] = nearest_int(iscale * scales[ib]).min(127) as i8;
+        y[192 + ib] = sc[ib] as u8;
+    }
+    for j in 0..QK_K / 16 {
+        let d = df * sc[j] as f32;
+        if d == 0.0 {
+            continue;
+        }
+        for ii in 0..16 {
+            let li = nearest_int(x[16 * j + ii] / d).clamp(-32, 31);
+            l[16 * j + ii] = (li + 32) as i8;
+        }
+    }
+    let (ql, rest) = y.split_at_mut(128);
+    let qh = &mut rest[..64];
+    for h in 0..2 {
+        let (lh, qlh, qhh) = (&l[128 * h..], &mut ql[64 * h..], &mut qh[32 * h..]);
+        for k in 0..32 {
+            let q = |o: usize| lh[k + o] as u8;
+            qlh[k] = (q(0) & 0xf) | ((q(64) & 0xf) << 4);
+            qlh[k + 32] = (q(32) & 0xf) | ((q(96) & 0xf) << 4);
+            qhh[k] = (q(0) >> 4) | ((q(32) >> 4) << 2) | ((q(64) >> 4) << 4) | ((q(96) >> 4) << 6);
+        }
+    }
+}
+
+fn dq4_k(q: &[u8], y: &mut [f32]) {
+    let (d, min) = (f16_at(q, 0), f16_at(q, 2));
+    let sc = &q[4..16];
+    for c in 0..QK_K / 64 {
+        let (s1, m1) = scale_min_k4(2 * c, sc);
+        let (s2, m2) = scale_min_k4(2 * c + 1, sc);
+        let (d1, m1) = (d * s1 as f32, min * m1 as f32);
+        let (d2, m2) = (d * s2 as f32, min * m2 as f32);
+        let qs = &q[16 + 32 * c..16 + 32 * c + 32];
+        for k in 0..32 {
+            y[64 * c + k] = d1 * (qs[k] & 0xf) as f32 - m1;
+            y[64 * c + 32 + k] = d2 * (qs[k] >> 4) as f32 - m2;
+        }
+    }
+}
+
+fn dq5_k(q: &[u8], y: &mut [f32]) {
+    let (d, min) = (f16_at(q, 0), f16_at(q, 2));
+    let sc = &q[4..16];
+    let qh = &q[16..48];
+    for c in 0..QK_K / 64 {
+        let (s1, m1) = scale_min_k4(2 * c, sc);
+        let (s2, m2) = scale_min_k4(2 * c + 1, sc);
+        let (d1, m1) = (d * s1 as f32, min * m1 as f32);
+        let (d2, m2) = (d * s2 as f32, min * m2 as f32);
+        let (u1, u2) = (1u8 << (2 * c), 2u8 << (2 * c));
+        let ql = &q[48 + 32 * c..48 + 32 * c + 32];
+        for k in 0..32 {
+            let h1 = if qh[k] & u1 != 0 { 16 } else { 0 };
+            let h2 = if qh[k] & u2 != 0 { 16 } else { 0 };
+            y[64 * c + k] = d1 * ((ql[k] & 0xf) + h1) as f32 - m1;
+            y[64 * c + 32 + k] = d2 * ((ql[k] >> 4) + h2) as f32 - m2;
+        }
+    }
+}
+
+fn dq6_k(q: &[u8], y: &mut [f32]) {
+    let d = f16_at(q, 208);
+    for h in 0..2 {
+        let ql = &q[64 * h..64 * h + 64];
+        let qh = &q[128 + 32 * h..128 + 32 * h + 32];
+        let sc = &q[192 + 8 * h..192 + 8 * h + 8];
+        let yh = &mut y[128 * h..128 * h + 128];
+        for k in 0..32 {
+            let is = k / 16;
+            let v = |lo: u8, sh: u32| ((lo | (((qh[k] >> sh) & 3) << 4)) as i32 - 32) as f32;
+            let q1 = v(ql[k] & 0xf, 0);
+            let q2 = v(ql[k + 32] & 0xf, 2);
+            let q3 = v(ql[k] >> 4, 4);
+            let q4 = v(ql[k + 32] >> 4, 6);
+            yh[k] = d * (sc[is] as i8) as f32 * q1;
+            yh[k + 32] = d * (sc[is + 2] as i8) as f32 * q2;
+            yh[k + 64] = d * (sc[is + 4] as i8) as f32 * q3;
+            yh[k + 96] = d * (sc[is + 6] as i8) as f32 * q4;
+        }
+    }
+}
