@@ -36,6 +36,18 @@ pub fn nearest_int(f: f32) -> i32 {
     (val.to_bits() as i32 & 0x007f_ffff) - 0x0040_0000
 }
 
+/// C's float → int conversion as x86-64 compiles it (cvttss2si): truncation,
+/// and 0x80000000 for NaN and out-of-range values, which the legacy
+/// quantizers meet when 1/d overflows (blocks of subnormal weights).
+#[inline]
+fn c_int(v: f32) -> i32 {
+    if v.is_nan() || !(-2147483648.0..2147483648.0).contains(&v) {
+        i32::MIN
+    } else {
+        v as i32
+    }
+}
+
 /// Quantizes whole blocks of `x` into `out` (`out.len()` = blocks × bytes).
 pub fn quantize_blocks(ty: BlockType, x: &[f32], out: &mut [u8]) {
     let (n, b) = (ty.block_values(), ty.block_bytes());
@@ -105,8 +117,8 @@ fn q4_0(x: &[f32], y: &mut [u8]) {
     for j in 0..QK / 2 {
         let x0 = x[j] * id;
         let x1 = x[j + QK / 2] * id;
-        let q0 = ((x0 + 8.5) as i32 as i8).min(15) as u8;
-        let q1 = ((x1 + 8.5) as i32 as i8).min(15) as u8;
+        let q0 = (c_int(x0 + 8.5) as i8).min(15) as u8;
+        let q1 = (c_int(x1 + 8.5) as i8).min(15) as u8;
         y[2 + j] = q0 | (q1 << 4);
     }
 }
@@ -120,8 +132,8 @@ fn q4_1(x: &[f32], y: &mut [u8]) {
     for j in 0..QK / 2 {
         let x0 = (x[j] - min) * id;
         let x1 = (x[j + QK / 2] - min) * id;
-        let q0 = ((x0 + 0.5) as i32 as i8).min(15) as u8;
-        let q1 = ((x1 + 0.5) as i32 as i8).min(15) as u8;
+        let q0 = (c_int(x0 + 0.5) as i8).min(15) as u8;
+        let q1 = (c_int(x1 + 0.5) as i8).min(15) as u8;
         y[4 + j] = q0 | (q1 << 4);
     }
 }
@@ -134,8 +146,8 @@ fn q5_0(x: &[f32], y: &mut [u8]) {
     for j in 0..QK / 2 {
         let x0 = x[j] * id;
         let x1 = x[j + QK / 2] * id;
-        let q0 = ((x0 + 16.5) as i32 as i8).min(31) as u8;
-        let q1 = ((x1 + 16.5) as i32 as i8).min(31) as u8;
+        let q0 = (c_int(x0 + 16.5) as i8).min(31) as u8;
+        let q1 = (c_int(x1 + 16.5) as i8).min(31) as u8;
         y[6 + j] = (q0 & 0x0f) | ((q1 & 0x0f) << 4);
         qh |= (((q0 & 0x10) >> 4) as u32) << j;
         qh |= (((q1 & 0x10) >> 4) as u32) << (j + QK / 2);
@@ -154,8 +166,8 @@ fn q5_1(x: &[f32], y: &mut [u8]) {
         let x0 = (x[j] - min) * id;
         let x1 = (x[j + QK / 2] - min) * id;
         // No clamp in the reference: (uint8_t)(x + 0.5f).
-        let q0 = (x0 + 0.5) as i32 as u8;
-        let q1 = (x1 + 0.5) as i32 as u8;
+        let q0 = c_int(x0 + 0.5) as u8;
+        let q1 = c_int(x1 + 0.5) as u8;
         y[8 + j] = (q0 & 0x0f) | ((q1 & 0x0f) << 4);
         qh |= (((q0 & 0x10) >> 4) as u32) << j;
         qh |= (((q1 & 0x10) >> 4) as u32) << (j + QK / 2);
@@ -170,7 +182,7 @@ fn q8_0(x: &[f32], y: &mut [u8]) {
     y[0..2].copy_from_slice(&fp16(d));
     for j in 0..QK {
         // C roundf: half away from zero.
-        y[2 + j] = (x[j] * id).round() as i32 as i8 as u8;
+        y[2 + j] = c_int((x[j] * id).round()) as u8;
     }
 }
 
