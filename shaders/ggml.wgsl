@@ -479,13 +479,12 @@ fn qk_affine(o: u32, five: bool) {
     for (var j = 0u; j < 8u; j++) {
         let sm = scale_min_k4(j);
         let d = fmul(df, f32(sm.x));
-        if (is_zero(d)) {
-            continue;
-        }
-        let dm = fmul(mf, f32(sm.y));
-        for (var i = 0u; i < 32u; i++) {
-            let k = 32u * j + i;
-            lv[k] = u32(clamp(nearest_int(fdiv(fadd(xs[k], dm), d)), 0, nmax));
+        if (!is_zero(d)) {
+            let dm = fmul(mf, f32(sm.y));
+            for (var i = 0u; i < 32u; i++) {
+                let k = 32u * j + i;
+                lv[k] = u32(clamp(nearest_int(fdiv(fadd(xs[k], dm), d)), 0, nmax));
+            }
         }
     }
     put16(o, dh);
@@ -531,50 +530,52 @@ fn make_qx(off: u32) -> f32 {
             mx = xs[off + i];
         }
     }
+    // Structured control flow only (no early return or continue): lavapipe
+    // miscompiled the early-exit version when lanes diverged.
+    var scale = 0.0;
     if (amax < bitcast<f32>(GROUP_MAX_EPS)) {
         for (var i = 0u; i < 16u; i++) {
             lv[off + i] = 0u;
         }
-        return 0.0;
-    }
-    var iscale = fdiv(-32.0, mx);
-    var sumlx = 0.0;
-    var suml2 = 0.0;
-    for (var i = 0u; i < 16u; i++) {
-        let x = xs[off + i];
-        let l = clamp(nearest_int(fmul(iscale, x)), -32, 31);
-        lv[off + i] = u32(l + 32);
-        let w = fmul(x, x);
-        let lf = f32(l);
-        sumlx = fadd(sumlx, fmul(fmul(w, x), lf));
-        suml2 = fadd(suml2, fmul(fmul(w, lf), lf));
-    }
-    var scale = 0.0;
-    if (!is_zero(suml2)) {
-        scale = fdiv(sumlx, suml2);
-    }
-    var best = fmul(scale, sumlx);
-    for (var st = -9; st <= 9; st++) {
-        if (st == 0) {
-            continue;
-        }
-        iscale = fdiv(-fadd(32.0, fmul(bitcast<f32>(RDELTA), f32(st))), mx);
-        sumlx = 0.0;
-        suml2 = 0.0;
+    } else {
+        var iscale = fdiv(-32.0, mx);
+        var sumlx = 0.0;
+        var suml2 = 0.0;
         for (var i = 0u; i < 16u; i++) {
             let x = xs[off + i];
-            let lf = f32(clamp(nearest_int(fmul(iscale, x)), -32, 31));
+            let l = clamp(nearest_int(fmul(iscale, x)), -32, 31);
+            lv[off + i] = u32(l + 32);
             let w = fmul(x, x);
+            let lf = f32(l);
             sumlx = fadd(sumlx, fmul(fmul(w, x), lf));
             suml2 = fadd(suml2, fmul(fmul(w, lf), lf));
         }
-        if (suml2 > 0.0 && fmul(sumlx, sumlx) > fmul(best, suml2)) {
-            for (var i = 0u; i < 16u; i++) {
-                let l = clamp(nearest_int(fmul(iscale, xs[off + i])), -32, 31);
-                lv[off + i] = u32(l + 32);
-            }
+        if (!is_zero(suml2)) {
             scale = fdiv(sumlx, suml2);
-            best = fmul(scale, sumlx);
+        }
+        var best = fmul(scale, sumlx);
+        for (var st = -9; st <= 9; st++) {
+            // (st == 0 is the first pass above.)
+            if (st != 0) {
+            iscale = fdiv(-fadd(32.0, fmul(bitcast<f32>(RDELTA), f32(st))), mx);
+            sumlx = 0.0;
+            suml2 = 0.0;
+            for (var i = 0u; i < 16u; i++) {
+                let x = xs[off + i];
+                let lf = f32(clamp(nearest_int(fmul(iscale, x)), -32, 31));
+                let w = fmul(x, x);
+                sumlx = fadd(sumlx, fmul(fmul(w, x), lf));
+                suml2 = fadd(suml2, fmul(fmul(w, lf), lf));
+            }
+            if (suml2 > 0.0 && fmul(sumlx, sumlx) > fmul(best, suml2)) {
+                for (var i = 0u; i < 16u; i++) {
+                    let l = clamp(nearest_int(fmul(iscale, xs[off + i])), -32, 31);
+                    lv[off + i] = u32(l + 32);
+                }
+                scale = fdiv(sumlx, suml2);
+                best = fmul(scale, sumlx);
+            }
+            }
         }
     }
     return scale;
@@ -591,10 +592,13 @@ fn q6_k(o: u32) {
             max_scale = s;
         }
     }
-    if (max_abs_scale < bitcast<f32>(GROUP_MAX_EPS)) {
-        // An all-zero block (ow is already zero).
-        return;
+    // An all-zero block stays zero (ow is already zero).
+    if (max_abs_scale >= bitcast<f32>(GROUP_MAX_EPS)) {
+        q6_k_pack(o, max_scale);
     }
+}
+
+fn q6_k_pack(o: u32, max_scale: f32) {
     let iscale = fdiv(-128.0, max_scale);
     let dh = half_bits(fdiv(1.0, iscale));
     let df = half_value(dh);
@@ -603,12 +607,11 @@ fn q6_k(o: u32) {
         let s = min(127, nearest_int(fmul(iscale, scl[ib])));
         put8(o + 192u + ib, u32(s));
         let d = fmul(df, f32(s));
-        if (is_zero(d)) {
-            continue;
-        }
-        for (var i = 0u; i < 16u; i++) {
-            let k = 16u * ib + i;
-            lv[k] = u32(clamp(nearest_int(fdiv(xs[k], d)), -32, 31) + 32);
+        if (!is_zero(d)) {
+            for (var i = 0u; i < 16u; i++) {
+                let k = 16u * ib + i;
+                lv[k] = u32(clamp(nearest_int(fdiv(xs[k], d)), -32, 31) + 32);
+            }
         }
     }
     for (var h = 0u; h < 2u; h++) {

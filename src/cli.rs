@@ -154,9 +154,15 @@ enum Command {
     /// or a GGUF file of GGML type T (--type, output ending in .gguf).
     Quantize {
         model: PathBuf,
-        /// GGML type for a GGUF output (this version: F32, F16, BF16).
+        /// GGUF output of llama-quantize's file type T: Q4_0, Q4_1, Q5_0,
+        /// Q5_1, Q8_0, Q4_K (= Q4_K_M), Q4_K_S, Q4_K_M, Q5_K (= Q5_K_M),
+        /// Q5_K_S, Q5_K_M, Q6_K; or F32, F16, BF16.
         #[arg(long = "type", value_name = "T", conflicts_with_all = ["scale", "int8", "dequantize"])]
         gguf_type: Option<String>,
+        /// With --type: every quantized tensor gets T itself (llama-quantize
+        /// --pure), without the mixes' per-tensor choices.
+        #[arg(long, requires = "gguf_type")]
+        pure: bool,
         #[arg(
             long,
             allow_negative_numbers = true,
@@ -172,9 +178,13 @@ enum Command {
         #[command(flatten)]
         common: Common,
     },
-    /// Turn a model quantized by `quantize` back into floats.
+    /// Turn a model quantized by `quantize` back into floats; a GGUF input
+    /// becomes a .gguf or .safetensors output of --dtype.
     Dequantize {
         model: PathBuf,
+        /// Float type of a GGUF input's dequantized tensors: f32, f16, bf16.
+        #[arg(long, default_value = "f32")]
+        dtype: String,
         #[command(flatten)]
         common: Common,
     },
@@ -501,6 +511,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Quantize {
             model,
             gguf_type,
+            pure,
             scale,
             int8,
             dequantize,
@@ -508,18 +519,15 @@ fn run(cli: Cli) -> Result<()> {
         } => {
             if let Some(t) = gguf_type {
                 let dev = Device::choose(&common.device)?;
-                let sm =
-                    crate::gguf_job::write_gguf(&dev, &model, &common.output, &t, common.force)?;
-                println!(
-                    "wrote {}: {} tensors ({} converted to {}), {} in, {} out, on {}",
-                    common.output.display(),
-                    sm.tensors,
-                    sm.converted,
-                    t.to_uppercase(),
-                    human_bytes(sm.bytes_in),
-                    human_bytes(sm.bytes_out),
-                    dev.name()
-                );
+                let r = crate::gguf_job::write_gguf(
+                    &dev,
+                    &model,
+                    &common.output,
+                    &t,
+                    pure,
+                    common.force,
+                )?;
+                print_gguf_report(&r, common.report.as_deref())?;
                 return Ok(());
             }
             let scheme = match (scale, int8) {
@@ -539,7 +547,28 @@ fn run(cli: Cli) -> Result<()> {
             };
             job(&Quantize { scheme, dequantize }, &[open(&model)?], &common).map(|_| ())
         }
-        Command::Dequantize { model, common } => {
+        Command::Dequantize {
+            model,
+            dtype,
+            common,
+        } => {
+            if model.is_file() && crate::formats::gguf::GgufFile::sniff(&model) {
+                let dev = Device::choose(&common.device)?;
+                let d = crate::DType::parse(&dtype)
+                    .filter(|d| d.is_kernel_float())
+                    .ok_or_else(|| {
+                        Error::input(format!("--dtype {dtype}: expected f32, f16 or bf16"))
+                    })?;
+                let r = crate::gguf_job::dequantize_gguf(
+                    &dev,
+                    &model,
+                    &common.output,
+                    d,
+                    common.force,
+                )?;
+                print_gguf_report(&r, common.report.as_deref())?;
+                return Ok(());
+            }
             let m = open(&model)?;
             let op = Dequantize::new(&m)?;
             job(&op, &[m], &common).map(|_| ())
@@ -724,6 +753,49 @@ fn inspect_gguf(path: &Path, json: bool) -> Result<()> {
 fn check_tau(t: f32) -> Result<()> {
     if t.is_nan() || t < 0.0 {
         return Err(Error::input(format!("--threshold must be ≥ 0, got {t}")));
+    }
+    Ok(())
+}
+
+/// One line per changed tensor (type, bytes, error), a total, and the JSON
+/// report when asked for.
+fn print_gguf_report(r: &crate::report::Report, json: Option<&std::path::Path>) -> Result<()> {
+    for t in r.tensors.iter().filter(|t| t.op != "pass-through") {
+        let err = match (t.rmse, t.max_abs_err, t.snr_db) {
+            (Some(rmse), Some(mx), Some(snr)) => {
+                format!("  rmse {rmse:.3e}  max|Δ| {mx:.3e}  SNR {snr:.1} dB")
+            }
+            _ => String::new(),
+        };
+        println!(
+            "{:<40} {:>6} -> {:<8} {:>10} -> {:>10}{err}{}",
+            t.name,
+            t.dtype_in,
+            t.dtypes_out.join(","),
+            human_bytes(t.bytes_in),
+            human_bytes(t.bytes_out),
+            t.note
+                .as_ref()
+                .map_or(String::new(), |n| format!("  ({n})"))
+        );
+    }
+    let tt = &r.totals;
+    println!(
+        "wrote {}: {} tensors ({} changed), {} -> {}, {:.1} s on {}",
+        r.output,
+        tt.tensors,
+        tt.touched,
+        human_bytes(tt.bytes_in),
+        human_bytes(tt.bytes_out),
+        tt.seconds,
+        r.device
+    );
+    if let Some(p) = json {
+        let text = serde_json::to_vec_pretty(r).map_err(|e| Error::input(e.to_string()))?;
+        std::fs::write(p, text).map_err(|e| Error::Io {
+            path: p.to_path_buf(),
+            source: e,
+        })?;
     }
     Ok(())
 }

@@ -1,24 +1,29 @@
-//! `quantize --type T` with a GGUF output: a safetensors model or a GGUF
-//! file in, a GGUF v3 file out, tensor by tensor.
+//! GGUF output: `quantize --type T -o OUT.gguf` (a safetensors model or a
+//! GGUF file in) and `dequantize FILE.gguf` (GGUF back to floats), tensor
+//! by tensor.
 //!
-//! Which tensors change (llama-quantize's rule): those of rank ≥ 2 whose
-//! name ends in `weight`; the others (norms, biases, 1-D tensors) keep their
-//! type. From safetensors the output holds the same tensor names and only
-//! `general.file_type` (and `general.quantization_version` once a block
-//! type is written): no llama.cpp model metadata is invented, so it is a
-//! tensor container, not a model llama.cpp can run. From GGUF, every
-//! metadata entry is kept and those two are set as llama-quantize sets them.
-//!
-//! This version writes the float types F32, F16 and BF16 (exact
-//! conversions on the device); the GGML block types come next.
+//! Which tensors change and to what follows llama-quantize (see
+//! gguf_rules): tensors of rank ≥ 2 whose name ends in `weight`, except
+//! norms and a few others; the _M/_S mixes and the output tensor's type;
+//! the fallback for rows that are not a whole number of blocks. From
+//! safetensors the output holds the same tensor names and only
+//! `general.file_type` and `general.quantization_version`: no llama.cpp
+//! model metadata is invented, so it is a tensor container, not a model
+//! llama.cpp can run. From GGUF, every metadata entry is kept and those two
+//! are set as llama-quantize sets them.
 
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::formats::gguf::{GgmlType, GgufFile, GgufOut, GgufWriter, Value};
 use crate::formats::model::Model;
+use crate::formats::safetensors::{OutEntry, SafetensorsWriter};
+use crate::gguf_rules::{Ftype, Plan};
+use crate::ops::ggml::{self, BlockType};
 use crate::ops::quantize;
-use crate::tensor::{DType, TensorRef};
+use crate::report::{Report, TensorReport};
+use crate::tensor::{DType, Tensor, TensorRef};
 use std::path::Path;
+use std::time::Instant;
 
 /// llama.cpp's LLAMA_FTYPE for a whole-file target type.
 fn file_type(t: GgmlType) -> Option<u32> {
@@ -48,68 +53,49 @@ struct In<'a> {
     data: &'a [u8],
 }
 
-/// Summary of a GGUF write.
-pub struct GgufSummary {
-    pub tensors: usize,
-    pub converted: usize,
-    pub bytes_in: u64,
-    pub bytes_out: u64,
+/// The inputs of a GGUF or safetensors file (or model directory), and the
+/// GGUF metadata (empty for safetensors), kept alive together.
+struct Inputs {
+    gguf: Option<GgufFile>,
+    model: Option<Model>,
 }
 
-pub fn write_gguf(
-    dev: &Device,
-    input: &Path,
-    out: &Path,
-    target: &str,
-    force: bool,
-) -> Result<GgufSummary> {
-    let ty = GgmlType::from_name(target)
-        .ok_or_else(|| Error::input(format!("--type {target}: not a GGML type")))?;
-    let Some(target_dtype) = dtype_of(ty) else {
-        return Err(Error::Unsupported(format!(
-            "--type {}: this version writes F32, F16 and BF16 GGUF; the GGML block types are not implemented yet",
-            ty.name
-        )));
-    };
-    if out.extension().is_none_or(|e| e != "gguf") {
-        return Err(Error::input(format!(
-            "output {} should end in .gguf",
-            out.display()
-        )));
+impl Inputs {
+    fn open(input: &Path) -> Result<Inputs> {
+        Ok(if GgufFile::sniff(input) {
+            Inputs {
+                gguf: Some(GgufFile::open(input)?),
+                model: None,
+            }
+        } else {
+            Inputs {
+                gguf: None,
+                model: Some(Model::open(input)?),
+            }
+        })
     }
-    if let (Ok(a), Ok(b)) = (out.canonicalize(), input.canonicalize()) {
-        if a == b {
-            return Err(Error::input(format!(
-                "output {} is the input",
-                out.display()
-            )));
+
+    fn metadata(&self) -> Vec<(String, Value)> {
+        self.gguf
+            .as_ref()
+            .map_or_else(Vec::new, |g| g.metadata.clone())
+    }
+
+    fn tensors(&self) -> Result<Vec<In<'_>>> {
+        if let Some(g) = &self.gguf {
+            return Ok(g
+                .tensors
+                .iter()
+                .map(|t| In {
+                    name: t.name.clone(),
+                    shape: t.shape(),
+                    ty: t.ty,
+                    data: g.data(t),
+                })
+                .collect());
         }
-    }
-    if out.exists() && !force {
-        return Err(Error::input(format!(
-            "output {} already exists (use --force to replace it)",
-            out.display()
-        )));
-    }
-    // Inputs from either format, in file order.
-    let gguf;
-    let model;
-    let (mut metadata, inputs): (Vec<(String, Value)>, Vec<In>) = if GgufFile::sniff(input) {
-        gguf = GgufFile::open(input)?;
-        let ins = gguf
-            .tensors
-            .iter()
-            .map(|t| In {
-                name: t.name.clone(),
-                shape: t.shape(),
-                ty: t.ty,
-                data: gguf.data(t),
-            })
-            .collect();
-        (gguf.metadata.clone(), ins)
-    } else {
-        model = Model::open(input)?;
-        let ins = model
+        let model = self.model.as_ref().expect("one of the two");
+        model
             .entries()
             .map(|(f, e)| {
                 let d = DType::parse(&e.dtype)
@@ -126,44 +112,310 @@ pub fn write_gguf(
                     data: f.data(e),
                 })
             })
-            .collect::<Result<Vec<_>>>()?;
-        (Vec::new(), ins)
+            .collect()
+    }
+}
+
+fn check_output(input: &Path, out: &Path, ext: &[&str], force: bool) -> Result<()> {
+    if out.extension().is_none_or(|e| !ext.iter().any(|x| e == *x)) {
+        return Err(Error::input(format!(
+            "output {} should end in .{}",
+            out.display(),
+            ext.join(" or .")
+        )));
+    }
+    if let (Ok(a), Ok(b)) = (out.canonicalize(), input.canonicalize()) {
+        if a == b {
+            return Err(Error::input(format!(
+                "output {} is the input",
+                out.display()
+            )));
+        }
+    }
+    if out.exists() && !force {
+        return Err(Error::input(format!(
+            "output {} already exists (use --force to replace it)",
+            out.display()
+        )));
+    }
+    Ok(())
+}
+
+/// What `--type` asks for.
+#[derive(Clone, Copy)]
+enum Target {
+    /// Every eligible tensor in one float type.
+    Float(GgmlType),
+    /// A llama-quantize file type (its mixes and fallbacks).
+    Quant(Ftype),
+}
+
+fn parse_target(name: &str) -> Result<Target> {
+    if let Some(f) = Ftype::parse(name) {
+        return Ok(Target::Quant(f));
+    }
+    if let Some(t) = GgmlType::from_name(name) {
+        if dtype_of(t).is_some() {
+            return Ok(Target::Float(t));
+        }
+    }
+    Err(Error::input(format!(
+        "--type {name}: expected F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K (= Q4_K_M), \
+         Q4_K_S, Q4_K_M, Q5_K (= Q5_K_M), Q5_K_S, Q5_K_M or Q6_K"
+    )))
+}
+
+fn pass_through(t: &In, seconds: f64) -> TensorReport {
+    TensorReport {
+        name: t.name.clone(),
+        op: "pass-through".into(),
+        shape: t.shape.clone(),
+        dtype_in: t.ty.name.into(),
+        dtypes_out: vec![t.ty.name.into()],
+        shape_out: None,
+        removed_l2_rel: None,
+        bytes_in: t.data.len() as u64,
+        bytes_out: t.data.len() as u64,
+        zeros: None,
+        sparsity: None,
+        max_abs_err: None,
+        rmse: None,
+        snr_db: None,
+        nonfinite_in: 0,
+        seconds,
+        note: None,
+    }
+}
+
+/// Writes `out` (GGUF) from `input` with the tensors `--type target` asks
+/// for, and reports per tensor: type, bytes, and the error of the
+/// dequantized values (max abs, RMSE, SNR).
+pub fn write_gguf(
+    dev: &Device,
+    input: &Path,
+    out: &Path,
+    target: &str,
+    pure: bool,
+    force: bool,
+) -> Result<Report> {
+    let target = parse_target(target)?;
+    check_output(input, out, &["gguf"], force)?;
+    let start = Instant::now();
+    let src = Inputs::open(input)?;
+    let inputs = src.tensors()?;
+    let mut metadata = src.metadata();
+    // The output type of every tensor, decided up front (the writer needs
+    // all tensor infos before the data).
+    let mut types = Vec::with_capacity(inputs.len());
+    match target {
+        Target::Float(ty) => {
+            for t in &inputs {
+                let convert =
+                    t.shape.len() >= 2 && t.name.ends_with("weight") && dtype_of(t.ty).is_some();
+                types.push(if convert { ty } else { t.ty });
+            }
+        }
+        Target::Quant(f) => {
+            let names: Vec<&str> = inputs.iter().map(|t| t.name.as_str()).collect();
+            let mut plan = Plan::new(f, pure, &metadata, &names);
+            for t in &inputs {
+                let ty = plan.choose(&t.name, &t.shape, t.ty)?;
+                if ty != t.ty && dtype_of(t.ty).is_none() {
+                    return Err(Error::Format {
+                        file: input.display().to_string(),
+                        tensor: t.name.clone(),
+                        why: format!(
+                            "is {}; only F32, F16 and BF16 tensors are quantized (no requantizing)",
+                            t.ty.name
+                        ),
+                    });
+                }
+                types.push(ty);
+            }
+        }
+    }
+    let (ftype, quantized) = match target {
+        Target::Float(ty) => (file_type(ty).expect("float types have one"), false),
+        Target::Quant(f) => (f.file_type(), true),
     };
-    let convert =
-        |t: &In| t.shape.len() >= 2 && t.name.ends_with("weight") && dtype_of(t.ty).is_some();
     metadata.retain(|(k, _)| k != "general.file_type" && k != "general.quantization_version");
-    metadata.push((
-        "general.file_type".into(),
-        Value::U32(file_type(ty).expect("float types have one")),
-    ));
+    metadata.push(("general.file_type".into(), Value::U32(ftype)));
+    if quantized || types.iter().any(|t| BlockType::from_ggml(*t).is_some()) {
+        // GGML_QNT_VERSION, which llama-quantize writes.
+        metadata.push(("general.quantization_version".into(), Value::U32(2)));
+    }
     let outs: Vec<GgufOut> = inputs
         .iter()
-        .map(|t| GgufOut {
+        .zip(&types)
+        .map(|(t, &ty)| GgufOut {
             name: t.name.clone(),
             dims: t.shape.iter().rev().map(|&d| d as u64).collect(),
-            ty: if convert(t) { ty } else { t.ty },
+            ty,
         })
         .collect();
     let mut w = GgufWriter::create(out, &metadata, outs)?;
-    let mut s = GgufSummary {
-        tensors: inputs.len(),
-        converted: 0,
-        bytes_in: 0,
-        bytes_out: 0,
+    let mut report = Report {
+        command: "quantize".into(),
+        device: dev.name(),
+        inputs: vec![input.display().to_string()],
+        output: out.display().to_string(),
+        tensors: Vec::with_capacity(inputs.len()),
+        totals: Default::default(),
     };
-    for t in &inputs {
-        s.bytes_in += t.data.len() as u64;
-        if convert(t) && t.ty != ty {
-            let src = TensorRef::new(dtype_of(t.ty).expect("checked"), &t.shape, t.data)?;
-            let c = quantize::convert(dev, &src, target_dtype).map_err(|e| e.at(input, &t.name))?;
-            w.write(&t.name, &c.data)?;
-            s.bytes_out += c.data.len() as u64;
-            s.converted += 1;
-        } else {
+    for (t, &ty) in inputs.iter().zip(&types) {
+        let t0 = Instant::now();
+        if ty == t.ty {
             w.write(&t.name, t.data)?;
-            s.bytes_out += t.data.len() as u64;
+            report
+                .tensors
+                .push(pass_through(t, t0.elapsed().as_secs_f64()));
+            continue;
         }
+        let src_dtype = dtype_of(t.ty).expect("checked above");
+        let view = TensorRef::new(src_dtype, &t.shape, t.data).map_err(|e| e.at(input, &t.name))?;
+        let (data, stats, note) = if let Some(bt) = BlockType::from_ggml(ty) {
+            let q = ggml::quantize(dev, bt, &view).map_err(|e| e.at(input, &t.name))?;
+            let st = ggml::error_stats(bt, &q.data, &view)?;
+            let note = (q.cpu_blocks > 0)
+                .then(|| format!("{} blocks quantized by the CPU reference", q.cpu_blocks));
+            (q.data, st, note)
+        } else {
+            let d = dtype_of(ty).expect("F16 is the only other output type");
+            let c = quantize::convert(dev, &view, d).map_err(|e| e.at(input, &t.name))?;
+            let st = ggml::ErrorStats::of(&view, &c.view());
+            (c.data, st, None)
+        };
+        w.write(&t.name, &data)?;
+        let mut r = pass_through(t, 0.0);
+        r.op = ty.name.into();
+        r.dtypes_out = vec![ty.name.into()];
+        r.bytes_out = data.len() as u64;
+        r.max_abs_err = Some(stats.max_abs);
+        r.rmse = Some(stats.rmse);
+        r.snr_db = Some(stats.snr_db);
+        r.note = note;
+        r.seconds = t0.elapsed().as_secs_f64();
+        report.tensors.push(r);
     }
     w.finish()?;
-    Ok(s)
+    report.finish_totals(start.elapsed().as_secs_f64());
+    Ok(report)
+}
+
+/// `dequantize FILE.gguf -o OUT`: every tensor of a GGML block type or a
+/// float type becomes `dtype` (others are copied; a safetensors output
+/// refuses them). OUT is a .gguf (metadata kept, file type set) or a
+/// .safetensors file (same tensor names, row-major shapes).
+pub fn dequantize_gguf(
+    dev: &Device,
+    input: &Path,
+    out: &Path,
+    dtype: DType,
+    force: bool,
+) -> Result<Report> {
+    dtype.require_float("dequantize")?;
+    check_output(input, out, &["gguf", "safetensors"], force)?;
+    let start = Instant::now();
+    let g = GgufFile::open(input)?;
+    let target = ggml_of(dtype).expect("float dtypes are GGML types");
+    let changes = |t: GgmlType| BlockType::from_ggml(t).is_some() || dtype_of(t).is_some();
+    let to_gguf = out.extension().is_some_and(|e| e == "gguf");
+    let mut report = Report {
+        command: "dequantize".into(),
+        device: dev.name(),
+        inputs: vec![input.display().to_string()],
+        output: out.display().to_string(),
+        tensors: Vec::with_capacity(g.tensors.len()),
+        totals: Default::default(),
+    };
+    enum Writer {
+        Gguf(GgufWriter),
+        St(SafetensorsWriter),
+    }
+    let mut w = if to_gguf {
+        let mut meta = g.metadata.clone();
+        meta.retain(|(k, _)| k != "general.file_type" && k != "general.quantization_version");
+        meta.push((
+            "general.file_type".into(),
+            Value::U32(file_type(target).expect("float type")),
+        ));
+        let outs = g
+            .tensors
+            .iter()
+            .map(|t| GgufOut {
+                name: t.name.clone(),
+                dims: t.dims.clone(),
+                ty: if changes(t.ty) { target } else { t.ty },
+            })
+            .collect();
+        Writer::Gguf(GgufWriter::create(out, &meta, outs)?)
+    } else {
+        let entries = g
+            .tensors
+            .iter()
+            .map(|t| {
+                let ty = if changes(t.ty) { target } else { t.ty };
+                match DType::parse(ty.name) {
+                    Some(d) => Ok(OutEntry {
+                        name: t.name.clone(),
+                        dtype: d.name().into(),
+                        shape: t.shape(),
+                    }),
+                    None => Err(Error::Format {
+                        file: input.display().to_string(),
+                        tensor: t.name.clone(),
+                        why: format!("type {} has no safetensors dtype", ty.name),
+                    }),
+                }
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Writer::St(SafetensorsWriter::create(out, entries, None)?)
+    };
+    for t in &g.tensors {
+        let t0 = Instant::now();
+        let data = g.data(t);
+        let inp = In {
+            name: t.name.clone(),
+            shape: t.shape(),
+            ty: t.ty,
+            data,
+        };
+        let mut r = pass_through(&inp, 0.0);
+        let bytes: std::borrow::Cow<[u8]> = if let Some(bt) = BlockType::from_ggml(t.ty) {
+            let v =
+                ggml::dequantize(bt, data, t.numel() as usize).map_err(|e| e.at(input, &t.name))?;
+            let f = Tensor {
+                dtype: DType::F32,
+                shape: inp.shape.clone(),
+                data: bytemuck::cast_slice(&v).to_vec(),
+            };
+            let c = quantize::convert(dev, &f.view(), dtype).map_err(|e| e.at(input, &t.name))?;
+            c.data.into()
+        } else if let Some(d) = dtype_of(t.ty).filter(|&d| d != dtype) {
+            let view = TensorRef::new(d, &inp.shape, data).map_err(|e| e.at(input, &t.name))?;
+            quantize::convert(dev, &view, dtype)
+                .map_err(|e| e.at(input, &t.name))?
+                .data
+                .into()
+        } else {
+            data.into()
+        };
+        if changes(t.ty) && t.ty != target {
+            r.op = format!("{} -> {}", t.ty.name, target.name);
+            r.dtypes_out = vec![target.name.into()];
+        }
+        r.bytes_out = bytes.len() as u64;
+        match &mut w {
+            Writer::Gguf(w) => w.write(&t.name, &bytes)?,
+            Writer::St(w) => w.write(&t.name, &bytes)?,
+        }
+        r.seconds = t0.elapsed().as_secs_f64();
+        report.tensors.push(r);
+    }
+    match w {
+        Writer::Gguf(w) => w.finish()?,
+        Writer::St(w) => w.finish()?,
+    }
+    report.finish_totals(start.elapsed().as_secs_f64());
+    Ok(report)
 }

@@ -28,6 +28,7 @@ pub mod device;
 pub mod error;
 pub mod formats;
 pub mod gguf_job;
+pub mod gguf_rules;
 pub mod inspect;
 pub mod jobs;
 pub mod neurons;

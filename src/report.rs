@@ -34,6 +34,9 @@ pub struct TensorReport {
     pub max_abs_err: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rmse: Option<f64>,
+    /// 10·log10(Σin² / Σ(out − in)²), in dB (GGUF quantization).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub snr_db: Option<f64>,
     /// NaN and infinite weights in the input.
     pub nonfinite_in: u64,
     pub seconds: f64,

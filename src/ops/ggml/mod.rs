@@ -202,7 +202,10 @@ fn quantize_gpu(g: &Gpu, ty: BlockType, t: &TensorRef, blocks: usize) -> Result<
     // bytes, and a multiple of 64 values for 16-bit word alignment.
     let per_group_in = (gv * es) as u64;
     let groups_total = blocks.div_ceil(gb);
-    let cg = ((g.chunk_bytes() / per_group_in) as usize).clamp(1, groups_total);
+    let max_wg = g.context().limits().max_compute_workgroups_per_dimension as usize;
+    let cg = ((g.chunk_bytes() / per_group_in) as usize)
+        .min(max_wg * 64)
+        .clamp(1, groups_total);
     let layout = StreamLayout {
         inputs: vec![cg as u64 * per_group_in],
         outputs: vec![((cg * gbytes) as u64, false), ((cg * 4) as u64, false)],
@@ -229,7 +232,11 @@ fn quantize_gpu(g: &Gpu, ty: BlockType, t: &TensorRef, blocks: usize) -> Result<
             params: bytemuck::cast_slice(&[r.len() as u32, 0u32, 0, 0]).to_vec(),
             inputs: vec![input],
             read: vec![(r.len() * gbytes) as u64, (r.len() * 4) as u64],
-            workgroups: g.ctx.workgroups_for(r.len() as u64),
+            // One group per invocation (64 per workgroup): on lavapipe,
+            // invocations that looped over several groups wrote wrong bytes
+            // for some of their later groups (unexplained; every group
+            // once is both faster and correct).
+            workgroups: g.ctx.workgroups_for(r.len() as u64 * 4),
         }
     });
     let mut redo: Vec<usize> = Vec::new();
@@ -278,4 +285,73 @@ pub fn dequantize(ty: BlockType, q: &[u8], n: usize) -> Result<Vec<f32>> {
         .zip(q.par_chunks(CPU_TASK_BLOCKS * bb))
         .for_each(|(y, q)| reference::dequantize_blocks(ty, q, y));
     Ok(y)
+}
+
+/// How far dequantized values are from the originals.
+#[derive(Clone, Copy, Debug)]
+pub struct ErrorStats {
+    pub max_abs: f64,
+    pub rmse: f64,
+    /// 10·log10(Σx² / Σ(y − x)²); infinite when the values are exact.
+    pub snr_db: f64,
+}
+
+impl ErrorStats {
+    fn from_sums(max_abs: f64, err2: f64, sig2: f64, n: usize) -> ErrorStats {
+        ErrorStats {
+            max_abs,
+            rmse: if n > 0 { (err2 / n as f64).sqrt() } else { 0.0 },
+            snr_db: if err2 > 0.0 {
+                10.0 * (sig2 / err2).log10()
+            } else {
+                f64::INFINITY
+            },
+        }
+    }
+
+    /// `approx` against `input`, both float tensors of the same size.
+    pub fn of(input: &TensorRef, approx: &TensorRef) -> ErrorStats {
+        let n = input.numel();
+        let (a, b) = (values(input, 0..n), values(approx, 0..n));
+        let (mx, e2, s2) = sums(&a, &b);
+        ErrorStats::from_sums(mx, e2, s2, n)
+    }
+}
+
+fn sums(x: &[f32], y: &[f32]) -> (f64, f64, f64) {
+    x.iter()
+        .zip(y)
+        .fold((0f64, 0f64, 0f64), |(m, e, s), (&a, &b)| {
+            let d = (b as f64 - a as f64).abs();
+            (m.max(d), e + d * d, s + a as f64 * a as f64)
+        })
+}
+
+/// The error of blocks `q` of `ty` against the tensor they quantize,
+/// dequantized a few blocks at a time (no full-size copy).
+pub fn error_stats(ty: BlockType, q: &[u8], t: &TensorRef) -> Result<ErrorStats> {
+    let (bv, bb) = (ty.block_values(), ty.block_bytes());
+    let n = t.numel();
+    if q.len() != n / bv * bb || n % bv != 0 {
+        return Err(Error::input(format!(
+            "{} bytes of {} do not hold {n} values",
+            q.len(),
+            ty.name()
+        )));
+    }
+    let (mx, e2, s2) = q
+        .par_chunks(CPU_TASK_BLOCKS * bb)
+        .enumerate()
+        .map(|(k, qc)| {
+            let first = k * CPU_TASK_BLOCKS * bv;
+            let x = values(t, first..first + qc.len() / bb * bv);
+            let mut y = vec![0f32; x.len()];
+            reference::dequantize_blocks(ty, qc, &mut y);
+            sums(&x, &y)
+        })
+        .reduce(
+            || (0.0, 0.0, 0.0),
+            |a, b| (a.0.max(b.0), a.1 + b.1, a.2 + b.2),
+        );
+    Ok(ErrorStats::from_sums(mx, e2, s2, n))
 }

@@ -1,0 +1,425 @@
+//! Which GGML type each tensor gets: llama-quantize's rules
+//! (llama.cpp src/llama-quant.cpp: tensor_allows_quantization,
+//! llama_tensor_get_type_impl, tensor_type_fallback), for the file types
+//! modelpress writes. Kept in one place so the per-tensor choice matches
+//! llama-quantize's and can be compared line by line with it.
+
+use crate::error::{Error, Result};
+use crate::formats::gguf::{GgmlType, Value};
+use crate::ops::ggml::BlockType;
+
+/// A llama-quantize file type (LLAMA_FTYPE_*) that modelpress writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[allow(non_camel_case_types)]
+pub enum Ftype {
+    Q4_0,
+    Q4_1,
+    Q5_0,
+    Q5_1,
+    Q8_0,
+    Q4_K_S,
+    Q4_K_M,
+    Q5_K_S,
+    Q5_K_M,
+    Q6_K,
+}
+
+impl Ftype {
+    /// Parses a `--type` name as llama-quantize does (Q4_K and Q5_K are its
+    /// aliases of Q4_K_M and Q5_K_M).
+    pub fn parse(name: &str) -> Option<Ftype> {
+        Some(match name.to_ascii_uppercase().as_str() {
+            "Q4_0" => Ftype::Q4_0,
+            "Q4_1" => Ftype::Q4_1,
+            "Q5_0" => Ftype::Q5_0,
+            "Q5_1" => Ftype::Q5_1,
+            "Q8_0" => Ftype::Q8_0,
+            "Q4_K_S" => Ftype::Q4_K_S,
+            "Q4_K" | "Q4_K_M" => Ftype::Q4_K_M,
+            "Q5_K_S" => Ftype::Q5_K_S,
+            "Q5_K" | "Q5_K_M" => Ftype::Q5_K_M,
+            "Q6_K" => Ftype::Q6_K,
+            _ => return None,
+        })
+    }
+
+    /// The LLAMA_FTYPE value written as `general.file_type`.
+    pub fn file_type(self) -> u32 {
+        match self {
+            Ftype::Q4_0 => 2,
+            Ftype::Q4_1 => 3,
+            Ftype::Q8_0 => 7,
+            Ftype::Q5_0 => 8,
+            Ftype::Q5_1 => 9,
+            Ftype::Q4_K_S => 14,
+            Ftype::Q4_K_M => 15,
+            Ftype::Q5_K_S => 16,
+            Ftype::Q5_K_M => 17,
+            Ftype::Q6_K => 18,
+        }
+    }
+
+    /// The type most tensors get.
+    pub fn default_type(self) -> BlockType {
+        match self {
+            Ftype::Q4_0 => BlockType::Q4_0,
+            Ftype::Q4_1 => BlockType::Q4_1,
+            Ftype::Q5_0 => BlockType::Q5_0,
+            Ftype::Q5_1 => BlockType::Q5_1,
+            Ftype::Q8_0 => BlockType::Q8_0,
+            Ftype::Q4_K_S | Ftype::Q4_K_M => BlockType::Q4_K,
+            Ftype::Q5_K_S | Ftype::Q5_K_M => BlockType::Q5_K,
+            Ftype::Q6_K => BlockType::Q6_K,
+        }
+    }
+}
+
+/// llama-quantize's tensor_allows_quantization (its architecture-specific
+/// names included, except GLM5-next's).
+pub fn allows_quantization(name: &str, n_dims: usize) -> bool {
+    if n_dims < 2 || !name.ends_with("weight") {
+        return false;
+    }
+    const NEVER: &[&str] = &[
+        "_norm.weight",
+        "ffn_gate_inp.weight",
+        "ffn_gate_tid2eid.weight",
+        "altup",
+        "laurel",
+        "per_layer_model_proj",
+        "ssm_conv1d",
+        "shortconv.conv.weight",
+        "indexer.k_proj.weight",
+        "indexer.q_proj.weight",
+        "time_mix_first.weight",
+        "time_mix_w0.weight",
+        "time_mix_w1.weight",
+        "time_mix_w2.weight",
+        "time_mix_v0.weight",
+        "time_mix_v1.weight",
+        "time_mix_v2.weight",
+        "time_mix_a0.weight",
+        "time_mix_a1.weight",
+        "time_mix_a2.weight",
+        "time_mix_g1.weight",
+        "time_mix_g2.weight",
+        "time_mix_decay_w1.weight",
+        "time_mix_decay_w2.weight",
+        "time_mix_lerp_fused.weight",
+        "attn_rel_b.weight",
+        ".position_embd",
+        "sam.pos_embd",
+        "sam.neck.",
+        "sam.net_",
+        ".rel_pos",
+        ".patch_embd",
+        ".patch_merger",
+        "a.rvq.codebook",
+        "mm.a.code_embd",
+    ];
+    // LLM_TN's POS_EMBD and TOKEN_TYPES names, the same for every arch.
+    name != "position_embd.weight"
+        && name != "token_types.weight"
+        && !NEVER.iter().any(|p| name.contains(p))
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Category {
+    Output,
+    TokenEmbd,
+    AttnQkv,
+    AttnKvB,
+    AttnV,
+    AttnK,
+    FfnDown,
+    Other,
+}
+
+fn category(name: &str) -> Category {
+    if name == "output.weight" {
+        Category::Output
+    } else if name == "token_embd.weight" || name == "per_layer_token_embd.weight" {
+        Category::TokenEmbd
+    } else if name.contains("attn_qkv.weight") {
+        Category::AttnQkv
+    } else if name.contains("attn_kv_b.weight") {
+        Category::AttnKvB
+    } else if name.contains("attn_v.weight") {
+        Category::AttnV
+    } else if name.contains("attn_k.weight") {
+        Category::AttnK
+    } else if name.contains("ffn_up") || name.contains("ffn_gate") {
+        Category::Other
+    } else if name.contains("ffn_down") {
+        Category::FfnDown
+    } else {
+        Category::Other
+    }
+}
+
+fn is_attn_v(c: Category) -> bool {
+    matches!(c, Category::AttnV | Category::AttnQkv | Category::AttnKvB)
+}
+
+fn use_more_bits(i: i64, n: i64) -> bool {
+    i < n / 8 || i >= 7 * n / 8 || (i - n / 8) % 3 == 2
+}
+
+/// The per-model state llama-quantize keeps while choosing types.
+pub struct Plan {
+    pub ftype: Ftype,
+    pure: bool,
+    falcon: bool,
+    n_layer: i64,
+    n_expert: i64,
+    n_attention_wv: i64,
+    tied_embeddings: bool,
+    i_attention_wv: i64,
+    i_ffn_down: i64,
+}
+
+fn metadata_int(meta: &[(String, Value)], key: &str) -> Option<i64> {
+    meta.iter()
+        .find(|(k, _)| k == key)
+        .and_then(|(_, v)| match v {
+            Value::U32(x) => Some(*x as i64),
+            Value::I32(x) => Some(*x as i64),
+            Value::U64(x) => Some(*x as i64),
+            Value::I64(x) => Some(*x),
+            Value::U16(x) => Some(*x as i64),
+            Value::U8(x) => Some(*x as i64),
+            _ => None,
+        })
+}
+
+impl Plan {
+    /// `names`: every tensor of the model, in file order. The layer count is
+    /// `{arch}.block_count` when the metadata has it, else one more than the
+    /// highest `blk.N.` (a safetensors input has no llama.cpp metadata).
+    pub fn new(ftype: Ftype, pure: bool, meta: &[(String, Value)], names: &[&str]) -> Plan {
+        let arch = meta
+            .iter()
+            .find(|(k, _)| k == "general.architecture")
+            .and_then(|(_, v)| match v {
+                Value::String(s) => Some(s.clone()),
+                _ => None,
+            })
+            .unwrap_or_default();
+        let blocks = names
+            .iter()
+            .filter_map(|n| {
+                n.strip_prefix("blk.")?
+                    .split('.')
+                    .next()?
+                    .parse::<i64>()
+                    .ok()
+            })
+            .max()
+            .map_or(0, |m| m + 1);
+        Plan {
+            ftype,
+            pure,
+            falcon: arch == "falcon",
+            n_layer: metadata_int(meta, &format!("{arch}.block_count")).unwrap_or(blocks),
+            n_expert: metadata_int(meta, &format!("{arch}.expert_count")).unwrap_or(0),
+            n_attention_wv: names.iter().filter(|n| is_attn_v(category(n))).count() as i64,
+            tied_embeddings: !names.contains(&"output.weight"),
+            i_attention_wv: 0,
+            i_ffn_down: 0,
+        }
+    }
+
+    /// The type of tensor `name` (row-major `shape`) in the output, given
+    /// its type in the input. Call once per tensor, in file order.
+    pub fn choose(&mut self, name: &str, shape: &[usize], input: GgmlType) -> Result<GgmlType> {
+        if !allows_quantization(name, shape.len()) {
+            return Ok(input);
+        }
+        let mut t = self.ftype.default_type();
+        if !self.pure {
+            t = self.mix(name, shape, t)?;
+        }
+        let t = fallback(shape.last().copied().unwrap_or(0), t);
+        Ok(t)
+    }
+
+    fn mix(&mut self, name: &str, shape: &[usize], t: BlockType) -> Result<BlockType> {
+        let f = self.ftype;
+        let c = category(name);
+        let nx = shape.last().copied().unwrap_or(0);
+        let mut t = t;
+        if c == Category::Output || (self.tied_embeddings && c == Category::TokenEmbd) {
+            if self.falcon || nx % t.block_values() != 0 {
+                t = BlockType::Q8_0;
+            } else if t != BlockType::Q8_0 {
+                t = BlockType::Q6_K;
+            }
+        } else if c == Category::TokenEmbd {
+            // Kept at the default type for these file types.
+        } else if is_attn_v(c) {
+            let (i, n) = (self.i_attention_wv, self.n_attention_wv);
+            if matches!(f, Ftype::Q4_K_M | Ftype::Q5_K_M) && use_more_bits(i, n) {
+                t = BlockType::Q6_K;
+            } else if f == Ftype::Q4_K_S && i < 4 {
+                t = BlockType::Q5_K;
+            }
+            if self.n_expert == 8 {
+                t = BlockType::Q8_0;
+            }
+            self.i_attention_wv += 1;
+        } else if c == Category::AttnK {
+            if self.n_expert == 8 {
+                t = BlockType::Q8_0;
+            }
+        } else if c == Category::FfnDown {
+            let (i, n) = self.layer(name, self.i_ffn_down)?;
+            match f {
+                Ftype::Q4_K_M if self.falcon => {
+                    t = if i < n / 16 {
+                        BlockType::Q6_K
+                    } else if use_more_bits(i, n) {
+                        BlockType::Q5_K
+                    } else {
+                        BlockType::Q4_K
+                    }
+                }
+                Ftype::Q4_K_M | Ftype::Q5_K_M if use_more_bits(i, n) => t = BlockType::Q6_K,
+                Ftype::Q4_K_S if !self.falcon && i < n / 8 => t = BlockType::Q5_K,
+                _ => {}
+            }
+            self.i_ffn_down += 1;
+        }
+        // llama-quantize's later attn_qkv branch (Q4_K_M → Q5_K) is
+        // unreachable there: attn_qkv is attn_v-like and matched above.
+        Ok(t)
+    }
+
+    /// (layer, layers) for an ffn_down tensor: its counter, or for MoE
+    /// models the N of `blk.N.` as llama-quantize parses it.
+    fn layer(&self, name: &str, counter: i64) -> Result<(i64, i64)> {
+        if self.n_expert > 1 {
+            let i = name
+                .strip_prefix("blk.")
+                .and_then(|r| r.split('.').next())
+                .and_then(|s| s.parse::<i64>().ok())
+                .ok_or_else(|| Error::input(format!("tensor {name}: no layer number (blk.N.)")))?;
+            if i >= self.n_layer {
+                return Err(Error::input(format!(
+                    "tensor {name}: layer {i} of {} layers",
+                    self.n_layer
+                )));
+            }
+            return Ok((i, self.n_layer));
+        }
+        Ok((counter, self.n_layer))
+    }
+}
+
+/// The type llama-quantize falls back to when a row of `ncols` values is
+/// not a whole number of `t` blocks (F16 when the fallback does not fit
+/// either).
+pub fn fallback(ncols: usize, t: BlockType) -> GgmlType {
+    if ncols % t.block_values() == 0 {
+        return t.ggml();
+    }
+    let f = match t {
+        BlockType::Q4_K => BlockType::Q5_0,
+        BlockType::Q5_K => BlockType::Q5_1,
+        BlockType::Q6_K => BlockType::Q8_0,
+        other => other,
+    };
+    if ncols % f.block_values() == 0 {
+        f.ggml()
+    } else {
+        GgmlType::from_name("F16").unwrap()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(n_layer: usize) -> Vec<String> {
+        let mut v = vec!["token_embd.weight".to_string()];
+        for i in 0..n_layer {
+            for t in [
+                "attn_norm",
+                "attn_q",
+                "attn_k",
+                "attn_v",
+                "attn_output",
+                "ffn_gate",
+                "ffn_up",
+                "ffn_down",
+                "ffn_norm",
+            ] {
+                v.push(format!("blk.{i}.{t}.weight"));
+            }
+        }
+        v.push("output_norm.weight".into());
+        v.push("output.weight".into());
+        v
+    }
+
+    fn plan_types(f: Ftype, n_layer: usize, ncols: usize) -> Vec<(String, &'static str)> {
+        let all = names(n_layer);
+        let refs: Vec<&str> = all.iter().map(|s| s.as_str()).collect();
+        let mut p = Plan::new(f, false, &[], &refs);
+        let f32t = GgmlType::from_name("F32").unwrap();
+        all.iter()
+            .map(|n| {
+                let shape: Vec<usize> = if n.contains("norm") {
+                    vec![ncols]
+                } else {
+                    vec![64, ncols]
+                };
+                (n.clone(), p.choose(n, &shape, f32t).unwrap().name)
+            })
+            .collect()
+    }
+
+    fn ty(v: &[(String, &'static str)], name: &str) -> &'static str {
+        v.iter().find(|(n, _)| n == name).unwrap().1
+    }
+
+    #[test]
+    fn q4_k_m_mix_follows_use_more_bits() {
+        let v = plan_types(Ftype::Q4_K_M, 32, 4096);
+        assert_eq!(ty(&v, "output.weight"), "Q6_K");
+        assert_eq!(ty(&v, "token_embd.weight"), "Q4_K");
+        assert_eq!(ty(&v, "blk.0.attn_norm.weight"), "F32");
+        for i in 0..32 {
+            let more = use_more_bits(i, 32);
+            let want = if more { "Q6_K" } else { "Q4_K" };
+            assert_eq!(ty(&v, &format!("blk.{i}.attn_v.weight")), want);
+            assert_eq!(ty(&v, &format!("blk.{i}.ffn_down.weight")), want);
+            assert_eq!(ty(&v, &format!("blk.{i}.attn_q.weight")), "Q4_K");
+        }
+        // Layers 0-3, 29-31 and every third from 6: 16 of 32.
+        assert_eq!((0..32).filter(|&i| use_more_bits(i, 32)).count(), 16);
+    }
+
+    #[test]
+    fn q4_k_s_and_legacy_and_fallbacks() {
+        let v = plan_types(Ftype::Q4_K_S, 16, 4096);
+        assert_eq!(ty(&v, "blk.3.attn_v.weight"), "Q5_K");
+        assert_eq!(ty(&v, "blk.4.attn_v.weight"), "Q4_K");
+        assert_eq!(ty(&v, "blk.1.ffn_down.weight"), "Q5_K");
+        assert_eq!(ty(&v, "blk.2.ffn_down.weight"), "Q4_K");
+        let v = plan_types(Ftype::Q4_0, 4, 4096);
+        assert_eq!(ty(&v, "output.weight"), "Q6_K");
+        assert_eq!(ty(&v, "blk.0.ffn_down.weight"), "Q4_0");
+        let v = plan_types(Ftype::Q8_0, 4, 4096);
+        assert_eq!(ty(&v, "output.weight"), "Q8_0");
+        // Rows of 384 values: not a multiple of 256.
+        let v = plan_types(Ftype::Q4_K_M, 4, 384);
+        assert_eq!(ty(&v, "blk.0.attn_q.weight"), "Q5_0");
+        assert_eq!(ty(&v, "blk.0.attn_v.weight"), "Q8_0");
+        assert_eq!(ty(&v, "output.weight"), "Q8_0");
+        let v = plan_types(Ftype::Q5_K_M, 4, 384);
+        assert_eq!(ty(&v, "blk.1.attn_q.weight"), "Q5_1");
+        // Rows of 40: not even a multiple of 32.
+        let v = plan_types(Ftype::Q4_K_M, 4, 40);
+        assert_eq!(ty(&v, "blk.1.attn_q.weight"), "F16");
+    }
+}
