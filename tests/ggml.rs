@@ -155,3 +155,33 @@ fn bad_inputs_are_errors() {
     }
     assert!(dequantize(BlockType::Q4_K, &[0u8; 100], 256).is_err());
 }
+
+/// Half-zero (pruned) weights over many GPU workgroups in one chunk: the
+/// shape of the case where invocations that looped over several groups
+/// wrote wrong bytes on lavapipe (now one group per invocation).
+#[test]
+fn pruned_tensor_over_many_workgroups() {
+    let Some(dev) = gpu() else { return };
+    let mut rng = Rng::new(seed("ggml_pruned"));
+    let n = 1200 * 256;
+    let x: Vec<f32> = (0..n)
+        .map(|_| {
+            if rng.below(2) == 0 {
+                0.0
+            } else {
+                rng.normal() as f32 * 0.05
+            }
+        })
+        .collect();
+    let t = Tensor::from_f32(DType::F32, &[n], &x).unwrap();
+    for ty in [BlockType::Q6_K, BlockType::Q4_0] {
+        let want = quantize(&Device::Cpu, ty, &t.view()).unwrap();
+        let got = quantize(&dev, ty, &t.view()).unwrap();
+        assert!(
+            got.data == want.data,
+            "{}: {}",
+            ty.name(),
+            first_diff(&got.data, &want.data, ty.block_bytes())
+        );
+    }
+}

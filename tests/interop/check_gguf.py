@@ -112,5 +112,63 @@ for n, ty, shape, nbytes in (("a.weight", "F32", [3, 64], 768), ("b.weight", "F1
     if not t or t["type"] != ty or t["shape"] != shape or t["bytes"] != nbytes:
         fail(f"tensor {n}: {t}")
     checked += 1
+
+# 3. Block quantization against gguf.quants, on fresh random tensors: ties,
+# constant and all-zero blocks, huge, tiny and subnormal magnitudes.
+T = gguf.GGMLQuantizationType
+rng = np.random.default_rng()
+rows = []
+for scale in (0.02, 1.0, 3e4, 1e-3, 1e-30):
+    rows.append(rng.standard_normal((4, 512)) * scale)
+rows.append(rng.integers(-64, 64, (4, 512)) / 16.0)
+rows.append(np.full((2, 512), 0.75))
+rows.append(np.zeros((2, 512)))
+sub = rng.standard_normal((2, 512)) * 1e-40
+rows.append(sub)
+x = np.concatenate(rows).astype(np.float32)
+x[5, rng.integers(0, 512, 20)] *= 1e-35
+src_path = os.path.join(WORK, "blocks-f32.gguf")
+w = gguf.GGUFWriter(src_path, "llama")
+w.add_tensor("blk.0.ffn_up.weight", x)
+w.add_tensor("blk.0.ffn_norm.weight", x[0])
+w.write_header_to_file()
+w.write_kv_data_to_file()
+w.write_tensors_to_file()
+w.close()
+ftypes = {"Q4_0": 2, "Q4_1": 3, "Q5_0": 8, "Q5_1": 9, "Q8_0": 7, "Q4_K": 15, "Q5_K": 17, "Q6_K": 18}
+for name, ft in ftypes.items():
+    out = os.path.join(WORK, f"blocks-{name}.gguf")
+    run("quantize", src_path, "--type", name, "--pure", "-o", out, "--device", DEVICE, "--force")
+    r = gguf.GGUFReader(out)
+    f = r.fields["general.file_type"]
+    qv = r.fields["general.quantization_version"]
+    if int(f.parts[f.data[0]][0]) != ft or int(qv.parts[qv.data[0]][0]) != 2:
+        fail(f"{name}: file_type / quantization_version")
+    t = {t.name: t for t in r.tensors}
+    if t["blk.0.ffn_norm.weight"].tensor_type != T.F32:
+        fail(f"{name}: the norm must stay F32")
+    q = t["blk.0.ffn_up.weight"]
+    if q.tensor_type != getattr(T, name):
+        fail(f"{name}: type {q.tensor_type}")
+    ours = np.asarray(q.data).tobytes()
+    if name in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"):
+        with np.errstate(all="ignore"):
+            want = gguf.quants.quantize(x, getattr(T, name)).tobytes()
+        if ours != want:
+            i = next(i for i in range(len(ours)) if ours[i] != want[i])
+            fail(f"{name}: bytes differ from gguf.quants at byte {i}")
+        checked += 1
+    # gguf's dequantizer reads our blocks back to the values we compute.
+    back = gguf.quants.dequantize(np.frombuffer(ours, np.uint8).reshape(x.shape[0], -1), getattr(T, name))
+    deq = os.path.join(WORK, f"blocks-{name}-deq.gguf")
+    run("dequantize", out, "-o", deq, "--dtype", "f32", "--device", DEVICE, "--force")
+    mine = np.asarray({t.name: t for t in gguf.GGUFReader(deq).tensors}["blk.0.ffn_up.weight"].data).reshape(x.shape)
+    ok = np.isfinite(back)
+    if not np.array_equal(ok, np.isfinite(mine)) or not np.allclose(mine[ok], back[ok], rtol=1e-6, atol=0):
+        fail(f"{name}: gguf dequantizes our blocks to other values (max diff {np.abs(mine[ok] - back[ok]).max()})")
+    err = np.abs(back[ok] - x[ok]).max()
+    checked += 1
+    print(f"  {name}: {'same bytes as gguf.quants, ' if name[-1] != 'K' else ''}gguf reads back our values (max |x - x\u0302| {err:.3g})")
+
 print(f"gguf interop on device {DEVICE}: GGUFReader reads ours, we read GGUFWriter's")
 print(f"gguf: {checked} passed, 0 failed")
