@@ -414,7 +414,9 @@ mod tests {
         // Rows of 384 values: not a multiple of 256.
         let v = plan_types(Ftype::Q4_K_M, 4, 384);
         assert_eq!(ty(&v, "blk.0.attn_q.weight"), "Q5_0");
-        assert_eq!(ty(&v, "blk.0.attn_v.weight"), "Q8_0");
+        // Layer 3 of 4 gets more bits: Q6_K, which falls back to Q8_0.
+        assert_eq!(ty(&v, "blk.3.attn_v.weight"), "Q8_0");
+        assert_eq!(ty(&v, "blk.0.attn_v.weight"), "Q5_0");
         assert_eq!(ty(&v, "output.weight"), "Q8_0");
         let v = plan_types(Ftype::Q5_K_M, 4, 384);
         assert_eq!(ty(&v, "blk.1.attn_q.weight"), "Q5_1");
