@@ -247,25 +247,32 @@ fn inverse(d: f32) -> f32 {
 }
 
 // Q4_0 (nmax 15, offset 8.5) and Q5_0 (31, 16.5): symmetric, d = max/-(half).
+// The legacy types' packing of 32 levels (in lv): element j in the low
+// nibble of byte qs + j, element j + 16 in the high one; for the 5-bit
+// types, bit 4 of element j in bit j of the little-endian u32 at qh.
+fn pack_levels(qs: u32, qh: u32, five: bool) {
+    var h = 0u;
+    for (var j = 0u; j < 16u; j++) {
+        put8(qs + j, (lv[j] & 0xfu) | ((lv[j + 16u] & 0xfu) << 4u));
+        h |= ((lv[j] >> 4u) & 1u) << j;
+        h |= ((lv[j + 16u] >> 4u) & 1u) << (j + 16u);
+    }
+    if (five) {
+        put16(qh, h);
+        put16(qh + 2u, h >> 16u);
+    }
+}
+
 fn q_sym(o: u32, five: bool) {
     let hq = select(8.0, 16.0, five);
     let top = select(15, 31, five);
     let d = fdiv(signed_absmax(32u), -hq);
     let id = inverse(d);
     put16(o, half_bits(d));
-    let qs = select(o + 2u, o + 6u, five);
-    var qh = 0u;
-    for (var j = 0u; j < 16u; j++) {
-        let q0 = u32(min(top, i32(fadd(fmul(xs[j], id), hq + 0.5))));
-        let q1 = u32(min(top, i32(fadd(fmul(xs[j + 16u], id), hq + 0.5))));
-        put8(qs + j, (q0 & 0xfu) | ((q1 & 0xfu) << 4u));
-        qh |= ((q0 >> 4u) & 1u) << j;
-        qh |= ((q1 >> 4u) & 1u) << (j + 16u);
+    for (var j = 0u; j < 32u; j++) {
+        lv[j] = u32(min(top, i32(fadd(fmul(xs[j], id), hq + 0.5))));
     }
-    if (five) {
-        put16(o + 2u, qh);
-        put16(o + 4u, qh >> 16u);
-    }
+    pack_levels(select(o + 2u, o + 6u, five), o + 2u, five);
 }
 
 // Q4_1 and Q5_1: affine, d = (max − min)/nmax, m = min.
@@ -284,27 +291,12 @@ fn q_affine(o: u32, five: bool) {
     let id = inverse(d);
     put16(o, half_bits(d));
     put16(o + 2u, half_bits(mn));
-    let qs = select(o + 4u, o + 8u, five);
-    var qh = 0u;
-    for (var j = 0u; j < 16u; j++) {
-        var q0 = u32(fadd(fmul(fsub(xs[j], mn), id), 0.5));
-        var q1 = u32(fadd(fmul(fsub(xs[j + 16u], mn), id), 0.5));
-        if (five) {
-            // (uint8_t) with no clamp, as in the reference.
-            q0 &= 0xffu;
-            q1 &= 0xffu;
-        } else {
-            q0 = min(15u, q0);
-            q1 = min(15u, q1);
-        }
-        put8(qs + j, (q0 & 0xfu) | ((q1 & 0xfu) << 4u));
-        qh |= ((q0 >> 4u) & 1u) << j;
-        qh |= ((q1 >> 4u) & 1u) << (j + 16u);
+    for (var j = 0u; j < 32u; j++) {
+        let q = u32(fadd(fmul(fsub(xs[j], mn), id), 0.5));
+        // Q5_1: (uint8_t) with no clamp, as in the reference.
+        lv[j] = select(min(15u, q), q & 0xffu, five);
     }
-    if (five) {
-        put16(o + 4u, qh);
-        put16(o + 6u, qh >> 16u);
-    }
+    pack_levels(select(o + 4u, o + 8u, five), o + 4u, five);
 }
 
 // C roundf: half away from zero (WGSL's round is half to even).
@@ -530,8 +522,6 @@ fn make_qx(off: u32) -> f32 {
             mx = xs[off + i];
         }
     }
-    // Structured control flow only (no early return or continue): lavapipe
-    // miscompiled the early-exit version when lanes diverged.
     var scale = 0.0;
     if (amax < bitcast<f32>(GROUP_MAX_EPS)) {
         for (var i = 0u; i < 16u; i++) {

@@ -790,14 +790,10 @@ fn print_gguf_report(r: &crate::report::Report, json: Option<&std::path::Path>) 
         tt.seconds,
         r.device
     );
-    if let Some(p) = json {
-        let text = serde_json::to_vec_pretty(r).map_err(|e| Error::input(e.to_string()))?;
-        std::fs::write(p, text).map_err(|e| Error::Io {
-            path: p.to_path_buf(),
-            source: e,
-        })?;
+    match json {
+        Some(p) => write_report(p, r),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 pub fn human_bytes(b: u64) -> String {

@@ -21,7 +21,7 @@ use crate::gguf_rules::{Ftype, Plan};
 use crate::ops::ggml::{self, BlockType};
 use crate::ops::quantize;
 use crate::report::{Report, TensorReport};
-use crate::tensor::{DType, Tensor, TensorRef};
+use crate::tensor::{DType, TensorRef};
 use std::path::Path;
 use std::time::Instant;
 
@@ -282,7 +282,12 @@ pub fn write_gguf(
         } else {
             let d = dtype_of(ty).expect("F16 is the only other output type");
             let c = quantize::convert(dev, &view, d).map_err(|e| e.at(input, &t.name))?;
-            let st = ggml::ErrorStats::of(&view, &c.view());
+            let d = crate::report::diff(&view, &c.view());
+            let st = ggml::ErrorStats {
+                max_abs: d.max_abs,
+                rmse: d.rmse,
+                snr_db: d.snr_db(),
+            };
             (c.data, st, None)
         };
         w.write(&t.name, &data)?;
@@ -381,16 +386,20 @@ pub fn dequantize_gguf(
             data,
         };
         let mut r = pass_through(&inp, 0.0);
+        let deq: Vec<f32>;
         let bytes: std::borrow::Cow<[u8]> = if let Some(bt) = BlockType::from_ggml(t.ty) {
-            let v =
+            deq =
                 ggml::dequantize(bt, data, t.numel() as usize).map_err(|e| e.at(input, &t.name))?;
-            let f = Tensor {
-                dtype: DType::F32,
-                shape: inp.shape.clone(),
-                data: bytemuck::cast_slice(&v).to_vec(),
-            };
-            let c = quantize::convert(dev, &f.view(), dtype).map_err(|e| e.at(input, &t.name))?;
-            c.data.into()
+            let f32s: &[u8] = bytemuck::cast_slice(&deq);
+            if dtype == DType::F32 {
+                f32s.into()
+            } else {
+                let view = TensorRef::new(DType::F32, &inp.shape, f32s)?;
+                quantize::convert(dev, &view, dtype)
+                    .map_err(|e| e.at(input, &t.name))?
+                    .data
+                    .into()
+            }
         } else if let Some(d) = dtype_of(t.ty).filter(|&d| d != dtype) {
             let view = TensorRef::new(d, &inp.shape, data).map_err(|e| e.at(input, &t.name))?;
             quantize::convert(dev, &view, dtype)

@@ -120,6 +120,22 @@ pub struct Diff {
     pub nonfinite_in: u64,
 }
 
+impl Diff {
+    pub fn snr_db(&self) -> f64 {
+        snr_db(self.rel_l2)
+    }
+}
+
+/// Signal-to-noise ratio in dB of an approximation whose error is `rel_l2`
+/// (‖error‖₂ / ‖signal‖₂): −20·log10(rel_l2), infinite when exact.
+pub fn snr_db(rel_l2: f64) -> f64 {
+    if rel_l2 > 0.0 {
+        -20.0 * rel_l2.log10()
+    } else {
+        f64::INFINITY
+    }
+}
+
 pub fn diff(input: &TensorRef, approx: &TensorRef) -> Diff {
     let n = input.numel();
     let block = 1 << 16;

@@ -18,7 +18,8 @@ use crate::device::{Chunk, Device, Gpu, Kernel, StreamLayout};
 use crate::error::{Error, Result};
 use crate::formats::gguf::GgmlType;
 use crate::ops::chunks;
-use crate::tensor::{DType, TensorRef};
+use crate::ops::codec::{with_codec, Codec};
+use crate::tensor::TensorRef;
 use rayon::prelude::*;
 
 /// The block types modelpress quantizes to.
@@ -164,22 +165,7 @@ fn quantize_cpu(ty: BlockType, t: &TensorRef, blocks: usize) -> Result<Quantized
 
 /// Elements `r` of `t` as f32 (exact for every float dtype).
 fn values(t: &TensorRef, r: std::ops::Range<usize>) -> Vec<f32> {
-    let es = t.dtype.size();
-    let b = &t.data[r.start * es..r.end * es];
-    match t.dtype {
-        DType::F32 => b
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-            .collect(),
-        DType::F16 => b
-            .chunks_exact(2)
-            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        _ => b
-            .chunks_exact(2)
-            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-    }
+    with_codec!(t.dtype, C => r.map(|i| C::to_f32(C::read(t.data, i))).collect())
 }
 
 /// Per-group flags the kernel writes.
@@ -301,20 +287,12 @@ impl ErrorStats {
         ErrorStats {
             max_abs,
             rmse: if n > 0 { (err2 / n as f64).sqrt() } else { 0.0 },
-            snr_db: if err2 > 0.0 {
-                10.0 * (sig2 / err2).log10()
+            snr_db: crate::report::snr_db(if sig2 > 0.0 {
+                (err2 / sig2).sqrt()
             } else {
-                f64::INFINITY
-            },
+                0.0
+            }),
         }
-    }
-
-    /// `approx` against `input`, both float tensors of the same size.
-    pub fn of(input: &TensorRef, approx: &TensorRef) -> ErrorStats {
-        let n = input.numel();
-        let (a, b) = (values(input, 0..n), values(approx, 0..n));
-        let (mx, e2, s2) = sums(&a, &b);
-        ErrorStats::from_sums(mx, e2, s2, n)
     }
 }
 

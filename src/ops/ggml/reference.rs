@@ -54,10 +54,10 @@ pub fn quantize_blocks(ty: BlockType, x: &[f32], out: &mut [u8]) {
     debug_assert_eq!(x.len() / n * b, out.len());
     for (xb, yb) in x.chunks_exact(n).zip(out.chunks_exact_mut(b)) {
         match ty {
-            BlockType::Q4_0 => q4_0(xb, yb),
-            BlockType::Q4_1 => q4_1(xb, yb),
-            BlockType::Q5_0 => q5_0(xb, yb),
-            BlockType::Q5_1 => q5_1(xb, yb),
+            BlockType::Q4_0 => q_sym(xb, yb, false),
+            BlockType::Q4_1 => q_affine(xb, yb, false),
+            BlockType::Q5_0 => q_sym(xb, yb, true),
+            BlockType::Q5_1 => q_affine(xb, yb, true),
             BlockType::Q8_0 => q8_0(xb, yb),
             BlockType::Q4_K => q4_k(xb, yb),
             BlockType::Q5_K => q5_k(xb, yb),
@@ -110,69 +110,62 @@ fn min_max(x: &[f32]) -> (f32, f32) {
     (min, max)
 }
 
-fn q4_0(x: &[f32], y: &mut [u8]) {
-    let d = signed_absmax(x) / -8.0;
-    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-    y[0..2].copy_from_slice(&fp16(d));
+/// Packs 32 levels as the legacy types store them: element j in the low
+/// nibble of byte j, element j+16 in the high one; for the 5-bit types,
+/// bit 4 of element j in bit j of the little-endian u32 `qh`.
+fn pack_levels(l: &[u8; QK], qs: &mut [u8], qh: Option<&mut [u8]>) {
+    let mut h = 0u32;
     for j in 0..QK / 2 {
-        let x0 = x[j] * id;
-        let x1 = x[j + QK / 2] * id;
-        let q0 = (c_int(x0 + 8.5) as i8).min(15) as u8;
-        let q1 = (c_int(x1 + 8.5) as i8).min(15) as u8;
-        y[2 + j] = q0 | (q1 << 4);
+        qs[j] = (l[j] & 0x0f) | ((l[j + QK / 2] & 0x0f) << 4);
+        h |= (((l[j] >> 4) & 1) as u32) << j;
+        h |= (((l[j + QK / 2] >> 4) & 1) as u32) << (j + QK / 2);
+    }
+    if let Some(qh) = qh {
+        qh.copy_from_slice(&h.to_le_bytes());
     }
 }
 
-fn q4_1(x: &[f32], y: &mut [u8]) {
+/// Q4_0 and Q5_0: d = max / −8 (−16), level = MIN(15 (31), (int8_t)(x/d + 8.5 (16.5))).
+fn q_sym(x: &[f32], y: &mut [u8], five: bool) {
+    let (half, top) = if five { (16.0f32, 31) } else { (8.0, 15) };
+    let d = signed_absmax(x) / -half;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    y[0..2].copy_from_slice(&fp16(d));
+    let mut l = [0u8; QK];
+    for (l, &v) in l.iter_mut().zip(x) {
+        *l = (c_int(v * id + (half + 0.5)) as i8).min(top) as u8;
+    }
+    if five {
+        let (qh, qs) = y[2..22].split_at_mut(4);
+        pack_levels(&l, qs, Some(qh));
+    } else {
+        pack_levels(&l, &mut y[2..18], None);
+    }
+}
+
+/// Q4_1 and Q5_1: d = (max − min)/15 (31), m = min, level =
+/// (int8_t)((x − min)/d + 0.5) clamped to 15 for Q4_1 (Q5_1: (uint8_t), no clamp).
+fn q_affine(x: &[f32], y: &mut [u8], five: bool) {
     let (min, max) = min_max(x);
-    let d = (max - min) / 15.0;
+    let d = (max - min) / if five { 31.0 } else { 15.0 };
     let id = if d != 0.0 { 1.0 / d } else { 0.0 };
     y[0..2].copy_from_slice(&fp16(d));
     y[2..4].copy_from_slice(&fp16(min));
-    for j in 0..QK / 2 {
-        let x0 = (x[j] - min) * id;
-        let x1 = (x[j + QK / 2] - min) * id;
-        let q0 = (c_int(x0 + 0.5) as i8).min(15) as u8;
-        let q1 = (c_int(x1 + 0.5) as i8).min(15) as u8;
-        y[4 + j] = q0 | (q1 << 4);
+    let mut l = [0u8; QK];
+    for (l, &v) in l.iter_mut().zip(x) {
+        let q = c_int((v - min) * id + 0.5);
+        *l = if five {
+            q as u8
+        } else {
+            (q as i8).min(15) as u8
+        };
     }
-}
-
-fn q5_0(x: &[f32], y: &mut [u8]) {
-    let d = signed_absmax(x) / -16.0;
-    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-    y[0..2].copy_from_slice(&fp16(d));
-    let mut qh = 0u32;
-    for j in 0..QK / 2 {
-        let x0 = x[j] * id;
-        let x1 = x[j + QK / 2] * id;
-        let q0 = (c_int(x0 + 16.5) as i8).min(31) as u8;
-        let q1 = (c_int(x1 + 16.5) as i8).min(31) as u8;
-        y[6 + j] = (q0 & 0x0f) | ((q1 & 0x0f) << 4);
-        qh |= (((q0 & 0x10) >> 4) as u32) << j;
-        qh |= (((q1 & 0x10) >> 4) as u32) << (j + QK / 2);
+    if five {
+        let (qh, qs) = y[4..24].split_at_mut(4);
+        pack_levels(&l, qs, Some(qh));
+    } else {
+        pack_levels(&l, &mut y[4..20], None);
     }
-    y[2..6].copy_from_slice(&qh.to_le_bytes());
-}
-
-fn q5_1(x: &[f32], y: &mut [u8]) {
-    let (min, max) = min_max(x);
-    let d = (max - min) / 31.0;
-    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-    y[0..2].copy_from_slice(&fp16(d));
-    y[2..4].copy_from_slice(&fp16(min));
-    let mut qh = 0u32;
-    for j in 0..QK / 2 {
-        let x0 = (x[j] - min) * id;
-        let x1 = (x[j + QK / 2] - min) * id;
-        // No clamp in the reference: (uint8_t)(x + 0.5f).
-        let q0 = c_int(x0 + 0.5) as u8;
-        let q1 = c_int(x1 + 0.5) as u8;
-        y[8 + j] = (q0 & 0x0f) | ((q1 & 0x0f) << 4);
-        qh |= (((q0 & 0x10) >> 4) as u32) << j;
-        qh |= (((q1 & 0x10) >> 4) as u32) << (j + QK / 2);
-    }
-    y[4..8].copy_from_slice(&qh.to_le_bytes());
 }
 
 fn q8_0(x: &[f32], y: &mut [u8]) {
