@@ -2,7 +2,7 @@
 // CPU port in src/ops/ggml/reference.rs is the specification).
 //
 // One invocation quantizes a group of blocks whose bytes fill whole u32
-// words (two blocks for the 18-, 22-, 34- and 210-byte types), so no two
+// words (two blocks for the 18-, 22-, 34-, 110- and 210-byte types), so no two
 // invocations write the same word. Every float operation of the reference
 // runs in its order through the helpers below:
 // - fmul and fadd hide each result behind an XOR with a uniform that is
@@ -37,6 +37,8 @@ const T_Q8_0: u32 = 4u;
 const T_Q4_K: u32 = 5u;
 const T_Q5_K: u32 = 6u;
 const T_Q6_K: u32 = 7u;
+const T_Q2_K: u32 = 8u;
+const T_Q3_K: u32 = 9u;
 
 // Constants that are not exact in decimal, as the C compiler rounds them.
 const RDELTA: u32 = 0x3dcccccdu; // 0.1f
@@ -49,8 +51,9 @@ var<private> lv: array<u32, 256>;
 var<private> laux: array<u32, 32>;
 var<private> wts: array<f32, 32>;
 var<private> scl: array<f32, 16>;
-var<private> mns: array<f32, 8>;
-var<private> sc12: array<u32, 12>;
+var<private> mns: array<f32, 16>;
+// Scale bytes: 12 for Q4_K/Q5_K/Q3_K, 16 for Q2_K.
+var<private> scb: array<u32, 16>;
 var<private> ow: array<u32, 105>;
 
 // ---- exact arithmetic ---------------------------------------------------
@@ -323,14 +326,22 @@ fn q8_0(o: u32) {
 
 // ---- K-quants ---------------------------------------------------------------
 
-// make_qkx2_quants on xs[off..off+32] with weights wts: levels into lv,
+// The error of one value in make_qkx2: absolute (mad) or squared.
+fn fit_err(diff: f32, mad: bool) -> f32 {
+    if (mad) {
+        return abs(diff);
+    }
+    return fmul(diff, diff);
+}
+
+// make_qkx2_quants on xs[off..off+n] with weights wts: levels into lv,
 // returns (scale, −min).
-fn make_qkx2(off: u32, nmax: i32, rmin: f32, nstep: i32) -> vec2<f32> {
+fn make_qkx2(off: u32, n: u32, nmax: i32, rmin: f32, nstep: i32, mad: bool) -> vec2<f32> {
     var mn = xs[off];
     var mx = xs[off];
     var sum_w = wts[0];
     var sum_x = fmul(sum_w, xs[off]);
-    for (var i = 1u; i < 32u; i++) {
+    for (var i = 1u; i < n; i++) {
         let x = xs[off + i];
         if (x < mn) {
             mn = x;
@@ -345,7 +356,7 @@ fn make_qkx2(off: u32, nmax: i32, rmin: f32, nstep: i32) -> vec2<f32> {
         mn = 0.0;
     }
     if (mx == mn) {
-        for (var i = 0u; i < 32u; i++) {
+        for (var i = 0u; i < n; i++) {
             lv[off + i] = 0u;
         }
         return vec2<f32>(0.0, -mn);
@@ -354,12 +365,12 @@ fn make_qkx2(off: u32, nmax: i32, rmin: f32, nstep: i32) -> vec2<f32> {
     var iscale = fdiv(nmaxf, fsub(mx, mn));
     var scale = fdiv(1.0, iscale);
     var best_error = 0.0;
-    for (var i = 0u; i < 32u; i++) {
+    for (var i = 0u; i < n; i++) {
         let x = xs[off + i];
         let l = clamp(nearest_int(fmul(iscale, fsub(x, mn))), 0, nmax);
         lv[off + i] = u32(l);
         let diff = fsub(fadd(fmul(scale, f32(l)), mn), x);
-        best_error = fadd(best_error, fmul(wts[i], fmul(diff, diff)));
+        best_error = fadd(best_error, fmul(wts[i], fit_err(diff, mad)));
     }
     // As in the reference, a better fit's min applies to the later steps.
     for (var st = 0; st <= nstep; st++) {
@@ -367,7 +378,7 @@ fn make_qkx2(off: u32, nmax: i32, rmin: f32, nstep: i32) -> vec2<f32> {
         var sum_l = 0.0;
         var sum_l2 = 0.0;
         var sum_xl = 0.0;
-        for (var i = 0u; i < 32u; i++) {
+        for (var i = 0u; i < n; i++) {
             let x = xs[off + i];
             let l = clamp(nearest_int(fmul(iscale, fsub(x, mn))), 0, nmax);
             laux[i] = u32(l);
@@ -387,12 +398,12 @@ fn make_qkx2(off: u32, nmax: i32, rmin: f32, nstep: i32) -> vec2<f32> {
                 this_scale = fdiv(sum_xl, sum_l2);
             }
             var cur_error = 0.0;
-            for (var i = 0u; i < 32u; i++) {
+            for (var i = 0u; i < n; i++) {
                 let diff = fsub(fadd(fmul(this_scale, f32(laux[i])), this_min), xs[off + i]);
-                cur_error = fadd(cur_error, fmul(wts[i], fmul(diff, diff)));
+                cur_error = fadd(cur_error, fmul(wts[i], fit_err(diff, mad)));
             }
             if (cur_error < best_error) {
-                for (var i = 0u; i < 32u; i++) {
+                for (var i = 0u; i < n; i++) {
                     lv[off + i] = laux[i];
                 }
                 best_error = cur_error;
@@ -406,11 +417,11 @@ fn make_qkx2(off: u32, nmax: i32, rmin: f32, nstep: i32) -> vec2<f32> {
 
 fn scale_min_k4(j: u32) -> vec2<u32> {
     if (j < 4u) {
-        return vec2<u32>(sc12[j] & 63u, sc12[j + 4u] & 63u);
+        return vec2<u32>(scb[j] & 63u, scb[j + 4u] & 63u);
     }
     return vec2<u32>(
-        (sc12[j + 4u] & 0xfu) | ((sc12[j - 4u] >> 6u) << 4u),
-        (sc12[j + 4u] >> 4u) | ((sc12[j] >> 6u) << 4u),
+        (scb[j + 4u] & 0xfu) | ((scb[j - 4u] >> 6u) << 4u),
+        (scb[j + 4u] >> 4u) | ((scb[j] >> 6u) << 4u),
     );
 }
 
@@ -431,7 +442,7 @@ fn qk_affine(o: u32, five: bool) {
         for (var l = 0u; l < 32u; l++) {
             wts[l] = fadd(av_x, abs(xs[32u * j + l]));
         }
-        let sm = make_qkx2(32u * j, nmax, rmin, nstep);
+        let sm = make_qkx2(32u * j, 32u, nmax, rmin, nstep, false);
         scl[j] = sm.x;
         mns[j] = sm.y;
         if (sm.x > max_scale) {
@@ -450,18 +461,18 @@ fn qk_affine(o: u32, five: bool) {
         inv_min = fdiv(63.0, max_min);
     }
     for (var j = 0u; j < 12u; j++) {
-        sc12[j] = 0u;
+        scb[j] = 0u;
     }
     for (var j = 0u; j < 8u; j++) {
         let ls = min(63u, u32(nearest_int(fmul(inv_scale, scl[j]))) & 0xffu);
         let lm = min(63u, u32(nearest_int(fmul(inv_min, mns[j]))) & 0xffu);
         if (j < 4u) {
-            sc12[j] = ls;
-            sc12[j + 4u] = lm;
+            scb[j] = ls;
+            scb[j + 4u] = lm;
         } else {
-            sc12[j + 4u] = (ls & 0xfu) | ((lm & 0xfu) << 4u);
-            sc12[j - 4u] |= (ls >> 4u) << 6u;
-            sc12[j] |= (lm >> 4u) << 6u;
+            scb[j + 4u] = (ls & 0xfu) | ((lm & 0xfu) << 4u);
+            scb[j - 4u] |= (ls >> 4u) << 6u;
+            scb[j] |= (lm >> 4u) << 6u;
         }
     }
     let dh = half_bits(fdiv(max_scale, 63.0));
@@ -482,7 +493,7 @@ fn qk_affine(o: u32, five: bool) {
     put16(o, dh);
     put16(o + 2u, mh);
     for (var j = 0u; j < 12u; j++) {
-        put8(o + 4u + j, sc12[j]);
+        put8(o + 4u + j, scb[j]);
     }
     if (!five) {
         for (var c = 0u; c < 4u; c++) {
@@ -621,6 +632,215 @@ fn q6_k_pack(o: u32, max_scale: f32) {
     }
 }
 
+// ---- 2- and 3-bit K-quants -------------------------------------------------
+
+// Q2_K and Q3_K's packing of 256 2-bit levels (lv & 3): byte qs + 32·h + k
+// holds levels 128·h + 32·s + k at bits 2·s.
+fn pack_2bit(qs: u32) {
+    for (var h = 0u; h < 2u; h++) {
+        for (var k = 0u; k < 32u; k++) {
+            let b = 128u * h + k;
+            put8(
+                qs + 32u * h + k,
+                (lv[b] & 3u) | ((lv[b + 32u] & 3u) << 2u) | ((lv[b + 64u] & 3u) << 4u)
+                    | ((lv[b + 96u] & 3u) << 6u),
+            );
+        }
+    }
+}
+
+// Q2_K: sixteen affine sub-blocks of 16 at 2 bits; scales[16] (4-bit
+// scale, min in the high nibble), qs[64], d, dmin.
+fn q2_k(o: u32) {
+    var max_scale = 0.0;
+    var max_min = 0.0;
+    for (var j = 0u; j < 16u; j++) {
+        for (var l = 0u; l < 16u; l++) {
+            wts[l] = abs(xs[16u * j + l]);
+        }
+        let sm = make_qkx2(16u * j, 16u, 3, -0.5, 15, true);
+        scl[j] = sm.x;
+        mns[j] = sm.y;
+        if (sm.x > max_scale) {
+            max_scale = sm.x;
+        }
+        if (sm.y > max_min) {
+            max_min = sm.y;
+        }
+    }
+    for (var j = 0u; j < 16u; j++) {
+        scb[j] = 0u;
+    }
+    var dh = 0u;
+    if (max_scale > 0.0) {
+        let iscale = fdiv(15.0, max_scale);
+        for (var j = 0u; j < 16u; j++) {
+            scb[j] = u32(nearest_int(fmul(iscale, scl[j]))) & 0xffu;
+        }
+        dh = half_bits(fdiv(max_scale, 15.0));
+    }
+    var mh = 0u;
+    if (max_min > 0.0) {
+        let iscale = fdiv(15.0, max_min);
+        for (var j = 0u; j < 16u; j++) {
+            scb[j] |= (u32(nearest_int(fmul(iscale, mns[j]))) << 4u) & 0xffu;
+        }
+        mh = half_bits(fdiv(max_min, 15.0));
+    }
+    let df = half_value(dh);
+    let mf = half_value(mh);
+    for (var j = 0u; j < 16u; j++) {
+        let d = fmul(df, f32(scb[j] & 0xfu));
+        // A zero scale keeps the fit's levels, as in the reference.
+        if (!is_zero(d)) {
+            let dm = fmul(mf, f32(scb[j] >> 4u));
+            for (var i = 0u; i < 16u; i++) {
+                let k = 16u * j + i;
+                lv[k] = u32(clamp(nearest_int(fdiv(fadd(xs[k], dm), d)), 0, 3));
+            }
+        }
+        put8(o + j, scb[j]);
+    }
+    pack_2bit(o + 16u);
+    put16(o + 80u, dh);
+    put16(o + 82u, mh);
+}
+
+// make_q3_quants(16, 4, do_rmse) on xs[off..off+16]: levels + 4 in lv
+// (0 for a zero sub-block), returns the scale.
+fn make_q3(off: u32) -> f32 {
+    var mx = 0.0;
+    var amax = 0.0;
+    for (var i = 0u; i < 16u; i++) {
+        let ax = abs(xs[off + i]);
+        if (ax > amax) {
+            amax = ax;
+            mx = xs[off + i];
+        }
+    }
+    if (amax < bitcast<f32>(GROUP_MAX_EPS)) {
+        for (var i = 0u; i < 16u; i++) {
+            lv[off + i] = 0u;
+        }
+        return 0.0;
+    }
+    let iscale = fdiv(-4.0, mx);
+    var sumlx = 0.0;
+    var suml2 = 0.0;
+    // Signed levels (as u32 bits) while the fit improves.
+    for (var i = 0u; i < 16u; i++) {
+        let x = xs[off + i];
+        let l = clamp(nearest_int(fmul(iscale, x)), -4, 3);
+        lv[off + i] = u32(l);
+        let w = fmul(x, x);
+        let lf = f32(l);
+        sumlx = fadd(sumlx, fmul(fmul(w, x), lf));
+        suml2 = fadd(suml2, fmul(fmul(w, lf), lf));
+    }
+    for (var t = 0; t < 5; t++) {
+        var changed = 0;
+        for (var i = 0u; i < 16u; i++) {
+            let x = xs[off + i];
+            let w = fmul(x, x);
+            let li = f32(i32(lv[off + i]));
+            var slx = fsub(sumlx, fmul(fmul(w, x), li));
+            if (slx > 0.0) {
+                var sl2 = fsub(suml2, fmul(fmul(w, li), li));
+                let nl = clamp(nearest_int(fdiv(fmul(x, sl2), slx)), -4, 3);
+                if (nl != i32(lv[off + i])) {
+                    let nlf = f32(nl);
+                    slx = fadd(slx, fmul(fmul(w, x), nlf));
+                    sl2 = fadd(sl2, fmul(fmul(w, nlf), nlf));
+                    if (sl2 > 0.0 && fmul(fmul(slx, slx), suml2) > fmul(fmul(sumlx, sumlx), sl2)) {
+                        lv[off + i] = u32(nl);
+                        sumlx = slx;
+                        suml2 = sl2;
+                        changed++;
+                    }
+                }
+            }
+        }
+        if (changed == 0) {
+            break;
+        }
+    }
+    for (var i = 0u; i < 16u; i++) {
+        lv[off + i] = u32(i32(lv[off + i]) + 4);
+    }
+    if (suml2 > 0.0) {
+        return fdiv(sumlx, suml2);
+    }
+    return 0.0;
+}
+
+// Sub-block j's biased 6-bit Q3_K scale from scb.
+fn q3_scale(j: u32) -> u32 {
+    var lo = scb[j] & 0xfu;
+    if (j >= 8u) {
+        lo = scb[j - 8u] >> 4u;
+    }
+    return lo | (((scb[8u + j % 4u] >> (2u * (j / 4u))) & 3u) << 4u);
+}
+
+// Q3_K: sixteen symmetric sub-blocks of 16 at 3 bits; hmask[32] (bit 2 of
+// each level), qs[64], scales[12] (6-bit, biased by 32), d.
+fn q3_k(o: u32) {
+    var max_scale = 0.0;
+    var amax = 0.0;
+    for (var j = 0u; j < 16u; j++) {
+        let s = make_q3(16u * j);
+        scl[j] = s;
+        if (abs(s) > amax) {
+            amax = abs(s);
+            max_scale = s;
+        }
+    }
+    for (var j = 0u; j < 12u; j++) {
+        scb[j] = 0u;
+    }
+    var dh = 0u;
+    if (!is_zero(max_scale)) {
+        let iscale = fdiv(-32.0, max_scale);
+        for (var j = 0u; j < 16u; j++) {
+            // (int8_t) of the int: sign-extend its low byte.
+            let v = (nearest_int(fmul(iscale, scl[j])) << 24u) >> 24u;
+            let l = u32(clamp(v, -32, 31) + 32);
+            if (j < 8u) {
+                scb[j] = l & 0xfu;
+            } else {
+                scb[j - 8u] |= (l & 0xfu) << 4u;
+            }
+            scb[j % 4u + 8u] |= (l >> 4u) << (2u * (j / 4u));
+        }
+        dh = half_bits(fdiv(1.0, iscale));
+    }
+    let df = half_value(dh);
+    for (var j = 0u; j < 16u; j++) {
+        let d = fmul(df, f32(i32(q3_scale(j)) - 32));
+        // A zero scale keeps the fit's levels, as in the reference.
+        if (!is_zero(d)) {
+            for (var i = 0u; i < 16u; i++) {
+                let k = 16u * j + i;
+                lv[k] = u32(clamp(nearest_int(fdiv(xs[k], d)), -4, 3) + 4);
+            }
+        }
+    }
+    for (var k = 0u; k < 32u; k++) {
+        var h = 0u;
+        for (var b = 0u; b < 8u; b++) {
+            if (lv[32u * b + k] > 3u) {
+                h |= 1u << b;
+            }
+        }
+        put8(o + k, h);
+    }
+    pack_2bit(o + 32u);
+    for (var j = 0u; j < 12u; j++) {
+        put8(o + 96u + j, scb[j]);
+    }
+    put16(o + 108u, dh);
+}
+
 // ---- entry point --------------------------------------------------------------
 
 fn block_values() -> u32 {
@@ -636,7 +856,9 @@ fn block_bytes() -> u32 {
         case 4u: { return 34u; }
         case 5u: { return 144u; }
         case 6u: { return 176u; }
-        default: { return 210u; }
+        case 7u: { return 210u; }
+        case 8u: { return 84u; }
+        default: { return 110u; }
     }
 }
 
@@ -666,7 +888,9 @@ fn ggml_quantize(
                 case 4u: { q8_0(o); }
                 case 5u: { qk_affine(o, false); }
                 case 6u: { qk_affine(o, true); }
-                default: { q6_k(o); }
+                case 7u: { q6_k(o); }
+                case 8u: { q2_k(o); }
+                default: { q3_k(o); }
             }
         }
         for (var w = 0u; w < words; w++) {

@@ -8,6 +8,7 @@
 
 use crate::device::Device;
 use crate::error::{Error, Result};
+use crate::ops::ggml::{self, BlockType};
 use crate::ops::{mix, prune, quantize, transfer};
 use crate::sample::{self, Rng};
 use crate::tensor::{max_ulp_diff, DType, Tensor};
@@ -46,10 +47,12 @@ impl Sample {
     }
 }
 
-/// One result: a float tensor, or int8 values with their scales.
+/// One result: a float tensor, int8 values with their scales, or GGML
+/// blocks.
 pub enum Output {
     Float(Tensor),
     Int8(crate::tensor::QTensor),
+    Blocks(Vec<u8>),
 }
 
 /// How a device's result compares with the CPU's.
@@ -86,6 +89,13 @@ pub fn agreement(x: &Output, y: &Output) -> Agreement {
                 Agreement::Differs
             }
         }
+        (Output::Blocks(a), Output::Blocks(b)) => {
+            if a == b {
+                Agreement::Identical
+            } else {
+                Agreement::Differs
+            }
+        }
         _ => Agreement::Differs,
     }
 }
@@ -111,9 +121,57 @@ fn quant_rw(s: &Sample) -> u64 {
     (s.a.data.len() + s.a.numel()) as u64
 }
 
+/// GGML block quantization of `a`, as `modelpress quantize --type` runs
+/// it per tensor (of a sample too small for whole super-blocks, the whole
+/// ones).
+fn ggml_case(name: &'static str) -> Case {
+    fn whole_blocks(s: &Sample) -> usize {
+        s.a.numel() / 256 * 256
+    }
+    fn run(ty: BlockType, d: &Device, s: &Sample) -> Result<Output> {
+        let n = whole_blocks(s);
+        let shape = [n];
+        let t =
+            crate::tensor::TensorRef::new(s.a.dtype, &shape, &s.a.data[..n * s.a.dtype.size()])?;
+        Ok(Output::Blocks(ggml::quantize(d, ty, &t)?.data))
+    }
+    fn bytes(ty: BlockType, s: &Sample) -> u64 {
+        let n = whole_blocks(s);
+        (n * s.a.dtype.size() + n / ty.block_values() * ty.block_bytes()) as u64
+    }
+    macro_rules! case {
+        ($t:ident) => {
+            Case {
+                name,
+                run: |d, s| run(BlockType::$t, d, s),
+                bytes: |s| bytes(BlockType::$t, s),
+            }
+        };
+    }
+    match name {
+        "ggml.Q8_0" => case!(Q8_0),
+        "ggml.Q4_0" => case!(Q4_0),
+        "ggml.Q2_K" => case!(Q2_K),
+        "ggml.Q3_K" => case!(Q3_K),
+        "ggml.Q4_K" => case!(Q4_K),
+        "ggml.Q5_K" => case!(Q5_K),
+        "ggml.Q6_K" => case!(Q6_K),
+        _ => unreachable!("no GGML case {name}"),
+    }
+}
+
 /// Every kernel, as the demo and the benchmarks run it.
 pub fn cases() -> Vec<Case> {
-    vec![
+    let ggml_cases = [
+        "ggml.Q8_0",
+        "ggml.Q4_0",
+        "ggml.Q2_K",
+        "ggml.Q3_K",
+        "ggml.Q4_K",
+        "ggml.Q5_K",
+        "ggml.Q6_K",
+    ];
+    let mut v = vec![
         Case {
             // The yardstick: a copy of the same bytes (what any kernel over
             // host memory costs at least).
@@ -293,7 +351,9 @@ pub fn cases() -> Vec<Case> {
             },
             bytes: |s| (s.rows.data.len() + s.rows.data.len() / 64) as u64,
         },
-    ]
+    ];
+    v.extend(ggml_cases.into_iter().map(ggml_case));
+    v
 }
 
 /// Best wall time of `reps` runs (after one warm-up run that compiles the

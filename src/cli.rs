@@ -155,7 +155,8 @@ enum Command {
     Quantize {
         model: PathBuf,
         /// GGUF output of llama-quantize's file type T: Q4_0, Q4_1, Q5_0,
-        /// Q5_1, Q8_0, Q4_K (= Q4_K_M), Q4_K_S, Q4_K_M, Q5_K (= Q5_K_M),
+        /// Q5_1, Q8_0, Q2_K, Q3_K (= Q3_K_M), Q3_K_S, Q3_K_M, Q3_K_L,
+        /// Q4_K (= Q4_K_M), Q4_K_S, Q4_K_M, Q5_K (= Q5_K_M),
         /// Q5_K_S, Q5_K_M, Q6_K; or F32, F16, BF16.
         #[arg(long = "type", value_name = "T", conflicts_with_all = ["scale", "int8", "dequantize"])]
         gguf_type: Option<String>,

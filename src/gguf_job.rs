@@ -14,9 +14,9 @@
 
 use crate::device::Device;
 use crate::error::{Error, Result};
-use crate::formats::gguf::{GgmlType, GgufFile, GgufOut, GgufWriter, Value};
+use crate::formats::gguf::{GgmlType, GgufFile, GgufOut, GgufTensor, GgufWriter, Value};
 use crate::formats::model::Model;
-use crate::formats::safetensors::{OutEntry, SafetensorsWriter};
+use crate::formats::safetensors::{Entry, OutEntry, SafetensorsFile, SafetensorsWriter};
 use crate::gguf_rules::{Ftype, Plan};
 use crate::ops::ggml::{self, BlockType};
 use crate::ops::quantize;
@@ -51,6 +51,24 @@ struct In<'a> {
     shape: Vec<usize>,
     ty: GgmlType,
     data: &'a [u8],
+    pages: Pages<'a>,
+}
+
+/// Where an input tensor's bytes are mapped, to release them once done.
+enum Pages<'a> {
+    Gguf(&'a GgufFile, &'a GgufTensor),
+    Safetensors(&'a SafetensorsFile, &'a Entry),
+}
+
+impl In<'_> {
+    /// Drops the tensor's pages from this process once it is written, so
+    /// resident memory stays bounded by the largest tensor.
+    fn release(&self) {
+        match self.pages {
+            Pages::Gguf(f, t) => f.release(t),
+            Pages::Safetensors(f, e) => f.release(e),
+        }
+    }
 }
 
 /// The inputs of a GGUF or safetensors file (or model directory), and the
@@ -91,6 +109,7 @@ impl Inputs {
                     shape: t.shape(),
                     ty: t.ty,
                     data: g.data(t),
+                    pages: Pages::Gguf(g, t),
                 })
                 .collect());
         }
@@ -110,6 +129,7 @@ impl Inputs {
                     shape: e.shape.clone(),
                     ty: d,
                     data: f.data(e),
+                    pages: Pages::Safetensors(f, e),
                 })
             })
             .collect()
@@ -160,8 +180,9 @@ fn parse_target(name: &str) -> Result<Target> {
         }
     }
     Err(Error::input(format!(
-        "--type {name}: expected F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K (= Q4_K_M), \
-         Q4_K_S, Q4_K_M, Q5_K (= Q5_K_M), Q5_K_S, Q5_K_M or Q6_K"
+        "--type {name}: expected F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, \
+         Q3_K (= Q3_K_M), Q3_K_S, Q3_K_M, Q3_K_L, Q4_K (= Q4_K_M), Q4_K_S, Q4_K_M, \
+         Q5_K (= Q5_K_M), Q5_K_S, Q5_K_M or Q6_K"
     )))
 }
 
@@ -266,6 +287,7 @@ pub fn write_gguf(
         let t0 = Instant::now();
         if ty == t.ty {
             w.write(&t.name, t.data)?;
+            t.release();
             report
                 .tensors
                 .push(pass_through(t, t0.elapsed().as_secs_f64()));
@@ -291,6 +313,7 @@ pub fn write_gguf(
             (c.data, st, None)
         };
         w.write(&t.name, &data)?;
+        t.release();
         let mut r = pass_through(t, 0.0);
         r.op = ty.name.into();
         r.dtypes_out = vec![ty.name.into()];
@@ -384,6 +407,7 @@ pub fn dequantize_gguf(
             shape: t.shape(),
             ty: t.ty,
             data,
+            pages: Pages::Gguf(&g, t),
         };
         let mut r = pass_through(&inp, 0.0);
         let deq: Vec<f32>;
@@ -418,6 +442,8 @@ pub fn dequantize_gguf(
             Writer::Gguf(w) => w.write(&t.name, &bytes)?,
             Writer::St(w) => w.write(&t.name, &bytes)?,
         }
+        drop(bytes);
+        inp.release();
         r.seconds = t0.elapsed().as_secs_f64();
         report.tensors.push(r);
     }

@@ -17,6 +17,10 @@ pub enum Ftype {
     Q5_0,
     Q5_1,
     Q8_0,
+    Q2_K,
+    Q3_K_S,
+    Q3_K_M,
+    Q3_K_L,
     Q4_K_S,
     Q4_K_M,
     Q5_K_S,
@@ -25,8 +29,9 @@ pub enum Ftype {
 }
 
 impl Ftype {
-    /// Parses a `--type` name as llama-quantize does (Q4_K and Q5_K are its
-    /// aliases of Q4_K_M and Q5_K_M).
+    /// Parses a `--type` name as llama-quantize does (Q3_K, Q4_K and Q5_K
+    /// are its aliases of Q3_K_M, Q4_K_M and Q5_K_M). Q2_K_S is not here:
+    /// llama-quantize refuses it without an importance matrix.
     pub fn parse(name: &str) -> Option<Ftype> {
         Some(match name.to_ascii_uppercase().as_str() {
             "Q4_0" => Ftype::Q4_0,
@@ -34,6 +39,10 @@ impl Ftype {
             "Q5_0" => Ftype::Q5_0,
             "Q5_1" => Ftype::Q5_1,
             "Q8_0" => Ftype::Q8_0,
+            "Q2_K" => Ftype::Q2_K,
+            "Q3_K_S" => Ftype::Q3_K_S,
+            "Q3_K" | "Q3_K_M" => Ftype::Q3_K_M,
+            "Q3_K_L" => Ftype::Q3_K_L,
             "Q4_K_S" => Ftype::Q4_K_S,
             "Q4_K" | "Q4_K_M" => Ftype::Q4_K_M,
             "Q5_K_S" => Ftype::Q5_K_S,
@@ -51,6 +60,10 @@ impl Ftype {
             Ftype::Q8_0 => 7,
             Ftype::Q5_0 => 8,
             Ftype::Q5_1 => 9,
+            Ftype::Q2_K => 10,
+            Ftype::Q3_K_S => 11,
+            Ftype::Q3_K_M => 12,
+            Ftype::Q3_K_L => 13,
             Ftype::Q4_K_S => 14,
             Ftype::Q4_K_M => 15,
             Ftype::Q5_K_S => 16,
@@ -67,6 +80,8 @@ impl Ftype {
             Ftype::Q5_0 => BlockType::Q5_0,
             Ftype::Q5_1 => BlockType::Q5_1,
             Ftype::Q8_0 => BlockType::Q8_0,
+            Ftype::Q2_K => BlockType::Q2_K,
+            Ftype::Q3_K_S | Ftype::Q3_K_M | Ftype::Q3_K_L => BlockType::Q3_K,
             Ftype::Q4_K_S | Ftype::Q4_K_M => BlockType::Q4_K,
             Ftype::Q5_K_S | Ftype::Q5_K_M => BlockType::Q5_K,
             Ftype::Q6_K => BlockType::Q6_K,
@@ -131,6 +146,7 @@ enum Category {
     AttnKvB,
     AttnV,
     AttnK,
+    AttnOutput,
     FfnDown,
     Other,
 }
@@ -148,6 +164,10 @@ fn category(name: &str) -> Category {
         Category::AttnV
     } else if name.contains("attn_k.weight") {
         Category::AttnK
+    } else if name.contains("attn_q.weight") {
+        Category::Other
+    } else if name.contains("attn_output.weight") {
+        Category::AttnOutput
     } else if name.contains("ffn_up") || name.contains("ffn_gate") {
         Category::Other
     } else if name.contains("ffn_down") {
@@ -172,24 +192,34 @@ pub struct Plan {
     falcon: bool,
     n_layer: i64,
     n_expert: i64,
+    /// Query heads per key/value head (llama.cpp's n_gqa of layer 0).
+    n_gqa: i64,
+    /// llama.cpp's LLM_TYPE_70B, which gives attn_v more bits.
+    is_70b: bool,
     n_attention_wv: i64,
     tied_embeddings: bool,
     i_attention_wv: i64,
     i_ffn_down: i64,
 }
 
+/// An integer metadata value; for a per-layer array, layer 0's.
 fn metadata_int(meta: &[(String, Value)], key: &str) -> Option<i64> {
     meta.iter()
         .find(|(k, _)| k == key)
-        .and_then(|(_, v)| match v {
-            Value::U32(x) => Some(*x as i64),
-            Value::I32(x) => Some(*x as i64),
-            Value::U64(x) => Some(*x as i64),
-            Value::I64(x) => Some(*x),
-            Value::U16(x) => Some(*x as i64),
-            Value::U8(x) => Some(*x as i64),
-            _ => None,
-        })
+        .and_then(|(_, v)| int_value(v))
+}
+
+fn int_value(v: &Value) -> Option<i64> {
+    match v {
+        Value::U32(x) => Some(*x as i64),
+        Value::I32(x) => Some(*x as i64),
+        Value::U64(x) => Some(*x as i64),
+        Value::I64(x) => Some(*x),
+        Value::U16(x) => Some(*x as i64),
+        Value::U8(x) => Some(*x as i64),
+        Value::Array(_, items) => items.first().and_then(int_value),
+        _ => None,
+    }
 }
 
 impl Plan {
@@ -216,12 +246,31 @@ impl Plan {
             })
             .max()
             .map_or(0, |m| m + 1);
+        let n_layer = metadata_int(meta, &format!("{arch}.block_count")).unwrap_or(blocks);
+        let n_expert = metadata_int(meta, &format!("{arch}.expert_count")).unwrap_or(0);
+        let n_head = metadata_int(meta, &format!("{arch}.attention.head_count")).unwrap_or(0);
+        let n_head_kv =
+            metadata_int(meta, &format!("{arch}.attention.head_count_kv")).unwrap_or(n_head);
+        // The architectures whose loaders call an 80-layer (jais2: 68)
+        // model LLM_TYPE_70B.
+        let is_70b = match arch.as_str() {
+            "llama" => n_expert != 8 && n_layer == 80 && n_head != n_head_kv,
+            "qwen2" | "deci" | "olmo" => n_layer == 80,
+            "jais2" => n_layer == 68,
+            _ => false,
+        };
         Plan {
             ftype,
             pure,
             falcon: arch == "falcon",
-            n_layer: metadata_int(meta, &format!("{arch}.block_count")).unwrap_or(blocks),
-            n_expert: metadata_int(meta, &format!("{arch}.expert_count")).unwrap_or(0),
+            n_layer,
+            n_expert,
+            n_gqa: if n_head_kv == 0 {
+                0
+            } else {
+                n_head / n_head_kv
+            },
+            is_70b,
             n_attention_wv: names.iter().filter(|n| is_attn_v(category(n))).count() as i64,
             tied_embeddings: !names.contains(&"output.weight"),
             i_attention_wv: 0,
@@ -258,9 +307,19 @@ impl Plan {
             // Kept at the default type for these file types.
         } else if is_attn_v(c) {
             let (i, n) = (self.i_attention_wv, self.n_attention_wv);
-            if matches!(f, Ftype::Q4_K_M | Ftype::Q5_K_M) && use_more_bits(i, n) {
-                t = BlockType::Q6_K;
-            } else if f == Ftype::Q4_K_S && i < 4 {
+            match f {
+                Ftype::Q2_K if self.n_gqa >= 4 => t = BlockType::Q4_K,
+                Ftype::Q2_K => t = BlockType::Q3_K,
+                Ftype::Q3_K_M if i < 2 => t = BlockType::Q5_K,
+                Ftype::Q3_K_M => t = BlockType::Q4_K,
+                Ftype::Q3_K_L => t = BlockType::Q5_K,
+                Ftype::Q4_K_M | Ftype::Q5_K_M if use_more_bits(i, n) => t = BlockType::Q6_K,
+                Ftype::Q4_K_S if i < 4 => t = BlockType::Q5_K,
+                _ => {}
+            }
+            // 70B models share attn_v across 8 heads: it is small, so it
+            // gets more bits.
+            if self.is_70b && matches!(t, BlockType::Q3_K | BlockType::Q4_K) {
                 t = BlockType::Q5_K;
             }
             if self.n_expert == 8 {
@@ -274,6 +333,18 @@ impl Plan {
         } else if c == Category::FfnDown {
             let (i, n) = self.layer(name, self.i_ffn_down)?;
             match f {
+                Ftype::Q2_K => t = BlockType::Q3_K,
+                Ftype::Q3_K_M => {
+                    t = if i < n / 16 {
+                        BlockType::Q5_K
+                    } else if !self.falcon || use_more_bits(i, n) {
+                        BlockType::Q4_K
+                    } else {
+                        BlockType::Q3_K
+                    }
+                }
+                Ftype::Q3_K_L if self.falcon => t = BlockType::Q4_K,
+                Ftype::Q3_K_L => t = BlockType::Q5_K,
                 Ftype::Q4_K_M if self.falcon => {
                     t = if i < n / 16 {
                         BlockType::Q6_K
@@ -288,6 +359,24 @@ impl Plan {
                 _ => {}
             }
             self.i_ffn_down += 1;
+        } else if c == Category::AttnOutput {
+            use Ftype::*;
+            if self.falcon {
+                if f == Q3_K_L {
+                    t = BlockType::Q4_K;
+                }
+            } else if self.n_expert == 8 {
+                if matches!(f, Q2_K | Q3_K_S | Q3_K_M | Q4_K_S | Q4_K_M) {
+                    t = BlockType::Q5_K;
+                }
+            } else {
+                match f {
+                    Q2_K => t = BlockType::Q3_K,
+                    Q3_K_M => t = BlockType::Q4_K,
+                    Q3_K_L => t = BlockType::Q5_K,
+                    _ => {}
+                }
+            }
         }
         // llama-quantize's later attn_qkv branch (Q4_K_M → Q5_K) is
         // unreachable there: attn_qkv is attn_v-like and matched above.
@@ -323,6 +412,7 @@ pub fn fallback(ncols: usize, t: BlockType) -> GgmlType {
         return t.ggml();
     }
     let f = match t {
+        BlockType::Q2_K | BlockType::Q3_K => BlockType::Q4_0,
         BlockType::Q4_K => BlockType::Q5_0,
         BlockType::Q5_K => BlockType::Q5_1,
         BlockType::Q6_K => BlockType::Q8_0,
@@ -397,6 +487,66 @@ mod tests {
         }
         // Layers 0-3, 29-31 and every third from 6: 16 of 32.
         assert_eq!((0..32).filter(|&i| use_more_bits(i, 32)).count(), 16);
+    }
+
+    /// Every tensor's type in llama-quantize's output for three synthetic
+    /// models (70B attn_v bump, GQA, 8 experts, falcon) under every file
+    /// type: see tests/data/gguf_rules/README.md.
+    #[test]
+    fn choices_match_llama_quantize_on_synthetic_models() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/data/gguf_rules/expected.json"
+        );
+        let fixture: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let mut checked = 0;
+        for (model, m) in fixture.as_object().unwrap() {
+            let meta: Vec<(String, Value)> = m["metadata"]
+                .as_object()
+                .unwrap()
+                .iter()
+                .map(|(k, v)| {
+                    let v = match v.as_str() {
+                        Some(s) => Value::String(s.into()),
+                        None => Value::U32(v.as_u64().unwrap() as u32),
+                    };
+                    (k.clone(), v)
+                })
+                .collect();
+            let tensors: Vec<(String, Vec<usize>)> =
+                serde_json::from_value(m["tensors"].clone()).unwrap();
+            let names: Vec<&str> = tensors.iter().map(|(n, _)| n.as_str()).collect();
+            for (ft, want) in m["types"].as_object().unwrap() {
+                let mut plan = Plan::new(Ftype::parse(ft).unwrap(), false, &meta, &names);
+                let f32t = GgmlType::from_name("F32").unwrap();
+                for ((name, shape), want) in tensors.iter().zip(want.as_array().unwrap()) {
+                    let got = plan.choose(name, shape, f32t).unwrap().name;
+                    assert_eq!(got, want.as_str().unwrap(), "{model} {ft}: {name}");
+                    checked += 1;
+                }
+            }
+        }
+        assert_eq!(checked, 14 * (723 + 323 + 98));
+    }
+
+    #[test]
+    fn q2_k_and_q3_k_mixes() {
+        let v = plan_types(Ftype::Q2_K, 8, 4096);
+        assert_eq!(ty(&v, "blk.0.attn_q.weight"), "Q2_K");
+        assert_eq!(ty(&v, "blk.0.attn_v.weight"), "Q3_K");
+        assert_eq!(ty(&v, "blk.0.attn_output.weight"), "Q3_K");
+        assert_eq!(ty(&v, "blk.5.ffn_down.weight"), "Q3_K");
+        let v = plan_types(Ftype::Q3_K_M, 32, 4096);
+        assert_eq!(ty(&v, "blk.1.attn_v.weight"), "Q5_K");
+        assert_eq!(ty(&v, "blk.2.attn_v.weight"), "Q4_K");
+        assert_eq!(ty(&v, "blk.1.ffn_down.weight"), "Q5_K");
+        assert_eq!(ty(&v, "blk.2.ffn_down.weight"), "Q4_K");
+        assert_eq!(ty(&v, "blk.2.attn_output.weight"), "Q4_K");
+        assert_eq!(ty(&v, "blk.2.ffn_up.weight"), "Q3_K");
+        // Q2_K and Q3_K fall back to Q4_0 on 384-wide rows.
+        let v = plan_types(Ftype::Q3_K_S, 4, 384);
+        assert_eq!(ty(&v, "blk.0.attn_q.weight"), "Q4_0");
     }
 
     #[test]

@@ -117,6 +117,8 @@ fn dequantized_values_are_within_the_block_step() {
             BlockType::Q5_0 | BlockType::Q5_1 | BlockType::Q5_K => 31.0,
             BlockType::Q6_K => 63.0,
             BlockType::Q8_0 => 254.0,
+            BlockType::Q2_K => 3.0,
+            BlockType::Q3_K => 7.0,
         };
         // K-quant sub-block scales are 6-bit fractions of the super-block's
         // largest: the step is that of the whole 256 values.

@@ -33,7 +33,10 @@ fn tensor_beyond_the_binding_limit_through_every_kernel() {
     );
     let s = Sample::new(DType::F32, n, seed("large"));
     assert!(s.a.data.len() as u64 > g.chunk_bytes());
-    for case in cases() {
+    // Two GGML types stand for the rest (chunking is the same for all, and
+    // each K-quant costs tens of seconds at this size on lavapipe).
+    let skip = |n: &str| n.starts_with("ggml.") && n != "ggml.Q4_0" && n != "ggml.Q4_K";
+    for case in cases().into_iter().filter(|c| !skip(c.name)) {
         let t = std::time::Instant::now();
         let got = (case.run)(&dev, &s).unwrap_or_else(|e| panic!("{}: {e}", case.name));
         let secs = t.elapsed().as_secs_f64();

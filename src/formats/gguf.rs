@@ -605,6 +605,15 @@ impl GgufFile {
         &self.map[s..s + t.bytes as usize]
     }
 
+    /// Drops `t`'s pages from this process (see `release_pages`).
+    pub fn release(&self, t: &GgufTensor) {
+        super::release_pages(
+            &self.map,
+            (self.data_start + t.offset) as usize,
+            t.bytes as usize,
+        );
+    }
+
     pub fn get(&self, key: &str) -> Option<&Value> {
         self.metadata.iter().find(|(k, _)| k == key).map(|(_, v)| v)
     }
@@ -850,7 +859,7 @@ mod tests {
     #[test]
     fn round_trip_keeps_every_value_and_tensor() {
         let dir = tempfile_dir();
-        let p = dir.join("x.gguf");
+        let p = dir.path().join("x.gguf");
         let bytes = sample_file(&p);
         let f = GgufFile::open(&p).unwrap();
         assert_eq!(f.version, 3);
@@ -866,17 +875,9 @@ mod tests {
         assert!(GgufFile::sniff(&p));
     }
 
-    fn tempfile_dir() -> PathBuf {
-        let d =
-            std::env::temp_dir().join(format!("mp-gguf-{}-{}", std::process::id(), rand_suffix()));
-        std::fs::create_dir_all(&d).unwrap();
-        d
-    }
-
-    fn rand_suffix() -> u64 {
-        use std::sync::atomic::{AtomicU64, Ordering};
-        static N: AtomicU64 = AtomicU64::new(0);
-        N.fetch_add(1, Ordering::SeqCst)
+    /// A directory removed when the test ends.
+    fn tempfile_dir() -> tempfile::TempDir {
+        tempfile::tempdir().unwrap()
     }
 
     fn err(bytes: &[u8]) -> String {
@@ -888,7 +889,7 @@ mod tests {
 
     #[test]
     fn bad_files_are_errors_never_panics() {
-        let good = sample_file(&tempfile_dir().join("g.gguf"));
+        let good = sample_file(&tempfile_dir().path().join("g.gguf"));
         assert!(parse_bytes(&good).is_ok());
         // Wrong magic, wrong version.
         let mut b = good.clone();
@@ -974,7 +975,7 @@ mod tests {
 
     #[test]
     fn random_mutations_never_panic() {
-        let good = sample_file(&tempfile_dir().join("m.gguf"));
+        let good = sample_file(&tempfile_dir().path().join("m.gguf"));
         let mut rng = crate::sample::Rng::new(12345);
         for _ in 0..20_000 {
             let mut b = good.clone();
@@ -991,7 +992,8 @@ mod tests {
 
     #[test]
     fn writer_refuses_what_readers_would() {
-        let p = tempfile_dir().join("w.gguf");
+        let dir = tempfile_dir();
+        let p = dir.path().join("w.gguf");
         let q8 = GgmlType::from_name("Q8_0").unwrap();
         assert!(GgufWriter::create(
             &p,

@@ -169,27 +169,9 @@ impl SafetensorsFile {
         );
     }
 
-    /// Drops `e`'s pages from this process (they stay in the page cache), so
-    /// that resident memory does not grow with the model.
+    /// Drops `e`'s pages from this process (see `release_pages`).
     pub fn release(&self, e: &Entry) {
-        if e.range.is_empty() {
-            return;
-        }
-        // madvise needs a page-aligned start: release whole pages inside.
-        let page = 4096;
-        let start = (self.data_start + e.range.start).div_ceil(page) * page;
-        let end = (self.data_start + e.range.end) / page * page;
-        if end > start {
-            // SAFETY: the map is read-only and file-backed; dropped pages
-            // are read again from the file if touched.
-            let _ = unsafe {
-                self.map.unchecked_advise_range(
-                    memmap2::UncheckedAdvice::DontNeed,
-                    start,
-                    end - start,
-                )
-            };
-        }
+        super::release_pages(&self.map, self.data_start + e.range.start, e.range.len());
     }
 
     pub fn find(&self, name: &str) -> Option<&Entry> {

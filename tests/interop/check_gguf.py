@@ -135,7 +135,7 @@ w.write_header_to_file()
 w.write_kv_data_to_file()
 w.write_tensors_to_file()
 w.close()
-ftypes = {"Q4_0": 2, "Q4_1": 3, "Q5_0": 8, "Q5_1": 9, "Q8_0": 7, "Q4_K": 15, "Q5_K": 17, "Q6_K": 18}
+ftypes = {"Q4_0": 2, "Q4_1": 3, "Q5_0": 8, "Q5_1": 9, "Q8_0": 7, "Q4_K": 15, "Q5_K": 17, "Q6_K": 18, "Q2_K": 10, "Q3_K": 12}
 for name, ft in ftypes.items():
     out = os.path.join(WORK, f"blocks-{name}.gguf")
     run("quantize", src_path, "--type", name, "--pure", "-o", out, "--device", DEVICE, "--force")

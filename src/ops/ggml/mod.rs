@@ -34,10 +34,13 @@ pub enum BlockType {
     Q4_K,
     Q5_K,
     Q6_K,
+    Q2_K,
+    Q3_K,
 }
 
 impl BlockType {
-    pub const ALL: [BlockType; 8] = [
+    /// In kernel-code order (see `code`).
+    pub const ALL: [BlockType; 10] = [
         BlockType::Q4_0,
         BlockType::Q4_1,
         BlockType::Q5_0,
@@ -46,6 +49,8 @@ impl BlockType {
         BlockType::Q4_K,
         BlockType::Q5_K,
         BlockType::Q6_K,
+        BlockType::Q2_K,
+        BlockType::Q3_K,
     ];
 
     pub fn name(self) -> &'static str {
@@ -58,6 +63,8 @@ impl BlockType {
             BlockType::Q4_K => "Q4_K",
             BlockType::Q5_K => "Q5_K",
             BlockType::Q6_K => "Q6_K",
+            BlockType::Q2_K => "Q2_K",
+            BlockType::Q3_K => "Q3_K",
         }
     }
 

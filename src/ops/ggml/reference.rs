@@ -62,6 +62,8 @@ pub fn quantize_blocks(ty: BlockType, x: &[f32], out: &mut [u8]) {
             BlockType::Q4_K => q4_k(xb, yb),
             BlockType::Q5_K => q5_k(xb, yb),
             BlockType::Q6_K => q6_k(xb, yb),
+            BlockType::Q2_K => q2_k(xb, yb),
+            BlockType::Q3_K => q3_k(xb, yb),
         }
     }
 }
@@ -79,6 +81,8 @@ pub fn dequantize_blocks(ty: BlockType, q: &[u8], y: &mut [f32]) {
             BlockType::Q4_K => dq4_k(qb, yb),
             BlockType::Q5_K => dq5_k(qb, yb),
             BlockType::Q6_K => dq6_k(qb, yb),
+            BlockType::Q2_K => dq2_k(qb, yb),
+            BlockType::Q3_K => dq3_k(qb, yb),
         }
     }
 }
@@ -231,8 +235,9 @@ fn dq8_0(q: &[u8], y: &mut [f32]) {
 // ---- K-quants ---------------------------------------------------------------
 
 /// ggml's `make_qkx2_quants` (no imatrix): an affine fit of `x` to
-/// `nmax + 1` levels, searching `nstep + 1` scales around nmax/(max − min).
-/// Returns (scale, −min) and the levels in `l`.
+/// `nmax + 1` levels, searching `nstep + 1` scales around nmax/(max − min),
+/// minimising the weighted squared error (or absolute error with
+/// `use_mad`). Returns (scale, −min) and the levels in `l`.
 #[allow(clippy::too_many_arguments)]
 fn make_qkx2_quants(
     nmax: i32,
@@ -243,7 +248,9 @@ fn make_qkx2_quants(
     rmin: f32,
     rdelta: f32,
     nstep: i32,
+    use_mad: bool,
 ) -> (f32, f32) {
+    let err = |diff: f32| if use_mad { diff.abs() } else { diff * diff };
     let n = x.len();
     let mut min = x[0];
     let mut max = x[0];
@@ -276,7 +283,7 @@ fn make_qkx2_quants(
         let li = nearest_int(iscale * (x[i] - min)).clamp(0, nmax);
         l[i] = li as u8;
         let diff = scale * l[i] as f32 + min - x[i];
-        best_error += weights[i] * (diff * diff);
+        best_error += weights[i] * err(diff);
     }
     for is in 0..=nstep {
         iscale = (rmin + rdelta * is as f32 + nmaxf) / (max - min);
@@ -300,7 +307,7 @@ fn make_qkx2_quants(
             let mut cur_error = 0.0f32;
             for i in 0..n {
                 let diff = this_scale * laux[i] as f32 + this_min - x[i];
-                cur_error += weights[i] * (diff * diff);
+                cur_error += weights[i] * err(diff);
             }
             if cur_error < best_error {
                 l[..n].copy_from_slice(&laux[..n]);
@@ -353,6 +360,7 @@ fn qk_affine(x: &[f32], nmax: i32, rmin: f32, nstep: i32) -> ([u8; QK_K], [u8; 1
             rmin,
             0.1,
             nstep,
+            false,
         );
         scales[j] = s;
         mins[j] = m;
@@ -530,6 +538,245 @@ fn q6_k(x: &[f32], y: &mut [u8]) {
             qlh[k] = (q(0) & 0xf) | ((q(64) & 0xf) << 4);
             qlh[k + 32] = (q(32) & 0xf) | ((q(96) & 0xf) << 4);
             qhh[k] = (q(0) >> 4) | ((q(32) >> 4) << 2) | ((q(64) >> 4) << 4) | ((q(96) >> 4) << 6);
+        }
+    }
+}
+
+/// Packs 256 2-bit levels as Q2_K and Q3_K store them: byte 32·h + k holds
+/// levels 128·h + 32·s + k at bits 2·s (s = 0..3).
+fn pack_2bit(l: &[u8; QK_K], qs: &mut [u8]) {
+    for h in 0..2 {
+        for k in 0..32 {
+            let b = 128 * h + k;
+            qs[32 * h + k] = l[b] | (l[b + 32] << 2) | (l[b + 64] << 4) | (l[b + 96] << 6);
+        }
+    }
+}
+
+/// Q2_K: sixteen sub-blocks of 16, each an affine fit to 4 levels weighted
+/// by |x| (absolute error), with 4-bit scale and min. Layout: scales[16]
+/// (min in the high nibble), qs[64], d, dmin.
+fn q2_k(x: &[f32], y: &mut [u8]) {
+    let mut l = [0u8; QK_K];
+    let mut laux = [0u8; 16];
+    let mut weights = [0f32; 16];
+    let mut mins = [0f32; 16];
+    let mut scales = [0f32; 16];
+    let q4scale = 15.0f32;
+    let (mut max_scale, mut max_min) = (0.0f32, 0.0f32);
+    for j in 0..QK_K / 16 {
+        let xs = &x[16 * j..16 * j + 16];
+        for (w, &v) in weights.iter_mut().zip(xs) {
+            *w = v.abs();
+        }
+        let lj = &mut l[16 * j..16 * j + 16];
+        let (s, m) = make_qkx2_quants(3, xs, &weights, lj, &mut laux, -0.5, 0.1, 15, true);
+        scales[j] = s;
+        mins[j] = m;
+        if s > max_scale {
+            max_scale = s;
+        }
+        if m > max_min {
+            max_min = m;
+        }
+    }
+    let (sc, rest) = y.split_at_mut(16);
+    let (qs, dd) = rest.split_at_mut(64);
+    sc.fill(0);
+    let mut dh = fp16(0.0);
+    if max_scale > 0.0 {
+        let iscale = q4scale / max_scale;
+        for j in 0..QK_K / 16 {
+            sc[j] = nearest_int(iscale * scales[j]) as u8;
+        }
+        dh = fp16(max_scale / q4scale);
+    }
+    let mut mh = fp16(0.0);
+    if max_min > 0.0 {
+        let iscale = q4scale / max_min;
+        for j in 0..QK_K / 16 {
+            sc[j] |= (nearest_int(iscale * mins[j]) << 4) as u8;
+        }
+        mh = fp16(max_min / q4scale);
+    }
+    let (df, mf) = (f16_at(&dh, 0), f16_at(&mh, 0));
+    for j in 0..QK_K / 16 {
+        let d = df * (sc[j] & 0xf) as f32;
+        // As in the reference, a zero scale keeps the fit's levels.
+        if d == 0.0 {
+            continue;
+        }
+        let dm = mf * (sc[j] >> 4) as f32;
+        for ii in 0..16 {
+            l[16 * j + ii] = nearest_int((x[16 * j + ii] + dm) / d).clamp(0, 3) as u8;
+        }
+    }
+    pack_2bit(&l, qs);
+    dd[0..2].copy_from_slice(&dh);
+    dd[2..4].copy_from_slice(&mh);
+}
+
+/// ggml's `make_q3_quants` with do_rmse: a symmetric fit of 16 values to
+/// [−nmax, nmax−1] weighted by x², improved one level at a time (at most
+/// five sweeps). Levels come back offset by nmax (all zero for a zero
+/// sub-block).
+fn make_q3_quants(nmax: i32, x: &[f32], l: &mut [i8]) -> f32 {
+    let (mut max, mut amax) = (0.0f32, 0.0f32);
+    for &v in x {
+        if v.abs() > amax {
+            amax = v.abs();
+            max = v;
+        }
+    }
+    if amax < GROUP_MAX_EPS {
+        l.fill(0);
+        return 0.0;
+    }
+    let iscale = -(nmax as f32) / max;
+    let (mut sumlx, mut suml2) = (0.0f32, 0.0f32);
+    for i in 0..x.len() {
+        let li = nearest_int(iscale * x[i]).clamp(-nmax, nmax - 1);
+        l[i] = li as i8;
+        let w = x[i] * x[i];
+        sumlx += w * x[i] * li as f32;
+        suml2 += w * li as f32 * li as f32;
+    }
+    for _ in 0..5 {
+        let mut n_changed = 0;
+        for i in 0..x.len() {
+            let w = x[i] * x[i];
+            let li = l[i] as f32;
+            let mut slx = sumlx - w * x[i] * li;
+            if slx > 0.0 {
+                let mut sl2 = suml2 - w * li * li;
+                let new_l = nearest_int(x[i] * sl2 / slx).clamp(-nmax, nmax - 1);
+                if new_l != l[i] as i32 {
+                    let nl = new_l as f32;
+                    slx += w * x[i] * nl;
+                    sl2 += w * nl * nl;
+                    if sl2 > 0.0 && slx * slx * suml2 > sumlx * sumlx * sl2 {
+                        l[i] = new_l as i8;
+                        sumlx = slx;
+                        suml2 = sl2;
+                        n_changed += 1;
+                    }
+                }
+            }
+        }
+        if n_changed == 0 {
+            break;
+        }
+    }
+    for v in l.iter_mut() {
+        *v += nmax as i8;
+    }
+    if suml2 > 0.0 {
+        sumlx / suml2
+    } else {
+        0.0
+    }
+}
+
+/// Sub-block j's 6-bit Q3_K scale (biased by 32): low nibbles in bytes
+/// 0..8, high bit pairs in bytes 8..12.
+fn q3_scale(sc: &[u8], j: usize) -> u8 {
+    let lo = if j < 8 { sc[j] & 0xf } else { sc[j - 8] >> 4 };
+    lo | (((sc[8 + j % 4] >> (2 * (j / 4))) & 3) << 4)
+}
+
+/// Q3_K: sixteen symmetric sub-blocks of 16 at 3 bits, 6-bit signed
+/// scales. Layout: hmask[32] (bit 2 of the level), qs[64], scales[12], d.
+fn q3_k(x: &[f32], y: &mut [u8]) {
+    let mut l = [0i8; QK_K];
+    let mut scales = [0f32; 16];
+    let (mut max_scale, mut amax) = (0.0f32, 0.0f32);
+    for j in 0..QK_K / 16 {
+        let s = make_q3_quants(4, &x[16 * j..16 * j + 16], &mut l[16 * j..16 * j + 16]);
+        scales[j] = s;
+        if s.abs() > amax {
+            amax = s.abs();
+            max_scale = s;
+        }
+    }
+    let mut sc = [0u8; 12];
+    let mut dh = fp16(0.0);
+    if max_scale != 0.0 {
+        let iscale = -32.0 / max_scale;
+        for j in 0..QK_K / 16 {
+            // (int8_t) of the int, then clamped and biased.
+            let lj = ((nearest_int(iscale * scales[j]) as i8).clamp(-32, 31) + 32) as u8;
+            if j < 8 {
+                sc[j] = lj & 0xf;
+            } else {
+                sc[j - 8] |= (lj & 0xf) << 4;
+            }
+            sc[j % 4 + 8] |= (lj >> 4) << (2 * (j / 4));
+        }
+        dh = fp16(1.0 / iscale);
+    }
+    let df = f16_at(&dh, 0);
+    for j in 0..QK_K / 16 {
+        let s = q3_scale(&sc, j) as i8 - 32;
+        let d = df * s as f32;
+        // As in the reference, a zero scale keeps the fit's levels.
+        if d == 0.0 {
+            continue;
+        }
+        for ii in 0..16 {
+            l[16 * j + ii] = (nearest_int(x[16 * j + ii] / d).clamp(-4, 3) + 4) as i8;
+        }
+    }
+    let (hmask, rest) = y.split_at_mut(32);
+    let (qs, rest) = rest.split_at_mut(64);
+    hmask.fill(0);
+    let mut low = [0u8; QK_K];
+    for (j, (&v, lo)) in l.iter().zip(low.iter_mut()).enumerate() {
+        let v = v as u8;
+        *lo = v & 3;
+        if v > 3 {
+            hmask[j % 32] |= 1 << (j / 32);
+            *lo = v - 4;
+        }
+    }
+    pack_2bit(&low, qs);
+    rest[0..12].copy_from_slice(&sc);
+    rest[12..14].copy_from_slice(&dh);
+}
+
+fn dq2_k(q: &[u8], y: &mut [f32]) {
+    let (d, min) = (f16_at(q, 80), f16_at(q, 82));
+    for h in 0..2 {
+        let qs = &q[16 + 32 * h..16 + 32 * h + 32];
+        for s in 0..4 {
+            for half in 0..2 {
+                let sc = q[8 * h + 2 * s + half];
+                let (dl, ml) = (d * (sc & 0xf) as f32, min * (sc >> 4) as f32);
+                for k in 0..16 {
+                    let v = (qs[16 * half + k] >> (2 * s)) & 3;
+                    y[128 * h + 32 * s + 16 * half + k] = dl * v as f32 - ml;
+                }
+            }
+        }
+    }
+}
+
+fn dq3_k(q: &[u8], y: &mut [f32]) {
+    let d_all = f16_at(q, 108);
+    let hm = &q[0..32];
+    let sc = &q[96..108];
+    for h in 0..2 {
+        let qs = &q[32 + 32 * h..32 + 32 * h + 32];
+        for s in 0..4 {
+            let bit = 1u8 << (4 * h + s);
+            for half in 0..2 {
+                let dl = d_all * (q3_scale(sc, 8 * h + 2 * s + half) as i32 - 32) as f32;
+                for k in 0..16 {
+                    let i = 16 * half + k;
+                    let lo = ((qs[i] >> (2 * s)) & 3) as i32;
+                    let v = lo - if hm[i] & bit != 0 { 0 } else { 4 };
+                    y[128 * h + 32 * s + i] = dl * v as f32;
+                }
+            }
         }
     }
 }
