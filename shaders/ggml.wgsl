@@ -229,14 +229,28 @@ fn put16(pos: u32, v: u32) {
 
 // ---- 32-value blocks ------------------------------------------------------
 
-// The signed value of largest magnitude (the first on ties).
-fn signed_absmax(n: u32) -> f32 {
+// The signed value of largest magnitude in xs[off..off+n] (the first on
+// ties), as every symmetric quantizer of ggml picks its extreme.
+fn signed_absmax(off: u32, n: u32) -> f32 {
     var amax = 0.0;
     var mx = 0.0;
-    for (var j = 0u; j < n; j++) {
+    for (var j = off; j < off + n; j++) {
         if (amax < abs(xs[j])) {
             amax = abs(xs[j]);
             mx = xs[j];
+        }
+    }
+    return mx;
+}
+
+// The same over the sixteen sub-block scales in scl.
+fn signed_absmax_scl() -> f32 {
+    var amax = 0.0;
+    var mx = 0.0;
+    for (var j = 0u; j < 16u; j++) {
+        if (amax < abs(scl[j])) {
+            amax = abs(scl[j]);
+            mx = scl[j];
         }
     }
     return mx;
@@ -269,7 +283,7 @@ fn pack_levels(qs: u32, qh: u32, five: bool) {
 fn q_sym(o: u32, five: bool) {
     let hq = select(8.0, 16.0, five);
     let top = select(15, 31, five);
-    let d = fdiv(signed_absmax(32u), -hq);
+    let d = fdiv(signed_absmax(0u, 32u), -hq);
     let id = inverse(d);
     put16(o, half_bits(d));
     for (var j = 0u; j < 32u; j++) {
@@ -524,17 +538,9 @@ fn qk_affine(o: u32, five: bool) {
 
 // make_qx_quants(16, 32, rmse_type 1) on xs[off..off+16]: levels + 32 in lv.
 fn make_qx(off: u32) -> f32 {
-    var mx = 0.0;
-    var amax = 0.0;
-    for (var i = 0u; i < 16u; i++) {
-        let ax = abs(xs[off + i]);
-        if (ax > amax) {
-            amax = ax;
-            mx = xs[off + i];
-        }
-    }
+    let mx = signed_absmax(off, 16u);
     var scale = 0.0;
-    if (amax < bitcast<f32>(GROUP_MAX_EPS)) {
+    if (abs(mx) < bitcast<f32>(GROUP_MAX_EPS)) {
         for (var i = 0u; i < 16u; i++) {
             lv[off + i] = 0u;
         }
@@ -583,18 +589,12 @@ fn make_qx(off: u32) -> f32 {
 }
 
 fn q6_k(o: u32) {
-    var max_scale = 0.0;
-    var max_abs_scale = 0.0;
     for (var ib = 0u; ib < 16u; ib++) {
-        let s = make_qx(16u * ib);
-        scl[ib] = s;
-        if (abs(s) > max_abs_scale) {
-            max_abs_scale = abs(s);
-            max_scale = s;
-        }
+        scl[ib] = make_qx(16u * ib);
     }
+    let max_scale = signed_absmax_scl();
     // An all-zero block stays zero (ow is already zero).
-    if (max_abs_scale >= bitcast<f32>(GROUP_MAX_EPS)) {
+    if (abs(max_scale) >= bitcast<f32>(GROUP_MAX_EPS)) {
         q6_k_pack(o, max_scale);
     }
 }
@@ -709,16 +709,8 @@ fn q2_k(o: u32) {
 // make_q3_quants(16, 4, do_rmse) on xs[off..off+16]: levels + 4 in lv
 // (0 for a zero sub-block), returns the scale.
 fn make_q3(off: u32) -> f32 {
-    var mx = 0.0;
-    var amax = 0.0;
-    for (var i = 0u; i < 16u; i++) {
-        let ax = abs(xs[off + i]);
-        if (ax > amax) {
-            amax = ax;
-            mx = xs[off + i];
-        }
-    }
-    if (amax < bitcast<f32>(GROUP_MAX_EPS)) {
+    let mx = signed_absmax(off, 16u);
+    if (abs(mx) < bitcast<f32>(GROUP_MAX_EPS)) {
         for (var i = 0u; i < 16u; i++) {
             lv[off + i] = 0u;
         }
@@ -785,16 +777,10 @@ fn q3_scale(j: u32) -> u32 {
 // Q3_K: sixteen symmetric sub-blocks of 16 at 3 bits; hmask[32] (bit 2 of
 // each level), qs[64], scales[12] (6-bit, biased by 32), d.
 fn q3_k(o: u32) {
-    var max_scale = 0.0;
-    var amax = 0.0;
     for (var j = 0u; j < 16u; j++) {
-        let s = make_q3(16u * j);
-        scl[j] = s;
-        if (abs(s) > amax) {
-            amax = abs(s);
-            max_scale = s;
-        }
+        scl[j] = make_q3(16u * j);
     }
+    let max_scale = signed_absmax_scl();
     for (var j = 0u; j < 12u; j++) {
         scb[j] = 0u;
     }

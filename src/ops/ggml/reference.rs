@@ -87,9 +87,8 @@ pub fn dequantize_blocks(ty: BlockType, q: &[u8], y: &mut [f32]) {
     }
 }
 
-// ---- legacy 32-value blocks -------------------------------------------------
-
-/// The signed value of largest magnitude, the first one on ties.
+/// The signed value of largest magnitude, the first one on ties (how every
+/// symmetric quantizer of ggml picks its block's or sub-block's extreme).
 fn signed_absmax(x: &[f32]) -> f32 {
     let (mut amax, mut max) = (0.0f32, 0.0f32);
     for &v in x {
@@ -100,6 +99,8 @@ fn signed_absmax(x: &[f32]) -> f32 {
     }
     max
 }
+
+// ---- legacy 32-value blocks -------------------------------------------------
 
 fn min_max(x: &[f32]) -> (f32, f32) {
     let (mut min, mut max) = (f32::MAX, -f32::MAX);
@@ -445,14 +446,8 @@ fn q5_k(x: &[f32], y: &mut [u8]) {
 /// symmetric fit to [−nmax, nmax−1] weighted by x², searching 18 scales
 /// around −nmax/max. Levels come back offset by nmax.
 fn make_qx_quants(nmax: i32, x: &[f32], l: &mut [i8]) -> f32 {
-    let (mut max, mut amax) = (0.0f32, 0.0f32);
-    for &v in x {
-        if v.abs() > amax {
-            amax = v.abs();
-            max = v;
-        }
-    }
-    if amax < GROUP_MAX_EPS {
+    let max = signed_absmax(x);
+    if max.abs() < GROUP_MAX_EPS {
         l.fill(0);
         return 0.0;
     }
@@ -497,16 +492,11 @@ fn make_qx_quants(nmax: i32, x: &[f32], l: &mut [i8]) -> f32 {
 fn q6_k(x: &[f32], y: &mut [u8]) {
     let mut l = [0i8; QK_K];
     let mut scales = [0f32; 16];
-    let (mut max_scale, mut max_abs_scale) = (0.0f32, 0.0f32);
     for ib in 0..QK_K / 16 {
-        let s = make_qx_quants(32, &x[16 * ib..16 * ib + 16], &mut l[16 * ib..16 * ib + 16]);
-        scales[ib] = s;
-        if s.abs() > max_abs_scale {
-            max_abs_scale = s.abs();
-            max_scale = s;
-        }
+        scales[ib] = make_qx_quants(32, &x[16 * ib..16 * ib + 16], &mut l[16 * ib..16 * ib + 16]);
     }
-    if max_abs_scale < GROUP_MAX_EPS {
+    let max_scale = signed_absmax(&scales);
+    if max_scale.abs() < GROUP_MAX_EPS {
         y.fill(0);
         return;
     }
@@ -621,14 +611,8 @@ fn q2_k(x: &[f32], y: &mut [u8]) {
 /// five sweeps). Levels come back offset by nmax (all zero for a zero
 /// sub-block).
 fn make_q3_quants(nmax: i32, x: &[f32], l: &mut [i8]) -> f32 {
-    let (mut max, mut amax) = (0.0f32, 0.0f32);
-    for &v in x {
-        if v.abs() > amax {
-            amax = v.abs();
-            max = v;
-        }
-    }
-    if amax < GROUP_MAX_EPS {
+    let max = signed_absmax(x);
+    if max.abs() < GROUP_MAX_EPS {
         l.fill(0);
         return 0.0;
     }
@@ -689,15 +673,10 @@ fn q3_scale(sc: &[u8], j: usize) -> u8 {
 fn q3_k(x: &[f32], y: &mut [u8]) {
     let mut l = [0i8; QK_K];
     let mut scales = [0f32; 16];
-    let (mut max_scale, mut amax) = (0.0f32, 0.0f32);
     for j in 0..QK_K / 16 {
-        let s = make_q3_quants(4, &x[16 * j..16 * j + 16], &mut l[16 * j..16 * j + 16]);
-        scales[j] = s;
-        if s.abs() > amax {
-            amax = s.abs();
-            max_scale = s;
-        }
+        scales[j] = make_q3_quants(4, &x[16 * j..16 * j + 16], &mut l[16 * j..16 * j + 16]);
     }
+    let max_scale = signed_absmax(&scales);
     let mut sc = [0u8; 12];
     let mut dh = fp16(0.0);
     if max_scale != 0.0 {
