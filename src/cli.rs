@@ -164,6 +164,33 @@ enum Command {
         /// --pure), without the mixes' per-tensor choices.
         #[arg(long, requires = "gguf_type")]
         pure: bool,
+        /// With --type: tensors whose name matches PATTERN (a regex,
+        /// lowercased) get TYPE, the first match winning; repeatable
+        /// (llama-quantize --tensor-type).
+        #[arg(
+            long = "tensor-type",
+            value_name = "PATTERN=TYPE",
+            requires = "gguf_type"
+        )]
+        tensor_type: Vec<String>,
+        /// With --type: more --tensor-type options, read from a file
+        /// (separated by spaces or newlines), after those given inline.
+        #[arg(long, value_name = "FILE", requires = "gguf_type")]
+        tensor_type_file: Option<PathBuf>,
+        /// With --type: the type of output.weight (and of tied token
+        /// embeddings).
+        #[arg(long, value_name = "TYPE", requires = "gguf_type")]
+        output_tensor_type: Option<String>,
+        /// With --type: the type of the token embeddings.
+        #[arg(long, value_name = "TYPE", requires = "gguf_type")]
+        token_embedding_type: Option<String>,
+        /// With --type: leave output.weight as it is.
+        #[arg(long, requires = "gguf_type")]
+        leave_output_tensor: bool,
+        /// With --type: dequantize tensors already in a GGML block type and
+        /// quantize them again (worse than quantizing from 16 or 32 bits).
+        #[arg(long, requires = "gguf_type")]
+        allow_requantize: bool,
         #[arg(
             long,
             allow_negative_numbers = true,
@@ -513,20 +540,53 @@ fn run(cli: Cli) -> Result<()> {
             model,
             gguf_type,
             pure,
+            tensor_type,
+            tensor_type_file,
+            output_tensor_type,
+            token_embedding_type,
+            leave_output_tensor,
+            allow_requantize,
             scale,
             int8,
             dequantize,
             common,
         } => {
             if let Some(t) = gguf_type {
+                use crate::gguf_rules::{writable_type, Overrides};
+                let mut overrides = Overrides {
+                    output: output_tensor_type
+                        .as_deref()
+                        .map(writable_type)
+                        .transpose()?,
+                    token_embd: token_embedding_type
+                        .as_deref()
+                        .map(writable_type)
+                        .transpose()?,
+                    leave_output: leave_output_tensor,
+                    ..Default::default()
+                };
+                let mut opts = tensor_type;
+                if let Some(f) = tensor_type_file {
+                    let text = std::fs::read_to_string(&f).map_err(|e| {
+                        Error::input(format!("--tensor-type-file {}: {e}", f.display()))
+                    })?;
+                    opts.extend(text.split_whitespace().map(String::from));
+                }
+                for o in &opts {
+                    overrides.add_tensor_type(o)?;
+                }
                 let dev = Device::choose(&common.device)?;
                 let r = crate::gguf_job::write_gguf(
                     &dev,
                     &model,
                     &common.output,
-                    &t,
-                    pure,
-                    common.force,
+                    crate::gguf_job::GgufOptions {
+                        target: t,
+                        pure,
+                        overrides,
+                        allow_requantize,
+                        force: common.force,
+                    },
                 )?;
                 print_gguf_report(&r, common.report.as_deref())?;
                 return Ok(());

@@ -17,7 +17,7 @@ use crate::error::{Error, Result};
 use crate::formats::gguf::{GgmlType, GgufFile, GgufOut, GgufTensor, GgufWriter, Value};
 use crate::formats::model::Model;
 use crate::formats::safetensors::{Entry, OutEntry, SafetensorsFile, SafetensorsWriter};
-use crate::gguf_rules::{Ftype, Plan};
+use crate::gguf_rules::{Ftype, Overrides, Plan};
 use crate::ops::ggml::{self, BlockType};
 use crate::ops::quantize;
 use crate::report::{Report, TensorReport};
@@ -208,19 +208,26 @@ fn pass_through(t: &In, seconds: f64) -> TensorReport {
     }
 }
 
+/// How `quantize --type` writes a GGUF file.
+#[derive(Default)]
+pub struct GgufOptions {
+    /// The --type name: a llama-quantize file type or F32/F16/BF16.
+    pub target: String,
+    /// --pure: every quantized tensor gets the file type's own type.
+    pub pure: bool,
+    pub overrides: Overrides,
+    /// --allow-requantize: block-type inputs are dequantized (as ggml
+    /// does) and quantized again instead of being an error.
+    pub allow_requantize: bool,
+    pub force: bool,
+}
+
 /// Writes `out` (GGUF) from `input` with the tensors `--type target` asks
 /// for, and reports per tensor: type, bytes, and the error of the
 /// dequantized values (max abs, RMSE, SNR).
-pub fn write_gguf(
-    dev: &Device,
-    input: &Path,
-    out: &Path,
-    target: &str,
-    pure: bool,
-    force: bool,
-) -> Result<Report> {
-    let target = parse_target(target)?;
-    check_output(input, out, &["gguf"], force)?;
+pub fn write_gguf(dev: &Device, input: &Path, out: &Path, opt: GgufOptions) -> Result<Report> {
+    let target = parse_target(&opt.target)?;
+    check_output(input, out, &["gguf"], opt.force)?;
     let start = Instant::now();
     let src = Inputs::open(input)?;
     let inputs = src.tensors()?;
@@ -238,18 +245,28 @@ pub fn write_gguf(
         }
         Target::Quant(f) => {
             let names: Vec<&str> = inputs.iter().map(|t| t.name.as_str()).collect();
-            let mut plan = Plan::new(f, pure, &metadata, &names);
+            let mut plan = Plan::new(f, opt.pure, opt.overrides, &metadata, &names);
             for t in &inputs {
                 let ty = plan.choose(&t.name, &t.shape, t.ty)?;
                 if ty != t.ty && dtype_of(t.ty).is_none() {
-                    return Err(Error::Format {
-                        file: input.display().to_string(),
-                        tensor: t.name.clone(),
-                        why: format!(
-                            "is {}; only F32, F16 and BF16 tensors are quantized (no requantizing)",
+                    let why = if BlockType::from_ggml(t.ty).is_none() {
+                        format!("is {}, which modelpress cannot read to convert", t.ty.name)
+                    } else if !opt.allow_requantize {
+                        format!(
+                            "is {}: requantizing is disabled (--allow-requantize enables it; \
+                             quality suffers against quantizing from 16 or 32 bits)",
                             t.ty.name
-                        ),
-                    });
+                        )
+                    } else {
+                        String::new()
+                    };
+                    if !why.is_empty() {
+                        return Err(Error::Format {
+                            file: input.display().to_string(),
+                            tensor: t.name.clone(),
+                            why,
+                        });
+                    }
                 }
                 types.push(ty);
             }
@@ -293,8 +310,19 @@ pub fn write_gguf(
                 .push(pass_through(t, t0.elapsed().as_secs_f64()));
             continue;
         }
-        let src_dtype = dtype_of(t.ty).expect("checked above");
-        let view = TensorRef::new(src_dtype, &t.shape, t.data).map_err(|e| e.at(input, &t.name))?;
+        // A block-type input (--allow-requantize) is dequantized first, as
+        // llama-quantize does.
+        let requant: Vec<f32>;
+        let (src_dtype, src) = match dtype_of(t.ty) {
+            Some(d) => (d, t.data),
+            None => {
+                let bt = BlockType::from_ggml(t.ty).expect("checked above");
+                let n = t.shape.iter().product();
+                requant = ggml::dequantize(bt, t.data, n).map_err(|e| e.at(input, &t.name))?;
+                (DType::F32, bytemuck::cast_slice(&requant))
+            }
+        };
+        let view = TensorRef::new(src_dtype, &t.shape, src).map_err(|e| e.at(input, &t.name))?;
         let (data, stats, note) = if let Some(bt) = BlockType::from_ggml(ty) {
             let q = ggml::quantize(dev, bt, &view).map_err(|e| e.at(input, &t.name))?;
             let st = ggml::error_stats(bt, &q.data, &view)?;

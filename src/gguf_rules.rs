@@ -7,6 +7,7 @@
 use crate::error::{Error, Result};
 use crate::formats::gguf::{GgmlType, Value};
 use crate::ops::ggml::BlockType;
+use regex::Regex;
 
 /// A llama-quantize file type (LLAMA_FTYPE_*) that modelpress writes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -185,10 +186,66 @@ fn use_more_bits(i: i64, n: i64) -> bool {
     i < n / 8 || i >= 7 * n / 8 || (i - n / 8) % 3 == 2
 }
 
+/// A GGML type modelpress writes: F32, F16, BF16 or a block type.
+pub fn writable_type(name: &str) -> Result<GgmlType> {
+    GgmlType::from_name(name)
+        .filter(|t| BlockType::from_ggml(*t).is_some() || matches!(t.name, "F32" | "F16" | "BF16"))
+        .ok_or_else(|| {
+            Error::input(format!(
+                "type {name}: modelpress writes F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, \
+                 Q2_K, Q3_K, Q4_K, Q5_K and Q6_K"
+            ))
+        })
+}
+
+/// llama-quantize's per-tensor overrides of the file type's choices.
+#[derive(Default)]
+pub struct Overrides {
+    /// --output-tensor-type: output.weight (and tied token embeddings).
+    pub output: Option<GgmlType>,
+    /// --token-embedding-type.
+    pub token_embd: Option<GgmlType>,
+    /// --tensor-type PATTERN=TYPE, in order: the first pattern found in a
+    /// tensor's name gives its type (then the row-length fallback).
+    pub patterns: Vec<(Regex, GgmlType)>,
+    /// --leave-output-tensor: output.weight keeps its type.
+    pub leave_output: bool,
+}
+
+impl Overrides {
+    /// Adds one `--tensor-type PATTERN=TYPE`. As in llama-quantize the
+    /// pattern is lowercased and searched for anywhere in the name (Rust
+    /// `regex` syntax, which agrees with std::regex's ECMAScript on the
+    /// usual patterns; it has no look-around or back-references).
+    pub fn add_tensor_type(&mut self, opt: &str) -> Result<()> {
+        let bad = |why: &str| Error::input(format!("--tensor-type {opt}: {why}"));
+        let (pattern, ty) = opt
+            .split_once('=')
+            .ok_or_else(|| bad("expected PATTERN=TYPE"))?;
+        if pattern.is_empty() {
+            return Err(bad("missing tensor name"));
+        }
+        if ty.is_empty() {
+            return Err(bad("missing quantization type"));
+        }
+        let re = Regex::new(&pattern.to_lowercase()).map_err(|e| bad(&e.to_string()))?;
+        self.patterns.push((re, writable_type(ty)?));
+        Ok(())
+    }
+
+    fn manual(&self, name: &str) -> Option<GgmlType> {
+        self.patterns
+            .iter()
+            .find(|(re, _)| re.is_match(name))
+            .map(|(_, t)| *t)
+    }
+}
+
 /// The per-model state llama-quantize keeps while choosing types.
 pub struct Plan {
     pub ftype: Ftype,
     pure: bool,
+    overrides: Overrides,
     falcon: bool,
     n_layer: i64,
     n_expert: i64,
@@ -226,7 +283,13 @@ impl Plan {
     /// `names`: every tensor of the model, in file order. The layer count is
     /// `{arch}.block_count` when the metadata has it, else one more than the
     /// highest `blk.N.` (a safetensors input has no llama.cpp metadata).
-    pub fn new(ftype: Ftype, pure: bool, meta: &[(String, Value)], names: &[&str]) -> Plan {
+    pub fn new(
+        ftype: Ftype,
+        pure: bool,
+        overrides: Overrides,
+        meta: &[(String, Value)],
+        names: &[&str],
+    ) -> Plan {
         let arch = meta
             .iter()
             .find(|(k, _)| k == "general.architecture")
@@ -262,6 +325,7 @@ impl Plan {
         Plan {
             ftype,
             pure,
+            overrides,
             falcon: arch == "falcon",
             n_layer,
             n_expert,
@@ -281,23 +345,37 @@ impl Plan {
     /// The type of tensor `name` (row-major `shape`) in the output, given
     /// its type in the input. Call once per tensor, in file order.
     pub fn choose(&mut self, name: &str, shape: &[usize], input: GgmlType) -> Result<GgmlType> {
-        if !allows_quantization(name, shape.len()) {
+        let ov = &self.overrides;
+        if !allows_quantization(name, shape.len()) || (ov.leave_output && name == "output.weight") {
             return Ok(input);
         }
-        let mut t = self.ftype.default_type();
-        if !self.pure {
-            t = self.mix(name, shape, t)?;
+        let c = category(name);
+        if let (Some(t), Category::TokenEmbd) = (ov.token_embd, c) {
+            // A --tensor-type pattern may still name the per-layer table.
+            if name != "per_layer_token_embd.weight" || ov.manual(name).is_none() {
+                return Ok(t);
+            }
         }
-        let t = fallback(shape.last().copied().unwrap_or(0), t);
-        Ok(t)
+        if let (Some(t), Category::Output) = (ov.output, c) {
+            return Ok(t);
+        }
+        let t = match ov.manual(name) {
+            Some(t) => t,
+            None if self.pure => self.ftype.default_type().ggml(),
+            None => self.mix(name, shape, self.ftype.default_type())?,
+        };
+        Ok(fallback(shape.last().copied().unwrap_or(0), t))
     }
 
-    fn mix(&mut self, name: &str, shape: &[usize], t: BlockType) -> Result<BlockType> {
+    fn mix(&mut self, name: &str, shape: &[usize], t: BlockType) -> Result<GgmlType> {
         let f = self.ftype;
         let c = category(name);
         let nx = shape.last().copied().unwrap_or(0);
         let mut t = t;
         if c == Category::Output || (self.tied_embeddings && c == Category::TokenEmbd) {
+            if let Some(o) = self.overrides.output {
+                return Ok(o);
+            }
             if self.falcon || nx % t.block_values() != 0 {
                 t = BlockType::Q8_0;
             } else if t != BlockType::Q8_0 {
@@ -380,7 +458,7 @@ impl Plan {
         }
         // llama-quantize's later attn_qkv branch (Q4_K_M → Q5_K) is
         // unreachable there: attn_qkv is attn_v-like and matched above.
-        Ok(t)
+        Ok(t.ggml())
     }
 
     /// (layer, layers) for an ffn_down tensor: its counter, or for MoE
@@ -407,19 +485,19 @@ impl Plan {
 /// The type llama-quantize falls back to when a row of `ncols` values is
 /// not a whole number of `t` blocks (F16 when the fallback does not fit
 /// either).
-pub fn fallback(ncols: usize, t: BlockType) -> GgmlType {
-    if ncols % t.block_values() == 0 {
-        return t.ggml();
+pub fn fallback(ncols: usize, t: GgmlType) -> GgmlType {
+    if ncols % t.block as usize == 0 {
+        return t;
     }
-    let f = match t {
-        BlockType::Q2_K | BlockType::Q3_K => BlockType::Q4_0,
-        BlockType::Q4_K => BlockType::Q5_0,
-        BlockType::Q5_K => BlockType::Q5_1,
-        BlockType::Q6_K => BlockType::Q8_0,
-        other => other,
+    let f = match BlockType::from_ggml(t) {
+        Some(BlockType::Q2_K | BlockType::Q3_K) => BlockType::Q4_0.ggml(),
+        Some(BlockType::Q4_K) => BlockType::Q5_0.ggml(),
+        Some(BlockType::Q5_K) => BlockType::Q5_1.ggml(),
+        Some(BlockType::Q6_K) => BlockType::Q8_0.ggml(),
+        _ => t,
     };
-    if ncols % f.block_values() == 0 {
-        f.ggml()
+    if ncols % f.block as usize == 0 {
+        f
     } else {
         GgmlType::from_name("F16").unwrap()
     }
@@ -454,7 +532,7 @@ mod tests {
     fn plan_types(f: Ftype, n_layer: usize, ncols: usize) -> Vec<(String, &'static str)> {
         let all = names(n_layer);
         let refs: Vec<&str> = all.iter().map(|s| s.as_str()).collect();
-        let mut p = Plan::new(f, false, &[], &refs);
+        let mut p = Plan::new(f, false, Overrides::default(), &[], &refs);
         let f32t = GgmlType::from_name("F32").unwrap();
         all.iter()
             .map(|n| {
@@ -502,23 +580,19 @@ mod tests {
             serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
         let mut checked = 0;
         for (model, m) in fixture.as_object().unwrap() {
-            let meta: Vec<(String, Value)> = m["metadata"]
-                .as_object()
-                .unwrap()
-                .iter()
-                .map(|(k, v)| {
-                    let v = match v.as_str() {
-                        Some(s) => Value::String(s.into()),
-                        None => Value::U32(v.as_u64().unwrap() as u32),
-                    };
-                    (k.clone(), v)
-                })
-                .collect();
-            let tensors: Vec<(String, Vec<usize>)> =
-                serde_json::from_value(m["tensors"].clone()).unwrap();
+            if model == "runs" {
+                continue;
+            }
+            let (meta, tensors) = model_of(m);
             let names: Vec<&str> = tensors.iter().map(|(n, _)| n.as_str()).collect();
             for (ft, want) in m["types"].as_object().unwrap() {
-                let mut plan = Plan::new(Ftype::parse(ft).unwrap(), false, &meta, &names);
+                let mut plan = Plan::new(
+                    Ftype::parse(ft).unwrap(),
+                    false,
+                    Overrides::default(),
+                    &meta,
+                    &names,
+                );
                 let f32t = GgmlType::from_name("F32").unwrap();
                 for ((name, shape), want) in tensors.iter().zip(want.as_array().unwrap()) {
                     let got = plan.choose(name, shape, f32t).unwrap().name;
@@ -528,6 +602,61 @@ mod tests {
             }
         }
         assert_eq!(checked, 14 * (723 + 323 + 98));
+        // The same models with llama-quantize's overrides.
+        for run in fixture["runs"].as_array().unwrap() {
+            let m = &fixture[run["model"].as_str().unwrap()];
+            let (meta, tensors) = model_of(m);
+            let names: Vec<&str> = tensors.iter().map(|(n, _)| n.as_str()).collect();
+            let args: Vec<&str> = run["args"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|a| a.as_str().unwrap())
+                .collect();
+            let mut ov = Overrides::default();
+            let mut it = args.iter();
+            while let Some(&flag) = it.next() {
+                match flag {
+                    "--leave-output-tensor" => ov.leave_output = true,
+                    "--tensor-type" => ov.add_tensor_type(it.next().unwrap()).unwrap(),
+                    "--output-tensor-type" => {
+                        ov.output = Some(writable_type(it.next().unwrap()).unwrap())
+                    }
+                    "--token-embedding-type" => {
+                        ov.token_embd = Some(writable_type(it.next().unwrap()).unwrap())
+                    }
+                    other => panic!("flag {other}"),
+                }
+            }
+            let ft = run["ftype"].as_str().unwrap();
+            let mut plan = Plan::new(Ftype::parse(ft).unwrap(), false, ov, &meta, &names);
+            let f32t = GgmlType::from_name("F32").unwrap();
+            let want = run["types"].as_array().unwrap();
+            for ((name, shape), want) in tensors.iter().zip(want) {
+                let got = plan.choose(name, shape, f32t).unwrap().name;
+                assert_eq!(got, want.as_str().unwrap(), "{ft} {args:?}: {name}");
+            }
+        }
+    }
+
+    type Metadata = Vec<(String, Value)>;
+    type Shapes = Vec<(String, Vec<usize>)>;
+
+    /// A fixture model's metadata and (name, shape) list.
+    fn model_of(m: &serde_json::Value) -> (Metadata, Shapes) {
+        let meta = m["metadata"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| {
+                let v = match v.as_str() {
+                    Some(s) => Value::String(s.into()),
+                    None => Value::U32(v.as_u64().unwrap() as u32),
+                };
+                (k.clone(), v)
+            })
+            .collect();
+        (meta, serde_json::from_value(m["tensors"].clone()).unwrap())
     }
 
     #[test]

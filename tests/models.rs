@@ -701,3 +701,105 @@ fn bad_gguf_files_get_one_line_errors() {
     assert!(!ok && err.contains("bad.gguf"), "{err}");
     assert!(!out.exists());
 }
+
+#[test]
+fn gguf_requantize_and_tensor_type_overrides() {
+    use modelpress::formats::gguf::GgufFile;
+    use modelpress::ops::ggml::{dequantize, quantize, BlockType};
+    use modelpress::{Device, TensorRef};
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("m");
+    let shape = LlamaShape {
+        hidden: 256,
+        intermediate: 512,
+        layers: 2,
+        heads: 2,
+        vocab: 64,
+    };
+    write_llama_model(&dir, shape, DType::F32, 1, 9).unwrap();
+    let q8 = tmp.path().join("q8.gguf");
+    let (ok, _, err) = run(&[
+        "quantize",
+        s(&dir),
+        "--type",
+        "Q8_0",
+        "--pure",
+        "-o",
+        s(&q8),
+        "--device",
+        "cpu",
+    ]);
+    assert!(ok, "{err}");
+    // A block-type input is refused unless requantizing is asked for.
+    let out = tmp.path().join("q4.gguf");
+    let (ok, _, err) = run(&["quantize", s(&q8), "--type", "Q4_K_M", "-o", s(&out)]);
+    assert!(
+        !ok && err.contains("q8.gguf")
+            && err.contains("'model.")
+            && err.contains("--allow-requantize"),
+        "{err}"
+    );
+    assert!(!out.exists());
+    let (ok, _, err) = run(&[
+        "quantize",
+        s(&q8),
+        "--type",
+        "Q4_K_S",
+        "--allow-requantize",
+        "--tensor-type",
+        r"layers\.1\.mlp=q8_0",
+        "--tensor-type",
+        "MLP=q5_0",
+        "-o",
+        s(&out),
+        "--device",
+        "cpu",
+    ]);
+    assert!(ok, "{err}");
+    let (a, b) = (GgufFile::open(&q8).unwrap(), GgufFile::open(&out).unwrap());
+    let mut requantized = 0;
+    for t in &b.tensors {
+        let src = a.tensors.iter().find(|x| x.name == t.name).unwrap();
+        // The first pattern found wins; lowercased, "MLP" finds "mlp".
+        let want = if t.name.contains("layers.1.mlp") {
+            "Q8_0"
+        } else if t.name.contains("mlp") {
+            "Q5_0"
+        } else if src.ty.name == "Q8_0" {
+            "Q4_K"
+        } else {
+            src.ty.name
+        };
+        assert_eq!(t.ty.name, want, "{}", t.name);
+        if want == "Q4_K" {
+            // Requantized from the values the Q8_0 blocks hold.
+            let n = t.numel() as usize;
+            let x = dequantize(BlockType::Q8_0, a.data(src), n).unwrap();
+            let shape = [n];
+            let tr = TensorRef::new(DType::F32, &shape, bytemuck::cast_slice(&x)).unwrap();
+            let q = quantize(&Device::Cpu, BlockType::Q4_K, &tr).unwrap();
+            assert!(q.data == b.data(t), "{}", t.name);
+            requantized += 1;
+        }
+    }
+    assert!(requantized >= 8, "{requantized}");
+    // Overrides that cannot be honoured are errors.
+    for (opt, says) in [
+        ("mlp=IQ4_XS", "IQ4_XS"),
+        ("mlp(=q8_0", "--tensor-type"),
+        ("=q8_0", "missing"),
+    ] {
+        let (ok, _, err) = run(&[
+            "quantize",
+            s(&dir),
+            "--type",
+            "Q4_0",
+            "--tensor-type",
+            opt,
+            "-o",
+            s(&out),
+            "--force",
+        ]);
+        assert!(!ok && err.contains(says), "{opt}: {err}");
+    }
+}

@@ -33,4 +33,25 @@ for m in ("llama70b", "moe8", "falcon"):
         types[ft] = [got[n] for n, _ in tensors]
         os.remove(dst)
     out[m] = {"metadata": meta, "tensors": tensors, "types": types}
-json.dump(out, sys.stdout, indent=1)
+# llama-quantize's overrides: --tensor-type (lowercased patterns, the first
+# match winning), --output-tensor-type (tied embeddings too),
+# --token-embedding-type and --leave-output-tensor.
+RUNS = [
+    ("llama70b", "Q4_K_M", ["--tensor-type", "attn_q=q8_0", "--tensor-type", r"blk\.1[0-9]\.ffn_down=q5_k",
+                            "--output-tensor-type", "q8_0", "--token-embedding-type", "q4_0"]),
+    ("llama70b", "Q3_K_M", ["--leave-output-tensor", "--tensor-type", "ffn_up=f16",
+                            "--tensor-type", r"BLK\.7[0-9]\.attn_v=q2_k"]),
+    ("falcon", "Q4_K_M", ["--output-tensor-type", "q5_0"]),
+    ("falcon", "Q2_K", ["--token-embedding-type", "bf16", "--tensor-type", "attn_qkv=q6_k"]),
+    ("moe8", "Q4_K_S", ["--tensor-type", "ffn_down_exps=q8_0", "--tensor-type", "ffn_.*_exps=q3_k"]),
+]
+runs = []
+for m, ft, args in RUNS:
+    src = os.path.join(DIR, f"{m}.gguf")
+    dst = os.path.join(DIR, f"out-{m}-{ft}-opts.gguf")
+    subprocess.run([Q, *args, src, dst, ft, "2"], check=True, capture_output=True)
+    got = {t.name: t.tensor_type.name for t in gguf.GGUFReader(dst).tensors}
+    runs.append({"model": m, "ftype": ft, "args": args, "types": [got[n] for n, _ in out[m]["tensors"]]})
+    os.remove(dst)
+out["runs"] = runs
+json.dump(out, sys.stdout, separators=(",", ":"))
