@@ -249,18 +249,21 @@ pub fn write_gguf(dev: &Device, input: &Path, out: &Path, opt: GgufOptions) -> R
             for t in &inputs {
                 let ty = plan.choose(&t.name, &t.shape, t.ty)?;
                 if ty != t.ty && dtype_of(t.ty).is_none() {
-                    let why = if BlockType::from_ggml(t.ty).is_none() {
-                        format!("is {}, which modelpress cannot read to convert", t.ty.name)
+                    let refused = if BlockType::from_ggml(t.ty).is_none() {
+                        Some(format!(
+                            "is {}, which modelpress cannot read to convert",
+                            t.ty.name
+                        ))
                     } else if !opt.allow_requantize {
-                        format!(
+                        Some(format!(
                             "is {}: requantizing is disabled (--allow-requantize enables it; \
                              quality suffers against quantizing from 16 or 32 bits)",
                             t.ty.name
-                        )
+                        ))
                     } else {
-                        String::new()
+                        None
                     };
-                    if !why.is_empty() {
+                    if let Some(why) = refused {
                         return Err(Error::Format {
                             file: input.display().to_string(),
                             tensor: t.name.clone(),
