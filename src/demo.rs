@@ -66,12 +66,7 @@ pub fn run(dev: &Device, seed: u64, keep: Option<&Path>) -> Result<()> {
         command: "modelpress demo".into(),
     };
     let out = |name: &str| dir.0.join(name);
-    let step = |label: &str, op: &dyn TensorOp, inputs: &[&Path], output: &Path| -> Result<()> {
-        let models = inputs
-            .iter()
-            .map(|p| Model::open(p))
-            .collect::<Result<Vec<_>>>()?;
-        let r = pipeline::run(op, &models, output, &opts)?;
+    let row = |label: &str, r: &crate::report::Report| {
         let t = &r.totals;
         let (mx, rmse) = r.worst_error().unwrap_or((0.0, 0.0));
         println!(
@@ -84,6 +79,13 @@ pub fn run(dev: &Device, seed: u64, keep: Option<&Path>) -> Result<()> {
             rmse,
             t.gb_per_s
         );
+    };
+    let step = |label: &str, op: &dyn TensorOp, inputs: &[&Path], output: &Path| -> Result<()> {
+        let models = inputs
+            .iter()
+            .map(|p| Model::open(p))
+            .collect::<Result<Vec<_>>>()?;
+        row(label, &pipeline::run(op, &models, output, &opts)?);
         Ok(())
     };
     step(
@@ -155,6 +157,19 @@ pub fn run(dev: &Device, seed: u64, keep: Option<&Path>) -> Result<()> {
         &[&base, &out("tuned")],
         &out("merged"),
     )?;
+    // llama.cpp's block quantization, as llama-quantize chooses it (the
+    // sample keeps its Hugging Face names: a GGUF tensor container).
+    let r = crate::gguf_job::write_gguf(
+        dev,
+        &base,
+        &out("llama-Q4_K_M.gguf"),
+        crate::gguf_job::GgufOptions {
+            target: "Q4_K_M".into(),
+            force: true,
+            ..Default::default()
+        },
+    )?;
+    row("GGUF Q4_K_M (llama.cpp blocks)", &r);
     println!();
     println!("max |Δ| and RMSE are against the first input: the error for prune and quantize, the change made for the others.");
     if !dev.is_gpu() {
