@@ -15,12 +15,17 @@
 //   group with the CPU reference instead.
 // DTYPE is the input dtype; DTYPE2 the block type (order of BlockType::ALL).
 
+// The block geometry comes from the host (BlockType), so it is stated once.
 struct GgmlParams {
     n_groups: u32,
     // Always 0: the opaque operand of fmul.
     zero: u32,
+    block_values: u32,
+    block_bytes: u32,
+    blocks_per_group: u32,
     _pad0: u32,
     _pad1: u32,
+    _pad2: u32,
 }
 
 @group(0) @binding(0) var<uniform> gp: GgmlParams;
@@ -429,6 +434,27 @@ fn make_qkx2(off: u32, n: u32, nmax: i32, rmin: f32, nstep: i32, mad: bool) -> v
     return vec2<f32>(scale, -mn);
 }
 
+// A K-quant sub-block's final levels (xs[off..off+n] into lv) against its
+// quantized scale d and min dm: nearest_int((x + dm)/d) in [0, nmax]. A
+// zero d keeps the fit's levels, as in the reference.
+fn relevel_affine(off: u32, n: u32, d: f32, dm: f32, nmax: i32) {
+    if (!is_zero(d)) {
+        for (var k = off; k < off + n; k++) {
+            lv[k] = u32(clamp(nearest_int(fdiv(fadd(xs[k], dm), d)), 0, nmax));
+        }
+    }
+}
+
+// The same for a symmetric sub-block: nearest_int(x/d) in [−nmax, nmax−1],
+// stored offset by nmax.
+fn relevel_sym(off: u32, n: u32, d: f32, nmax: i32) {
+    if (!is_zero(d)) {
+        for (var k = off; k < off + n; k++) {
+            lv[k] = u32(clamp(nearest_int(fdiv(xs[k], d)), -nmax, nmax - 1) + nmax);
+        }
+    }
+}
+
 fn scale_min_k4(j: u32) -> vec2<u32> {
     if (j < 4u) {
         return vec2<u32>(scb[j] & 63u, scb[j + 4u] & 63u);
@@ -495,14 +521,7 @@ fn qk_affine(o: u32, five: bool) {
     let mf = half_value(mh);
     for (var j = 0u; j < 8u; j++) {
         let sm = scale_min_k4(j);
-        let d = fmul(df, f32(sm.x));
-        if (!is_zero(d)) {
-            let dm = fmul(mf, f32(sm.y));
-            for (var i = 0u; i < 32u; i++) {
-                let k = 32u * j + i;
-                lv[k] = u32(clamp(nearest_int(fdiv(fadd(xs[k], dm), d)), 0, nmax));
-            }
-        }
+        relevel_affine(32u * j, 32u, fmul(df, f32(sm.x)), fmul(mf, f32(sm.y)), nmax);
     }
     put16(o, dh);
     put16(o + 2u, mh);
@@ -607,13 +626,7 @@ fn q6_k_pack(o: u32, max_scale: f32) {
     for (var ib = 0u; ib < 16u; ib++) {
         let s = min(127, nearest_int(fmul(iscale, scl[ib])));
         put8(o + 192u + ib, u32(s));
-        let d = fmul(df, f32(s));
-        if (!is_zero(d)) {
-            for (var i = 0u; i < 16u; i++) {
-                let k = 16u * ib + i;
-                lv[k] = u32(clamp(nearest_int(fdiv(xs[k], d)), -32, 31) + 32);
-            }
-        }
+        relevel_sym(16u * ib, 16u, fmul(df, f32(s)), 32);
     }
     for (var h = 0u; h < 2u; h++) {
         for (var k = 0u; k < 32u; k++) {
@@ -690,15 +703,7 @@ fn q2_k(o: u32) {
     let df = half_value(dh);
     let mf = half_value(mh);
     for (var j = 0u; j < 16u; j++) {
-        let d = fmul(df, f32(scb[j] & 0xfu));
-        // A zero scale keeps the fit's levels, as in the reference.
-        if (!is_zero(d)) {
-            let dm = fmul(mf, f32(scb[j] >> 4u));
-            for (var i = 0u; i < 16u; i++) {
-                let k = 16u * j + i;
-                lv[k] = u32(clamp(nearest_int(fdiv(fadd(xs[k], dm), d)), 0, 3));
-            }
-        }
+        relevel_affine(16u * j, 16u, fmul(df, f32(scb[j] & 0xfu)), fmul(mf, f32(scb[j] >> 4u)), 3);
         put8(o + j, scb[j]);
     }
     pack_2bit(o + 16u);
@@ -802,14 +807,7 @@ fn q3_k(o: u32) {
     }
     let df = half_value(dh);
     for (var j = 0u; j < 16u; j++) {
-        let d = fmul(df, f32(i32(q3_scale(j)) - 32));
-        // A zero scale keeps the fit's levels, as in the reference.
-        if (!is_zero(d)) {
-            for (var i = 0u; i < 16u; i++) {
-                let k = 16u * j + i;
-                lv[k] = u32(clamp(nearest_int(fdiv(xs[k], d)), -4, 3) + 4);
-            }
-        }
+        relevel_sym(16u * j, 16u, fmul(df, f32(i32(q3_scale(j)) - 32)), 4);
     }
     for (var k = 0u; k < 32u; k++) {
         var h = 0u;
@@ -829,33 +827,14 @@ fn q3_k(o: u32) {
 
 // ---- entry point --------------------------------------------------------------
 
-fn block_values() -> u32 {
-    return select(32u, 256u, DTYPE2 >= T_Q4_K);
-}
-
-fn block_bytes() -> u32 {
-    switch DTYPE2 {
-        case 0u: { return 18u; }
-        case 1u: { return 20u; }
-        case 2u: { return 22u; }
-        case 3u: { return 24u; }
-        case 4u: { return 34u; }
-        case 5u: { return 144u; }
-        case 6u: { return 176u; }
-        case 7u: { return 210u; }
-        case 8u: { return 84u; }
-        default: { return 110u; }
-    }
-}
-
 @compute @workgroup_size(64)
 fn ggml_quantize(
     @builtin(global_invocation_id) gid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
 ) {
-    let bv = block_values();
-    let bb = block_bytes();
-    let per = select(2u, 1u, bb % 4u == 0u);
+    let bv = gp.block_values;
+    let bb = gp.block_bytes;
+    let per = gp.blocks_per_group;
     let words = per * bb / 4u;
     for (var g = gid.x; g < gp.n_groups; g += nwg.x * 64u) {
         bad = false;
@@ -867,16 +846,17 @@ fn ggml_quantize(
             load_block((g * per + b) * bv, bv);
             let o = b * bb;
             switch DTYPE2 {
-                case 0u: { q_sym(o, false); }
-                case 1u: { q_affine(o, false); }
-                case 2u: { q_sym(o, true); }
-                case 3u: { q_affine(o, true); }
-                case 4u: { q8_0(o); }
-                case 5u: { qk_affine(o, false); }
-                case 6u: { qk_affine(o, true); }
-                case 7u: { q6_k(o); }
-                case 8u: { q2_k(o); }
-                default: { q3_k(o); }
+                case T_Q4_0: { q_sym(o, false); }
+                case T_Q4_1: { q_affine(o, false); }
+                case T_Q5_0: { q_sym(o, true); }
+                case T_Q5_1: { q_affine(o, true); }
+                case T_Q8_0: { q8_0(o); }
+                case T_Q4_K: { qk_affine(o, false); }
+                case T_Q5_K: { qk_affine(o, true); }
+                case T_Q6_K: { q6_k(o); }
+                case T_Q2_K: { q2_k(o); }
+                case T_Q3_K: { q3_k(o); }
+                default: {}
             }
         }
         for (var w = 0u; w < words; w++) {

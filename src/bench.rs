@@ -124,53 +124,35 @@ fn quant_rw(s: &Sample) -> u64 {
 /// GGML block quantization of `a`, as `modelpress quantize --type` runs
 /// it per tensor (of a sample too small for whole super-blocks, the whole
 /// ones).
-fn ggml_case(name: &'static str) -> Case {
-    fn whole_blocks(s: &Sample) -> usize {
-        s.a.numel() / 256 * 256
-    }
-    fn run(ty: BlockType, d: &Device, s: &Sample) -> Result<Output> {
-        let n = whole_blocks(s);
-        let shape = [n];
-        let t =
-            crate::tensor::TensorRef::new(s.a.dtype, &shape, &s.a.data[..n * s.a.dtype.size()])?;
-        Ok(Output::Blocks(ggml::quantize(d, ty, &t)?.data))
-    }
-    fn bytes(ty: BlockType, s: &Sample) -> u64 {
-        let n = whole_blocks(s);
-        (n * s.a.dtype.size() + n / ty.block_values() * ty.block_bytes()) as u64
-    }
-    macro_rules! case {
-        ($t:ident) => {
-            Case {
-                name,
-                run: |d, s| run(BlockType::$t, d, s),
-                bytes: |s| bytes(BlockType::$t, s),
-            }
-        };
-    }
-    match name {
-        "ggml.Q8_0" => case!(Q8_0),
-        "ggml.Q4_0" => case!(Q4_0),
-        "ggml.Q2_K" => case!(Q2_K),
-        "ggml.Q3_K" => case!(Q3_K),
-        "ggml.Q4_K" => case!(Q4_K),
-        "ggml.Q5_K" => case!(Q5_K),
-        "ggml.Q6_K" => case!(Q6_K),
-        _ => unreachable!("no GGML case {name}"),
-    }
+fn ggml_run(ty: BlockType, d: &Device, s: &Sample) -> Result<Output> {
+    let n = ggml_values(s);
+    let shape = [n];
+    let t = crate::tensor::TensorRef::new(s.a.dtype, &shape, &s.a.data[..n * s.a.dtype.size()])?;
+    Ok(Output::Blocks(ggml::quantize(d, ty, &t)?.data))
+}
+
+fn ggml_values(s: &Sample) -> usize {
+    s.a.numel() / 256 * 256
+}
+
+fn ggml_bytes(ty: BlockType, s: &Sample) -> u64 {
+    let n = ggml_values(s);
+    (n * s.a.dtype.size() + n / ty.block_values() * ty.block_bytes()) as u64
+}
+
+/// The case "ggml.T" for block type T.
+macro_rules! ggml_case {
+    ($t:ident) => {
+        Case {
+            name: concat!("ggml.", stringify!($t)),
+            run: |d, s| ggml_run(BlockType::$t, d, s),
+            bytes: |s| ggml_bytes(BlockType::$t, s),
+        }
+    };
 }
 
 /// Every kernel, as the demo and the benchmarks run it.
 pub fn cases() -> Vec<Case> {
-    let ggml_cases = [
-        "ggml.Q8_0",
-        "ggml.Q4_0",
-        "ggml.Q2_K",
-        "ggml.Q3_K",
-        "ggml.Q4_K",
-        "ggml.Q5_K",
-        "ggml.Q6_K",
-    ];
     let mut v = vec![
         Case {
             // The yardstick: a copy of the same bytes (what any kernel over
@@ -352,7 +334,15 @@ pub fn cases() -> Vec<Case> {
             bytes: |s| (s.rows.data.len() + s.rows.data.len() / 64) as u64,
         },
     ];
-    v.extend(ggml_cases.into_iter().map(ggml_case));
+    v.extend([
+        ggml_case!(Q8_0),
+        ggml_case!(Q4_0),
+        ggml_case!(Q2_K),
+        ggml_case!(Q3_K),
+        ggml_case!(Q4_K),
+        ggml_case!(Q5_K),
+        ggml_case!(Q6_K),
+    ]);
     v
 }
 

@@ -50,7 +50,6 @@ struct In<'a> {
     name: String,
     shape: Vec<usize>,
     ty: GgmlType,
-    data: &'a [u8],
     pages: Pages<'a>,
 }
 
@@ -60,7 +59,15 @@ enum Pages<'a> {
     Safetensors(&'a SafetensorsFile, &'a Entry),
 }
 
-impl In<'_> {
+impl<'a> In<'a> {
+    /// The tensor's bytes, mapped from its file.
+    fn data(&self) -> &'a [u8] {
+        match self.pages {
+            Pages::Gguf(f, t) => f.data(t),
+            Pages::Safetensors(f, e) => f.data(e),
+        }
+    }
+
     /// Drops the tensor's pages from this process once it is written, so
     /// resident memory stays bounded by the largest tensor.
     fn release(&self) {
@@ -108,7 +115,6 @@ impl Inputs {
                     name: t.name.clone(),
                     shape: t.shape(),
                     ty: t.ty,
-                    data: g.data(t),
                     pages: Pages::Gguf(g, t),
                 })
                 .collect());
@@ -128,7 +134,6 @@ impl Inputs {
                     name: e.name.clone(),
                     shape: e.shape.clone(),
                     ty: d,
-                    data: f.data(e),
                     pages: Pages::Safetensors(f, e),
                 })
             })
@@ -187,25 +192,9 @@ fn parse_target(name: &str) -> Result<Target> {
 }
 
 fn pass_through(t: &In, seconds: f64) -> TensorReport {
-    TensorReport {
-        name: t.name.clone(),
-        op: "pass-through".into(),
-        shape: t.shape.clone(),
-        dtype_in: t.ty.name.into(),
-        dtypes_out: vec![t.ty.name.into()],
-        shape_out: None,
-        removed_l2_rel: None,
-        bytes_in: t.data.len() as u64,
-        bytes_out: t.data.len() as u64,
-        zeros: None,
-        sparsity: None,
-        max_abs_err: None,
-        rmse: None,
-        snr_db: None,
-        nonfinite_in: 0,
-        seconds,
-        note: None,
-    }
+    let mut r = TensorReport::pass_through(&t.name, &t.shape, t.ty.name, t.data().len() as u64);
+    r.seconds = seconds;
+    r
 }
 
 /// How `quantize --type` writes a GGUF file.
@@ -306,7 +295,7 @@ pub fn write_gguf(dev: &Device, input: &Path, out: &Path, opt: GgufOptions) -> R
     for (t, &ty) in inputs.iter().zip(&types) {
         let t0 = Instant::now();
         if ty == t.ty {
-            w.write(&t.name, t.data)?;
+            w.write(&t.name, t.data())?;
             t.release();
             report
                 .tensors
@@ -317,11 +306,11 @@ pub fn write_gguf(dev: &Device, input: &Path, out: &Path, opt: GgufOptions) -> R
         // llama-quantize does.
         let requant: Vec<f32>;
         let (src_dtype, src) = match dtype_of(t.ty) {
-            Some(d) => (d, t.data),
+            Some(d) => (d, t.data()),
             None => {
                 let bt = BlockType::from_ggml(t.ty).expect("checked above");
                 let n = t.shape.iter().product();
-                requant = ggml::dequantize(bt, t.data, n).map_err(|e| e.at(input, &t.name))?;
+                requant = ggml::dequantize(bt, t.data(), n).map_err(|e| e.at(input, &t.name))?;
                 (DType::F32, bytemuck::cast_slice(&requant))
             }
         };
@@ -437,7 +426,6 @@ pub fn dequantize_gguf(
             name: t.name.clone(),
             shape: t.shape(),
             ty: t.ty,
-            data,
             pages: Pages::Gguf(&g, t),
         };
         let mut r = pass_through(&inp, 0.0);

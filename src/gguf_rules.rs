@@ -583,30 +583,13 @@ mod tests {
             if model == "runs" {
                 continue;
             }
-            let (meta, tensors) = model_of(m);
-            let names: Vec<&str> = tensors.iter().map(|(n, _)| n.as_str()).collect();
             for (ft, want) in m["types"].as_object().unwrap() {
-                let mut plan = Plan::new(
-                    Ftype::parse(ft).unwrap(),
-                    false,
-                    Overrides::default(),
-                    &meta,
-                    &names,
-                );
-                let f32t = GgmlType::from_name("F32").unwrap();
-                for ((name, shape), want) in tensors.iter().zip(want.as_array().unwrap()) {
-                    let got = plan.choose(name, shape, f32t).unwrap().name;
-                    assert_eq!(got, want.as_str().unwrap(), "{model} {ft}: {name}");
-                    checked += 1;
-                }
+                checked += replay(m, ft, Overrides::default(), want, model);
             }
         }
         assert_eq!(checked, 14 * (723 + 323 + 98));
         // The same models with llama-quantize's overrides.
         for run in fixture["runs"].as_array().unwrap() {
-            let m = &fixture[run["model"].as_str().unwrap()];
-            let (meta, tensors) = model_of(m);
-            let names: Vec<&str> = tensors.iter().map(|(n, _)| n.as_str()).collect();
             let args: Vec<&str> = run["args"]
                 .as_array()
                 .unwrap()
@@ -628,15 +611,32 @@ mod tests {
                     other => panic!("flag {other}"),
                 }
             }
+            let m = &fixture[run["model"].as_str().unwrap()];
             let ft = run["ftype"].as_str().unwrap();
-            let mut plan = Plan::new(Ftype::parse(ft).unwrap(), false, ov, &meta, &names);
-            let f32t = GgmlType::from_name("F32").unwrap();
-            let want = run["types"].as_array().unwrap();
-            for ((name, shape), want) in tensors.iter().zip(want) {
-                let got = plan.choose(name, shape, f32t).unwrap().name;
-                assert_eq!(got, want.as_str().unwrap(), "{ft} {args:?}: {name}");
-            }
+            replay(m, ft, ov, &run["types"], &format!("{args:?}"));
         }
+    }
+
+    /// Runs fixture model `m` through a `Plan` of file type `ft` and checks
+    /// every tensor's type against `want`; returns how many it checked.
+    fn replay(
+        m: &serde_json::Value,
+        ft: &str,
+        ov: Overrides,
+        want: &serde_json::Value,
+        ctx: &str,
+    ) -> usize {
+        let (meta, tensors) = model_of(m);
+        let names: Vec<&str> = tensors.iter().map(|(n, _)| n.as_str()).collect();
+        let mut plan = Plan::new(Ftype::parse(ft).unwrap(), false, ov, &meta, &names);
+        let f32t = GgmlType::from_name("F32").unwrap();
+        let want = want.as_array().unwrap();
+        assert_eq!(want.len(), tensors.len(), "{ctx} {ft}");
+        for ((name, shape), want) in tensors.iter().zip(want) {
+            let got = plan.choose(name, shape, f32t).unwrap().name;
+            assert_eq!(got, want.as_str().unwrap(), "{ctx} {ft}: {name}");
+        }
+        tensors.len()
     }
 
     type Metadata = Vec<(String, Value)>;

@@ -367,25 +367,9 @@ pub fn run(op: &dyn TensorOp, models: &[Model], out: &Path, opts: &JobOptions) -
                         if !budget.take(b) {
                             return Ok(());
                         }
-                        report.tensors.push(TensorReport {
-                            name: e.name.clone(),
-                            op: "pass-through".into(),
-                            shape: e.shape.clone(),
-                            dtype_in: e.dtype.clone(),
-                            dtypes_out: vec![e.dtype.clone()],
-                            shape_out: None,
-                            removed_l2_rel: None,
-                            bytes_in: b,
-                            bytes_out: b,
-                            zeros: None,
-                            sparsity: None,
-                            max_abs_err: None,
-                            rmse: None,
-                            snr_db: None,
-                            nonfinite_in: 0,
-                            seconds: 0.0,
-                            note: None,
-                        });
+                        report
+                            .tensors
+                            .push(TensorReport::pass_through(&e.name, &e.shape, &e.dtype, b));
                         let msg = Msg::Tensor {
                             name: e.name.clone(),
                             data: Cow::Borrowed(src.data()),
@@ -462,28 +446,16 @@ fn process<'a>(
             return Err(err);
         }
     };
-    let mut r = TensorReport {
-        name: e.name.clone(),
-        op: op.describe(),
-        shape: e.shape.clone(),
-        dtype_in: e.dtype.clone(),
-        dtypes_out: outs.iter().map(|o| o.dtype.clone()).collect(),
-        shape_out: outs
-            .first()
-            .filter(|o| o.shape != e.shape)
-            .map(|o| o.shape.clone()),
-        removed_l2_rel: None,
-        bytes_in: e.bytes() as u64,
-        bytes_out: out_bytes,
-        zeros: None,
-        sparsity: None,
-        max_abs_err: None,
-        rmse: None,
-        snr_db: None,
-        nonfinite_in: 0,
-        seconds,
-        note: applied.note.clone(),
-    };
+    let mut r = TensorReport::pass_through(&e.name, &e.shape, &e.dtype, e.bytes() as u64);
+    r.op = op.describe();
+    r.dtypes_out = outs.iter().map(|o| o.dtype.clone()).collect();
+    r.shape_out = outs
+        .first()
+        .filter(|o| o.shape != e.shape)
+        .map(|o| o.shape.clone());
+    r.bytes_out = out_bytes;
+    r.seconds = seconds;
+    r.note = applied.note.clone();
     if let (Ok(input), Some(approx)) = (
         src.tensor(),
         applied.approx.as_ref().filter(|a| a.shape == e.shape),

@@ -44,6 +44,31 @@ pub struct TensorReport {
     pub note: Option<String>,
 }
 
+impl TensorReport {
+    /// A tensor copied unchanged; operations fill in what they did.
+    pub fn pass_through(name: &str, shape: &[usize], dtype: &str, bytes: u64) -> TensorReport {
+        TensorReport {
+            name: name.into(),
+            op: "pass-through".into(),
+            shape: shape.to_vec(),
+            dtype_in: dtype.into(),
+            dtypes_out: vec![dtype.into()],
+            shape_out: None,
+            removed_l2_rel: None,
+            bytes_in: bytes,
+            bytes_out: bytes,
+            zeros: None,
+            sparsity: None,
+            max_abs_err: None,
+            rmse: None,
+            snr_db: None,
+            nonfinite_in: 0,
+            seconds: 0.0,
+            note: None,
+        }
+    }
+}
+
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Totals {
     pub tensors: usize,

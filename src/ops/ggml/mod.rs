@@ -222,7 +222,18 @@ fn quantize_gpu(g: &Gpu, ty: BlockType, t: &TensorRef, blocks: usize) -> Result<
             (&t.data[r.start * gv * es..r.end * gv * es]).into()
         };
         Chunk {
-            params: bytemuck::cast_slice(&[r.len() as u32, 0u32, 0, 0]).to_vec(),
+            // GgmlParams: groups, the opaque zero, the block geometry.
+            params: bytemuck::cast_slice(&[
+                r.len() as u32,
+                0u32,
+                bv as u32,
+                bb as u32,
+                gb as u32,
+                0,
+                0,
+                0,
+            ])
+            .to_vec(),
             inputs: vec![input],
             read: vec![(r.len() * gbytes) as u64, (r.len() * 4) as u64],
             // One group per invocation (64 per workgroup): on lavapipe,

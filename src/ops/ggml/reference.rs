@@ -321,6 +321,27 @@ fn make_qkx2_quants(
     (scale, -min)
 }
 
+/// A K-quant sub-block's final levels against its quantized scale `d` and
+/// min `dm`: nearest_int((x + dm)/d) in [0, nmax]. A zero `d` keeps the
+/// fit's levels, as in the reference.
+fn relevel_affine(x: &[f32], l: &mut [u8], d: f32, dm: f32, nmax: i32) {
+    if d != 0.0 {
+        for (l, &v) in l.iter_mut().zip(x) {
+            *l = nearest_int((v + dm) / d).clamp(0, nmax) as u8;
+        }
+    }
+}
+
+/// The same for a symmetric sub-block: nearest_int(x/d) in
+/// [−nmax, nmax−1], stored offset by nmax.
+fn relevel_sym(x: &[f32], l: &mut [i8], d: f32, nmax: i32) {
+    if d != 0.0 {
+        for (l, &v) in l.iter_mut().zip(x) {
+            *l = (nearest_int(v / d).clamp(-nmax, nmax - 1) + nmax) as i8;
+        }
+    }
+}
+
 /// ggml's `get_scale_min_k4`: sub-block j's 6-bit scale and min.
 pub(crate) fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
     if j < 4 {
@@ -393,16 +414,9 @@ fn qk_affine(x: &[f32], nmax: i32, rmin: f32, nstep: i32) -> ([u8; QK_K], [u8; 1
     }
     let (dh, mh) = (fp16(max_scale / 63.0), fp16(max_min / 63.0));
     let (df, mf) = (f16_at(&dh, 0), f16_at(&mh, 0));
-    for j in 0..QK_K / 32 {
+    for (j, (xs, ls)) in x.chunks_exact(32).zip(l.chunks_exact_mut(32)).enumerate() {
         let (s, m) = scale_min_k4(j, &sc);
-        let d = df * s as f32;
-        if d == 0.0 {
-            continue;
-        }
-        let dm = mf * m as f32;
-        for ii in 0..32 {
-            l[32 * j + ii] = nearest_int((x[32 * j + ii] + dm) / d).clamp(0, nmax) as u8;
-        }
+        relevel_affine(xs, ls, df * s as f32, mf * m as f32, nmax);
     }
     (l, sc, [dh[0], dh[1], mh[0], mh[1]])
 }
@@ -509,15 +523,8 @@ fn q6_k(x: &[f32], y: &mut [u8]) {
         sc[ib] = nearest_int(iscale * scales[ib]).min(127) as i8;
         y[192 + ib] = sc[ib] as u8;
     }
-    for j in 0..QK_K / 16 {
-        let d = df * sc[j] as f32;
-        if d == 0.0 {
-            continue;
-        }
-        for ii in 0..16 {
-            let li = nearest_int(x[16 * j + ii] / d).clamp(-32, 31);
-            l[16 * j + ii] = (li + 32) as i8;
-        }
+    for ((xs, ls), &s) in x.chunks_exact(16).zip(l.chunks_exact_mut(16)).zip(&sc) {
+        relevel_sym(xs, ls, df * s as f32, 32);
     }
     let (ql, rest) = y.split_at_mut(128);
     let qh = &mut rest[..64];
@@ -590,16 +597,12 @@ fn q2_k(x: &[f32], y: &mut [u8]) {
         mh = fp16(max_min / q4scale);
     }
     let (df, mf) = (f16_at(&dh, 0), f16_at(&mh, 0));
-    for j in 0..QK_K / 16 {
-        let d = df * (sc[j] & 0xf) as f32;
-        // As in the reference, a zero scale keeps the fit's levels.
-        if d == 0.0 {
-            continue;
-        }
-        let dm = mf * (sc[j] >> 4) as f32;
-        for ii in 0..16 {
-            l[16 * j + ii] = nearest_int((x[16 * j + ii] + dm) / d).clamp(0, 3) as u8;
-        }
+    for ((xs, ls), &s) in x
+        .chunks_exact(16)
+        .zip(l.chunks_exact_mut(16))
+        .zip(sc.iter())
+    {
+        relevel_affine(xs, ls, df * (s & 0xf) as f32, mf * (s >> 4) as f32, 3);
     }
     pack_2bit(&l, qs);
     dd[0..2].copy_from_slice(&dh);
@@ -694,16 +697,8 @@ fn q3_k(x: &[f32], y: &mut [u8]) {
         dh = fp16(1.0 / iscale);
     }
     let df = f16_at(&dh, 0);
-    for j in 0..QK_K / 16 {
-        let s = q3_scale(&sc, j) as i8 - 32;
-        let d = df * s as f32;
-        // As in the reference, a zero scale keeps the fit's levels.
-        if d == 0.0 {
-            continue;
-        }
-        for ii in 0..16 {
-            l[16 * j + ii] = (nearest_int(x[16 * j + ii] / d).clamp(-4, 3) + 4) as i8;
-        }
+    for (j, (xs, ls)) in x.chunks_exact(16).zip(l.chunks_exact_mut(16)).enumerate() {
+        relevel_sym(xs, ls, df * (q3_scale(&sc, j) as i8 - 32) as f32, 4);
     }
     let (hmask, rest) = y.split_at_mut(32);
     let (qs, rest) = rest.split_at_mut(64);
