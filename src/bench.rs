@@ -381,18 +381,22 @@ fn gbps(bytes: u64, secs: f64) -> f64 {
 /// seeded LLaMA-scale bf16 sample.
 pub fn check(dev: &Device, elements: usize, seed: u64) -> Result<()> {
     let s = Sample::new(DType::BF16, elements, seed);
-    println!("modelpress check: device {}", dev.name());
-    println!(
+    crate::outln!("modelpress check: device {}", dev.name())?;
+    crate::outln!(
         "sample: seed {seed}, {} weights of {} in shape {:?}; times are best of 3, end to end",
         s.a.numel(),
         s.a.dtype,
         s.a.shape
-    );
-    println!();
-    println!(
+    )?;
+    crate::outln!()?;
+    crate::outln!(
         "{:<24} {:>10} {:>10} {:>10} {:>10}  device vs cpu",
-        "kernel", "device ms", "cpu ms", "dev GB/s", "cpu GB/s"
-    );
+        "kernel",
+        "device ms",
+        "cpu ms",
+        "dev GB/s",
+        "cpu GB/s"
+    )?;
     let mut worst = Agreement::Identical;
     for case in cases() {
         let (td, od) = time_case(&case, dev, &s, 3)?;
@@ -402,18 +406,18 @@ pub fn check(dev: &Device, elements: usize, seed: u64) -> Result<()> {
             worst = Agreement::Differs;
         }
         let bytes = (case.bytes)(&s);
-        println!(
+        crate::outln!(
             "{:<24} {:>10.2} {:>10.2} {:>10.2} {:>10.2}  {agree}",
             case.name,
             td * 1e3,
             tc * 1e3,
             gbps(bytes, td),
             gbps(bytes, tc)
-        );
+        )?;
     }
-    println!();
+    crate::outln!()?;
     if !dev.is_gpu() {
-        println!("(no hardware GPU: the device is the CPU backend; `--device gpu` uses any adapter, software ones included)");
+        crate::outln!("(no hardware GPU: the device is the CPU backend; `--device gpu` uses any adapter, software ones included)")?;
     }
     if worst == Agreement::Differs {
         return Err(Error::Gpu(
@@ -433,12 +437,18 @@ pub struct BenchOptions {
 
 /// GPU vs CPU throughput per kernel and size, printed as a table.
 pub fn run(dev: &Device, opt: &BenchOptions) -> Result<()> {
-    println!("device: {}", dev.name());
-    println!("cpu:    {}", Device::Cpu.name());
-    println!(
+    crate::outln!("device: {}", dev.name())?;
+    crate::outln!("cpu:    {}", Device::Cpu.name())?;
+    crate::outln!(
         "{:<24} {:>6} {:>10} {:>10} {:>10} {:>10} {:>8}",
-        "kernel", "dtype", "elements", "dev GB/s", "cpu GB/s", "dev/cpu", "agree"
-    );
+        "kernel",
+        "dtype",
+        "elements",
+        "dev GB/s",
+        "cpu GB/s",
+        "dev/cpu",
+        "agree"
+    )?;
     for &n in &opt.sizes {
         for dtype in [DType::F32, DType::BF16] {
             let s = Sample::new(dtype, n, 7);
@@ -454,7 +464,7 @@ pub fn run(dev: &Device, opt: &BenchOptions) -> Result<()> {
                 let (td, od) = time_case(&case, dev, &s, opt.reps)?;
                 let (tc, oc) = time_case(&case, &Device::Cpu, &s, opt.reps)?;
                 let bytes = (case.bytes)(&s);
-                println!(
+                crate::outln!(
                     "{:<24} {:>6} {:>10} {:>10.2} {:>10.2} {:>10.2} {:>8}",
                     case.name,
                     dtype.name(),
@@ -463,7 +473,7 @@ pub fn run(dev: &Device, opt: &BenchOptions) -> Result<()> {
                     gbps(bytes, tc),
                     tc / td,
                     agreement(&od, &oc).to_string()
-                );
+                )?;
             }
         }
     }

@@ -314,12 +314,44 @@ pub fn main() -> i32 {
     env_logger::Builder::from_env(
         env_logger::Env::default().default_filter_or("warn,wgpu_hal::gles=off"),
     )
+    // Warnings read as the rest of our messages: one line, no timestamp.
+    .format(|buf, rec| {
+        use std::io::Write;
+        let level = rec.level().as_str().to_lowercase();
+        if rec.target().starts_with("modelpress") {
+            writeln!(buf, "modelpress: {level}: {}", rec.args())
+        } else {
+            writeln!(
+                buf,
+                "modelpress: {level} ({}): {}",
+                rec.target(),
+                rec.args()
+            )
+        }
+    })
     .init();
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        // --help, --version, or a usage error (exit 2), printed by clap.
+        Err(e) => {
+            return match e.print() {
+                Err(p) if p.kind() == std::io::ErrorKind::BrokenPipe => 141,
+                Err(_) => 1,
+                Ok(()) => e.exit_code(),
+            }
+        }
+    };
+    if let Err(e) = crate::formats::output::install_signal_cleanup() {
+        log::warn!("{e}; an interrupted job may leave temporary files");
+    }
     match run(cli) {
         Ok(()) => 0,
+        // A reader that went away (`| head`): end quietly, as SIGPIPE would.
+        Err(Error::Stdout(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => 141,
         Err(e) => {
-            eprintln!("modelpress: error: {e}");
+            use std::io::Write;
+            // Nothing more can be said if stderr is gone too.
+            let _ = writeln!(std::io::stderr(), "modelpress: error: {e}");
             1
         }
     }
@@ -335,34 +367,36 @@ fn options(c: &Common) -> Result<JobOptions> {
         selection: Selection::new(&c.include, &c.exclude)?,
         allow_nonfinite: c.allow_nonfinite,
         force: c.force,
+        report: c.report.clone(),
+        extra_inputs: Vec::new(),
         progress: true,
         command: command_line(),
     })
 }
 
-/// Runs one job and prints its summary; writes the report when asked.
+/// Where a GGUF job writes.
+fn destination(c: &Common, extra_inputs: Vec<PathBuf>) -> crate::gguf_job::Destination {
+    crate::gguf_job::Destination {
+        output: c.output.clone(),
+        report: c.report.clone(),
+        force: c.force,
+        extra_inputs,
+    }
+}
+
+/// Runs one job (output and report committed together) and prints its
+/// summary.
 fn job(op: &dyn TensorOp, models: &[Model], c: &Common) -> Result<Report> {
     job_with(op, models, c, &options(c)?)
 }
 
 fn job_with(op: &dyn TensorOp, models: &[Model], c: &Common, opts: &JobOptions) -> Result<Report> {
     let report = pipeline::run(op, models, &c.output, opts)?;
-    if let Some(p) = &c.report {
-        write_report(p, &report)?;
-    }
-    print_summary(&report);
+    print_summary(&report)?;
     Ok(report)
 }
 
-fn write_report(path: &Path, report: &Report) -> Result<()> {
-    let text = serde_json::to_string_pretty(report).expect("report serializes");
-    std::fs::write(path, text + "\n").map_err(|e| Error::Io {
-        path: path.to_path_buf(),
-        source: e,
-    })
-}
-
-fn print_summary(r: &Report) {
+fn print_summary(r: &Report) -> Result<()> {
     let t = &r.totals;
     let mut line = format!(
         "wrote {}: {} tensors ({} touched), {} in, {} out, {:.2} s ({:.2} GB/s) on {}",
@@ -384,7 +418,7 @@ fn print_summary(r: &Report) {
     if let Some((mx, rmse)) = r.worst_error() {
         line += &format!("; worst max |Δ| {mx:.3e}, worst RMSE {rmse:.3e}");
     }
-    println!("{line}");
+    crate::outln!("{line}")
 }
 
 fn open(p: &Path) -> Result<Model> {
@@ -400,17 +434,26 @@ fn run(cli: Cli) -> Result<()> {
             let m = open(&model)?;
             let rows = crate::inspect::inspect(&m)?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&rows).expect("json"));
+                crate::outln!("{}", serde_json::to_string_pretty(&rows).expect("json"))?;
                 return Ok(());
             }
-            println!(
+            crate::outln!(
                 "{:<48} {:>5} {:>16} {:>10} {:>10} {:>10} {:>10} {:>10} {:>8} {:>5}",
-                "tensor", "dtype", "shape", "bytes", "min", "max", "mean", "std", "zeros%", "!fin"
-            );
+                "tensor",
+                "dtype",
+                "shape",
+                "bytes",
+                "min",
+                "max",
+                "mean",
+                "std",
+                "zeros%",
+                "!fin"
+            )?;
             for r in &rows {
                 let shape = format!("{:?}", r.shape);
                 match r.stats {
-                    Some(s) => println!(
+                    Some(s) => crate::outln!(
                         "{:<48} {:>5} {:>16} {:>10} {:>10.4} {:>10.4} {:>10.4} {:>10.4} {:>8.2} {:>5}",
                         r.name,
                         r.dtype,
@@ -422,12 +465,12 @@ fn run(cli: Cli) -> Result<()> {
                         s.std,
                         100.0 * s.zeros as f64 / r.shape.iter().product::<usize>().max(1) as f64,
                         s.nonfinite
-                    ),
-                    None => println!("{:<48} {:>5} {:>16} {:>10}", r.name, r.dtype, shape, human_bytes(r.bytes)),
+                    )?,
+                    None => crate::outln!("{:<48} {:>5} {:>16} {:>10}", r.name, r.dtype, shape, human_bytes(r.bytes))?,
                 }
             }
             let total: u64 = rows.iter().map(|r| r.bytes).sum();
-            println!("{} tensors, {}", rows.len(), human_bytes(total));
+            crate::outln!("{} tensors, {}", rows.len(), human_bytes(total))?;
             Ok(())
         }
         Command::Prune {
@@ -566,9 +609,13 @@ fn run(cli: Cli) -> Result<()> {
                     ..Default::default()
                 };
                 let mut opts = tensor_type;
-                if let Some(f) = tensor_type_file {
-                    let text = std::fs::read_to_string(&f).map_err(|e| {
-                        Error::input(format!("--tensor-type-file {}: {e}", f.display()))
+                if let Some(f) = &tensor_type_file {
+                    let bytes = crate::formats::read_input(f)?;
+                    let text = String::from_utf8(bytes).map_err(|_| {
+                        Error::input(format!(
+                            "--tensor-type-file {}: not UTF-8 text",
+                            f.display()
+                        ))
                     })?;
                     opts.extend(text.split_whitespace().map(String::from));
                 }
@@ -579,16 +626,15 @@ fn run(cli: Cli) -> Result<()> {
                 let r = crate::gguf_job::write_gguf(
                     &dev,
                     &model,
-                    &common.output,
+                    &destination(&common, tensor_type_file.into_iter().collect()),
                     crate::gguf_job::GgufOptions {
                         target: t,
                         pure,
                         overrides,
                         allow_requantize,
-                        force: common.force,
                     },
                 )?;
-                print_gguf_report(&r, common.report.as_deref())?;
+                print_gguf_report(&r)?;
                 return Ok(());
             }
             let scheme = match (scale, int8) {
@@ -623,11 +669,10 @@ fn run(cli: Cli) -> Result<()> {
                 let r = crate::gguf_job::dequantize_gguf(
                     &dev,
                     &model,
-                    &common.output,
+                    &destination(&common, vec![]),
                     d,
-                    common.force,
                 )?;
-                print_gguf_report(&r, common.report.as_deref())?;
+                print_gguf_report(&r)?;
                 return Ok(());
             }
             let m = open(&model)?;
@@ -705,31 +750,37 @@ fn run(cli: Cli) -> Result<()> {
             let dtype = crate::tensor::DType::parse(&dtype)
                 .filter(|d| d.is_kernel_float())
                 .ok_or_else(|| Error::input(format!("--dtype {dtype}: use f32, f16 or bf16")))?;
-            if output.exists() {
-                return Err(Error::input(format!("{} already exists", output.display())));
-            }
+            use crate::formats::plan::{check, Output, OutputKind};
+            let out = Output {
+                path: &output,
+                role: "output",
+                kind: OutputKind::Dir { names: Vec::new() },
+            };
+            check(&[], &[out], false)?;
             crate::sample::write_llama_model(&output, shape, dtype, shards, seed)?;
-            println!("wrote {}", output.display());
+            crate::outln!("wrote {}", output.display())?;
             Ok(())
         }
         Command::Devices => {
             let all = list_adapters();
             if all.is_empty() {
-                println!("no GPU adapter found (the CPU backend is always available)");
+                crate::outln!("no GPU adapter found (the CPU backend is always available)")?;
             }
             for (i, a) in all.iter().enumerate() {
-                println!("[{i}] {}", a.name);
-                println!(
+                crate::outln!("[{i}] {}", a.name)?;
+                crate::outln!(
                     "    backend: {}  type: {}  driver: {}",
-                    a.backend, a.device_type, a.driver
-                );
-                println!(
+                    a.backend,
+                    a.device_type,
+                    a.driver
+                )?;
+                crate::outln!(
                     "    max storage binding: {}  max buffer: {}  workgroups/dim: {}  invocations/workgroup: {}",
                     human_bytes(a.max_storage_binding),
                     human_bytes(a.max_buffer),
                     a.max_workgroups_per_dim,
                     a.max_invocations_per_workgroup
-                );
+                )?;
             }
             Ok(())
         }
@@ -777,37 +828,40 @@ fn inspect_gguf(path: &Path, json: bool) -> Result<()> {
                 "name": t.name, "type": t.ty.name, "shape": t.shape(), "bytes": t.bytes, "offset": t.offset,
             })).collect::<Vec<_>>(),
         });
-        println!("{}", serde_json::to_string_pretty(&v).expect("json"));
+        crate::outln!("{}", serde_json::to_string_pretty(&v).expect("json"))?;
         return Ok(());
     }
-    println!(
+    crate::outln!(
         "GGUF v{}, alignment {}, {} metadata entries, {} tensors",
         f.version,
         f.alignment,
         f.metadata.len(),
         f.tensors.len()
-    );
+    )?;
     for (k, v) in &f.metadata {
-        println!("  {k} = {}", v.show());
+        crate::outln!("  {k} = {}", v.show())?;
     }
-    println!(
+    crate::outln!(
         "{:<48} {:>8} {:>20} {:>10}",
-        "tensor", "type", "shape", "bytes"
-    );
+        "tensor",
+        "type",
+        "shape",
+        "bytes"
+    )?;
     for t in &f.tensors {
-        println!(
+        crate::outln!(
             "{:<48} {:>8} {:>20} {:>10}",
             t.name,
             t.ty.name,
             format!("{:?}", t.shape()),
             human_bytes(t.bytes)
-        );
+        )?;
     }
-    println!(
+    crate::outln!(
         "{} tensors, {}",
         f.tensors.len(),
         human_bytes(f.tensors.iter().map(|t| t.bytes).sum())
-    );
+    )?;
     Ok(())
 }
 
@@ -818,9 +872,8 @@ fn check_tau(t: f32) -> Result<()> {
     Ok(())
 }
 
-/// One line per changed tensor (type, bytes, error), a total, and the JSON
-/// report when asked for.
-fn print_gguf_report(r: &crate::report::Report, json: Option<&std::path::Path>) -> Result<()> {
+/// One line per changed tensor (type, bytes, error) and a total.
+fn print_gguf_report(r: &crate::report::Report) -> Result<()> {
     for t in r.tensors.iter().filter(|t| t.op != "pass-through") {
         let err = match (t.rmse, t.max_abs_err, t.snr_db) {
             (Some(rmse), Some(mx), Some(snr)) => {
@@ -828,7 +881,7 @@ fn print_gguf_report(r: &crate::report::Report, json: Option<&std::path::Path>) 
             }
             _ => String::new(),
         };
-        println!(
+        crate::outln!(
             "{:<40} {:>6} -> {:<8} {:>10} -> {:>10}{err}{}",
             t.name,
             t.dtype_in,
@@ -838,10 +891,10 @@ fn print_gguf_report(r: &crate::report::Report, json: Option<&std::path::Path>) 
             t.note
                 .as_ref()
                 .map_or(String::new(), |n| format!("  ({n})"))
-        );
+        )?;
     }
     let tt = &r.totals;
-    println!(
+    crate::outln!(
         "wrote {}: {} tensors ({} changed), {} -> {}, {:.1} s on {}",
         r.output,
         tt.tensors,
@@ -850,11 +903,7 @@ fn print_gguf_report(r: &crate::report::Report, json: Option<&std::path::Path>) 
         human_bytes(tt.bytes_out),
         tt.seconds,
         r.device
-    );
-    match json {
-        Some(p) => write_report(p, r),
-        None => Ok(()),
-    }
+    )
 }
 
 pub fn human_bytes(b: u64) -> String {

@@ -13,29 +13,34 @@ use crate::sample::{write_llama_model, LlamaShape};
 use crate::tensor::DType;
 use std::path::{Path, PathBuf};
 
-struct TempDir(PathBuf, bool);
+/// The demo's directory: a fresh one it creates, removed at the end (and on
+/// a signal) unless the user keeps it.
+struct TempDir(PathBuf, Option<u64>);
 
 impl Drop for TempDir {
     fn drop(&mut self) {
-        if self.1 {
+        if let Some(id) = self.1 {
             let _ = std::fs::remove_dir_all(&self.0);
+            crate::formats::output::forget_temporary(id);
         }
     }
 }
 
 pub fn run(dev: &Device, seed: u64, keep: Option<&Path>) -> Result<()> {
-    let dir = match keep {
-        Some(p) => TempDir(p.to_path_buf(), false),
-        None => TempDir(
-            std::env::temp_dir().join(format!("modelpress-demo-{}", std::process::id())),
-            true,
-        ),
+    let path = match keep {
+        Some(p) => p.to_path_buf(),
+        None => std::env::temp_dir().join(format!("modelpress-demo-{}", std::process::id())),
     };
-    let _ = std::fs::remove_dir_all(&dir.0);
-    std::fs::create_dir_all(&dir.0).map_err(|e| Error::Io {
-        path: dir.0.clone(),
+    // Never a directory that exists: --keep must not clear the user's files.
+    std::fs::create_dir(&path).map_err(|e| Error::Io {
+        path: path.clone(),
         source: e,
     })?;
+    let dir = TempDir(
+        path.clone(),
+        keep.is_none()
+            .then(|| crate::formats::output::register_temporary(&path)),
+    );
     let base = dir.0.join("llama");
     let shape = LlamaShape::DEMO;
     write_llama_model(&base, shape, DType::BF16, 2, seed)?;
@@ -44,24 +49,32 @@ pub fn run(dev: &Device, seed: u64, keep: Option<&Path>) -> Result<()> {
         .iter()
         .map(|(_, s)| s.iter().product::<usize>())
         .sum();
-    println!("modelpress demo on {}", dev.name());
-    println!(
+    crate::outln!("modelpress demo on {}", dev.name())?;
+    crate::outln!(
         "sample: LLaMA-shaped, {} layers, hidden {}, {:.1} M weights in BF16, 2 shards (seed {seed}) in {}",
         shape.layers,
         shape.hidden,
         n as f64 / 1e6,
         base.display()
-    );
-    println!();
-    println!(
+    )?;
+    crate::outln!()?;
+    crate::outln!(
         "{:<34} {:>10} {:>10} {:>9} {:>10} {:>10} {:>8}",
-        "operation", "bytes in", "bytes out", "sparsity", "max |Δ|", "RMSE", "GB/s"
-    );
+        "operation",
+        "bytes in",
+        "bytes out",
+        "sparsity",
+        "max |Δ|",
+        "RMSE",
+        "GB/s"
+    )?;
     let opts = JobOptions {
         device: dev.clone(),
         selection: Selection::default(),
         allow_nonfinite: false,
-        force: true,
+        force: false,
+        report: None,
+        extra_inputs: Vec::new(),
         progress: false,
         command: "modelpress demo".into(),
     };
@@ -69,7 +82,7 @@ pub fn run(dev: &Device, seed: u64, keep: Option<&Path>) -> Result<()> {
     let row = |label: &str, r: &crate::report::Report| {
         let t = &r.totals;
         let (mx, rmse) = r.worst_error().unwrap_or((0.0, 0.0));
-        println!(
+        crate::outln!(
             "{:<34} {:>10} {:>10} {:>8.2}% {:>10.3e} {:>10.3e} {:>8.2}",
             label,
             crate::cli::human_bytes(t.bytes_in),
@@ -78,15 +91,14 @@ pub fn run(dev: &Device, seed: u64, keep: Option<&Path>) -> Result<()> {
             mx,
             rmse,
             t.gb_per_s
-        );
+        )
     };
     let step = |label: &str, op: &dyn TensorOp, inputs: &[&Path], output: &Path| -> Result<()> {
         let models = inputs
             .iter()
             .map(|p| Model::open(p))
             .collect::<Result<Vec<_>>>()?;
-        row(label, &pipeline::run(op, &models, output, &opts)?);
-        Ok(())
+        row(label, &pipeline::run(op, &models, output, &opts)?)
     };
     step(
         "prune |w| < 0.02",
@@ -162,18 +174,20 @@ pub fn run(dev: &Device, seed: u64, keep: Option<&Path>) -> Result<()> {
     let r = crate::gguf_job::write_gguf(
         dev,
         &base,
-        &out("llama-Q4_K_M.gguf"),
+        &crate::gguf_job::Destination {
+            output: out("llama-Q4_K_M.gguf"),
+            ..Default::default()
+        },
         crate::gguf_job::GgufOptions {
             target: "Q4_K_M".into(),
-            force: true,
             ..Default::default()
         },
     )?;
-    row("GGUF Q4_K_M (llama.cpp blocks)", &r);
-    println!();
-    println!("max |Δ| and RMSE are against the first input: the error for prune and quantize, the change made for the others.");
+    row("GGUF Q4_K_M (llama.cpp blocks)", &r)?;
+    crate::outln!()?;
+    crate::outln!("max |Δ| and RMSE are against the first input: the error for prune and quantize, the change made for the others.")?;
     if !dev.is_gpu() {
-        println!("(no hardware GPU found: this ran on the CPU backend; `--device gpu` uses any adapter, software ones included)");
+        crate::outln!("(no hardware GPU found: this ran on the CPU backend; `--device gpu` uses any adapter, software ones included)")?;
     }
     Ok(())
 }

@@ -53,6 +53,10 @@ pub enum Error {
     #[error("GPU device lost: {0}")]
     DeviceLost(String),
 
+    /// Standard output failed (a closed pipe, a full device).
+    #[error("writing to standard output: {0}")]
+    Stdout(#[source] std::io::Error),
+
     /// A request above what the device allows.
     #[error("{what}: asked for {asked}, the device allows at most {max}")]
     Limit {

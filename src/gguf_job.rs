@@ -16,13 +16,15 @@ use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::formats::gguf::{GgmlType, GgufFile, GgufOut, GgufTensor, GgufWriter, Value};
 use crate::formats::model::Model;
+use crate::formats::output::{self, Staged};
+use crate::formats::plan::{self, OutputKind};
 use crate::formats::safetensors::{Entry, OutEntry, SafetensorsFile, SafetensorsWriter};
 use crate::gguf_rules::{Ftype, Overrides, Plan};
 use crate::ops::ggml::{self, BlockType};
 use crate::ops::quantize;
 use crate::report::{Report, TensorReport};
 use crate::tensor::{DType, TensorRef};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 /// llama.cpp's LLAMA_FTYPE for a whole-file target type.
@@ -100,6 +102,15 @@ impl Inputs {
         })
     }
 
+    /// Every path read, for `plan::check`.
+    fn paths(&self) -> Vec<PathBuf> {
+        match (&self.gguf, &self.model) {
+            (Some(g), _) => vec![g.path.clone()],
+            (_, Some(m)) => m.input_paths(),
+            _ => Vec::new(),
+        }
+    }
+
     fn metadata(&self) -> Vec<(String, Value)> {
         self.gguf
             .as_ref()
@@ -141,29 +152,42 @@ impl Inputs {
     }
 }
 
-fn check_output(input: &Path, out: &Path, ext: &[&str], force: bool) -> Result<()> {
-    if out.extension().is_none_or(|e| !ext.iter().any(|x| e == *x)) {
-        return Err(Error::input(format!(
-            "output {} should end in .{}",
-            out.display(),
-            ext.join(" or .")
-        )));
+/// Where a GGUF job writes, and what else it reads.
+#[derive(Clone, Debug, Default)]
+pub struct Destination {
+    /// The output file (.gguf, or .safetensors where allowed).
+    pub output: PathBuf,
+    /// The JSON report, committed with the output.
+    pub report: Option<PathBuf>,
+    /// Replace existing outputs (never inputs; see `plan::check`).
+    pub force: bool,
+    /// Files read besides the input (an option file).
+    pub extra_inputs: Vec<PathBuf>,
+}
+
+impl Destination {
+    /// Checks the output and report against the inputs (see
+    /// `plan::check`); returns their destinations.
+    fn check(&self, inputs: &Inputs, ext: &'static [&'static str]) -> Result<Vec<PathBuf>> {
+        let mut all = inputs.paths();
+        all.extend(self.extra_inputs.iter().cloned());
+        plan::check_job(
+            &all,
+            &self.output,
+            OutputKind::File { extensions: ext },
+            self.report.as_deref(),
+            self.force,
+        )
     }
-    if let (Ok(a), Ok(b)) = (out.canonicalize(), input.canonicalize()) {
-        if a == b {
-            return Err(Error::input(format!(
-                "output {} is the input",
-                out.display()
-            )));
+
+    /// Commits the written file and the report together.
+    fn commit(&self, dests: &[PathBuf], file: Staged, report: &Report) -> Result<()> {
+        let mut staged = vec![file];
+        if let Some(d) = dests.get(1) {
+            staged.push(report.stage(d)?);
         }
+        output::commit(staged, self.force)
     }
-    if out.exists() && !force {
-        return Err(Error::input(format!(
-            "output {} already exists (use --force to replace it)",
-            out.display()
-        )));
-    }
-    Ok(())
 }
 
 /// What `--type` asks for.
@@ -208,17 +232,22 @@ pub struct GgufOptions {
     /// --allow-requantize: block-type inputs are dequantized (as ggml
     /// does) and quantized again instead of being an error.
     pub allow_requantize: bool,
-    pub force: bool,
 }
 
 /// Writes `out` (GGUF) from `input` with the tensors `--type target` asks
 /// for, and reports per tensor: type, bytes, and the error of the
 /// dequantized values (max abs, RMSE, SNR).
-pub fn write_gguf(dev: &Device, input: &Path, out: &Path, opt: GgufOptions) -> Result<Report> {
+pub fn write_gguf(
+    dev: &Device,
+    input: &Path,
+    dest: &Destination,
+    opt: GgufOptions,
+) -> Result<Report> {
     let target = parse_target(&opt.target)?;
-    check_output(input, out, &["gguf"], opt.force)?;
     let start = Instant::now();
     let src = Inputs::open(input)?;
+    let dests = dest.check(&src, &["gguf"])?;
+    let out = &dest.output;
     let inputs = src.tensors()?;
     let mut metadata = src.metadata();
     // The output type of every tensor, decided up front (the writer needs
@@ -283,7 +312,7 @@ pub fn write_gguf(dev: &Device, input: &Path, out: &Path, opt: GgufOptions) -> R
             ty,
         })
         .collect();
-    let mut w = GgufWriter::create(out, &metadata, outs)?;
+    let mut w = GgufWriter::create(&dests[0], &metadata, outs)?;
     let mut report = Report {
         command: "quantize".into(),
         device: dev.name(),
@@ -345,8 +374,9 @@ pub fn write_gguf(dev: &Device, input: &Path, out: &Path, opt: GgufOptions) -> R
         r.seconds = t0.elapsed().as_secs_f64();
         report.tensors.push(r);
     }
-    w.finish()?;
+    let file = w.finish_staged()?;
     report.finish_totals(start.elapsed().as_secs_f64());
+    dest.commit(&dests, file, &report)?;
     Ok(report)
 }
 
@@ -357,14 +387,20 @@ pub fn write_gguf(dev: &Device, input: &Path, out: &Path, opt: GgufOptions) -> R
 pub fn dequantize_gguf(
     dev: &Device,
     input: &Path,
-    out: &Path,
+    dest: &Destination,
     dtype: DType,
-    force: bool,
 ) -> Result<Report> {
     dtype.require_float("dequantize")?;
-    check_output(input, out, &["gguf", "safetensors"], force)?;
     let start = Instant::now();
-    let g = GgufFile::open(input)?;
+    let src = Inputs {
+        gguf: Some(GgufFile::open(input)?),
+        model: None,
+    };
+    let dests = dest.check(&src, &["gguf", "safetensors"])?;
+    let out = &dest.output;
+    let Some(g) = &src.gguf else {
+        return Err(Error::input("a GGUF input"));
+    };
     let target = ggml_of(dtype).expect("float dtypes are GGML types");
     let changes = |t: GgmlType| BlockType::from_ggml(t).is_some() || dtype_of(t).is_some();
     let to_gguf = out.extension().is_some_and(|e| e == "gguf");
@@ -396,7 +432,7 @@ pub fn dequantize_gguf(
                 ty: if changes(t.ty) { target } else { t.ty },
             })
             .collect();
-        Writer::Gguf(GgufWriter::create(out, &meta, outs)?)
+        Writer::Gguf(GgufWriter::create(&dests[0], &meta, outs)?)
     } else {
         let entries = g
             .tensors
@@ -417,7 +453,7 @@ pub fn dequantize_gguf(
                 }
             })
             .collect::<Result<Vec<_>>>()?;
-        Writer::St(SafetensorsWriter::create(out, entries, None)?)
+        Writer::St(SafetensorsWriter::create(&dests[0], entries, None)?)
     };
     for t in &g.tensors {
         let t0 = Instant::now();
@@ -426,7 +462,7 @@ pub fn dequantize_gguf(
             name: t.name.clone(),
             shape: t.shape(),
             ty: t.ty,
-            pages: Pages::Gguf(&g, t),
+            pages: Pages::Gguf(g, t),
         };
         let mut r = pass_through(&inp, 0.0);
         let deq: Vec<f32>;
@@ -466,10 +502,11 @@ pub fn dequantize_gguf(
         r.seconds = t0.elapsed().as_secs_f64();
         report.tensors.push(r);
     }
-    match w {
-        Writer::Gguf(w) => w.finish()?,
-        Writer::St(w) => w.finish()?,
-    }
+    let file = match w {
+        Writer::Gguf(w) => w.finish_staged()?,
+        Writer::St(w) => w.finish_staged()?,
+    };
     report.finish_totals(start.elapsed().as_secs_f64());
+    dest.commit(&dests, file, &report)?;
     Ok(report)
 }

@@ -486,7 +486,7 @@ impl Plan {
 /// not a whole number of `t` blocks (F16 when the fallback does not fit
 /// either).
 pub fn fallback(ncols: usize, t: GgmlType) -> GgmlType {
-    if ncols % t.block as usize == 0 {
+    if ncols.is_multiple_of(t.block as usize) {
         return t;
     }
     let f = match BlockType::from_ggml(t) {
@@ -496,7 +496,7 @@ pub fn fallback(ncols: usize, t: GgmlType) -> GgmlType {
         Some(BlockType::Q6_K) => BlockType::Q8_0.ggml(),
         _ => t,
     };
-    if ncols % f.block as usize == 0 {
+    if ncols.is_multiple_of(f.block as usize) {
         f
     } else {
         GgmlType::from_name("F16").unwrap()

@@ -110,7 +110,10 @@ pub fn inspect(model: &Model) -> Result<Vec<TensorSummary>> {
             f.release(e);
             TensorSummary {
                 name: e.name.clone(),
-                file: f.path.file_name().unwrap().to_string_lossy().to_string(),
+                file: f.path.file_name().map_or_else(
+                    || f.path.display().to_string(),
+                    |n| n.to_string_lossy().into_owned(),
+                ),
                 dtype: e.dtype.clone(),
                 shape: e.shape.clone(),
                 bytes: e.bytes() as u64,

@@ -79,6 +79,11 @@ impl ScoresFile {
         })
     }
 
+    /// The file's path.
+    pub fn path(&self) -> &std::path::Path {
+        &self.file.path
+    }
+
     /// The norms for weight tensor `e`, checked; errors name this file.
     pub fn for_tensor(&self, e: &Entry) -> Result<Vec<f32>> {
         let bad = |why: String| Error::Format {
@@ -124,8 +129,6 @@ pub struct Sparsity {
 struct GlobalCut {
     cut: Cut,
     ties_left: Mutex<u64>,
-    /// Keys equal to the cut, per tensor.
-    equal: HashMap<String, u64>,
     /// Passes over the model the cut took.
     passes: usize,
 }
@@ -196,31 +199,18 @@ impl Sparsity {
         let low_needed = chosen
             .iter()
             .any(|(_, e)| e.kernel_dtype().is_some_and(select::needs_low_level));
-        let mut per_tensor: Vec<Vec<u64>> = Vec::new();
+        // One running histogram: memory does not grow with the number of
+        // tensors (a mixture of experts has tens of thousands).
         let cut = select::find_cut(k, low_needed, |level| {
             passes += 1;
             let mut total = vec![0u64; 1 << 16];
-            per_tensor.clear();
             for (f, e, t) in tensors() {
-                let h = select::key_histogram(dev, &t?, level)
+                select::add_key_histogram(dev, &t?, level, &mut total)
                     .map_err(|err| err.at(&f.path, &e.name))?;
                 f.release(e);
-                total.iter_mut().zip(&h).for_each(|(a, b)| *a += b);
-                per_tensor.push(h);
             }
             Ok(total)
         })?;
-        // Keys equal to the cut per tensor, from the last level's histograms.
-        let bin = if low_needed {
-            cut.key & 0xffff
-        } else {
-            cut.key >> 16
-        } as usize;
-        let equal = chosen
-            .iter()
-            .zip(&per_tensor)
-            .map(|((_, e), h)| (e.name.clone(), if k == 0 { u64::MAX } else { h[bin] }))
-            .collect();
         Ok(Sparsity {
             s,
             of_remaining,
@@ -228,7 +218,6 @@ impl Sparsity {
             global: Some(GlobalCut {
                 cut,
                 ties_left: Mutex::new(cut.ties),
-                equal,
                 passes,
             }),
         })
@@ -241,6 +230,10 @@ impl Sparsity {
 }
 
 impl TensorOp for Sparsity {
+    fn input_paths(&self) -> Vec<std::path::PathBuf> {
+        self.scores.iter().map(|s| s.path().to_path_buf()).collect()
+    }
+
     fn describe(&self) -> String {
         let scope = if self.global.is_some() {
             "global"
@@ -267,17 +260,13 @@ impl TensorOp for Sparsity {
         let (out, st) = match &self.global {
             None => select::prune_to_sparsity(dev, &t, self.s, self.of_remaining)?,
             Some(g) => {
-                let mut left = g.ties_left.lock().unwrap();
-                let equal = g
-                    .equal
-                    .get(&srcs[0].entry.name)
-                    .copied()
-                    .unwrap_or(u64::MAX);
+                let mut left = g.ties_left.lock().unwrap_or_else(|e| e.into_inner());
                 let cut = Cut {
                     ties: *left,
                     ..g.cut
                 };
-                let r = select::apply_cut(dev, &t, cut, equal)?;
+                // No tensor holds more keys equal to the cut than all do.
+                let r = select::apply_cut(dev, &t, cut, g.cut.equal)?;
                 *left -= r.1.ties_pruned;
                 r
             }
@@ -327,6 +316,10 @@ pub struct PatternPrune {
 }
 
 impl TensorOp for PatternPrune {
+    fn input_paths(&self) -> Vec<std::path::PathBuf> {
+        self.scores.iter().map(|s| s.path().to_path_buf()).collect()
+    }
+
     fn describe(&self) -> String {
         let by = if self.scores.is_some() {
             " by |w|·‖X‖"
@@ -620,6 +613,10 @@ impl TensorOp for Transfer {
             Some(x) => format!("w + {}·{x}", self.lambda),
             None => format!("w + {}·Δ", self.lambda),
         }
+    }
+
+    fn mixed_dtypes(&self) -> bool {
+        true
     }
 
     fn apply(&self, dev: &Device, srcs: &[Src], _: &[Model]) -> Result<Applied> {

@@ -33,6 +33,7 @@ pub mod inspect;
 pub mod jobs;
 pub mod neurons;
 pub mod ops;
+pub mod out;
 pub mod pipeline;
 pub mod report;
 pub mod sample;

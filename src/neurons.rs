@@ -111,7 +111,8 @@ pub fn find_blocks(model: &Model) -> Result<(Vec<MlpBlock>, usize)> {
             _ => {}
         }
     }
-    Ok((blocks, size.unwrap()))
+    // `blocks` is not empty, so the loop set the size.
+    Ok((blocks, size.unwrap_or(0)))
 }
 
 /// How a tensor is cut: rows or columns kept.
@@ -158,7 +159,9 @@ impl RemoveNeurons {
         let mut cuts = HashMap::new();
         for b in &blocks {
             let tensor = |n: &str| {
-                let (f, e) = model.find(n).expect("checked by find_blocks");
+                let (f, e) = model
+                    .find(n)
+                    .ok_or_else(|| Error::input(format!("MLP block: {n} is missing")))?;
                 f.tensor(e)
                     .ok_or_else(|| Error::Unsupported(format!("dtype {}", e.dtype)).at(&f.path, n))
                     .map(|t| (f, e, t))

@@ -9,7 +9,9 @@
 
 use crate::device::Device;
 use crate::error::{Error, Result};
-use crate::formats::model::{Model, ModelWriter, OutputTarget};
+use crate::formats::model::{Model, ModelWriter};
+use crate::formats::output::{self, Staged};
+use crate::formats::plan;
 use crate::formats::safetensors::{Entry, Metadata, OutEntry, SafetensorsFile, SafetensorsWriter};
 use crate::report::{diff, Report, TensorReport};
 use crate::tensor::{Tensor, TensorRef};
@@ -17,7 +19,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use regex::Regex;
 use std::borrow::Cow;
 use std::io::IsTerminal;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Condvar, Mutex};
 use std::time::Instant;
 
@@ -92,6 +94,18 @@ pub trait TensorOp: Sync {
         Ok(())
     }
 
+    /// Files the operation reads besides the models (a scores file), which
+    /// no output may overwrite.
+    fn input_paths(&self) -> Vec<PathBuf> {
+        Vec::new()
+    }
+
+    /// Whether a touched tensor of model k > 0 may have another float dtype
+    /// than model 0's (a delta in f32 for a bf16 model).
+    fn mixed_dtypes(&self) -> bool {
+        false
+    }
+
     /// Computes the outputs of one tensor; `srcs[k]` is the tensor of the
     /// same name in model k.
     fn apply(&self, dev: &Device, srcs: &[Src], models: &[Model]) -> Result<Applied>;
@@ -131,11 +145,36 @@ impl Selection {
 pub struct JobOptions {
     pub device: Device,
     pub selection: Selection,
+    /// Process NaN and infinite inputs, and write results that overflowed
+    /// to ±inf, instead of refusing them.
     pub allow_nonfinite: bool,
+    /// Replace existing outputs (never inputs; see `plan::check`).
     pub force: bool,
+    /// Where to write the JSON report, committed with the output.
+    pub report: Option<PathBuf>,
+    /// Files read besides the models and the operation's own (an option
+    /// file), which no output may overwrite.
+    pub extra_inputs: Vec<PathBuf>,
     /// Show a progress bar (only drawn on a terminal).
     pub progress: bool,
     pub command: String,
+}
+
+impl JobOptions {
+    /// Options for a library caller: every touched tensor by the default
+    /// selection, nothing replaced, no report, no progress bar.
+    pub fn new(device: Device) -> JobOptions {
+        JobOptions {
+            device,
+            selection: Selection::default(),
+            allow_nonfinite: false,
+            force: false,
+            report: None,
+            extra_inputs: Vec::new(),
+            progress: false,
+            command: String::new(),
+        }
+    }
 }
 
 /// Bytes allowed in flight between the compute and the writer.
@@ -151,9 +190,9 @@ impl Budget {
     /// Waits until `bytes` more fit (or nothing is in flight), then takes
     /// them. Returns false when the writer has failed.
     fn take(&self, bytes: u64) -> bool {
-        let mut used = self.used.lock().unwrap();
+        let mut used = self.used.lock().unwrap_or_else(|e| e.into_inner());
         while *used > 0 && *used + bytes > self.limit && !self.failed() {
-            used = self.freed.wait(used).unwrap();
+            used = self.freed.wait(used).unwrap_or_else(|e| e.into_inner());
         }
         *used += bytes;
         !self.failed()
@@ -165,12 +204,12 @@ impl Budget {
 
     fn fail(&self) {
         self.failed.store(true, std::sync::atomic::Ordering::SeqCst);
-        let _g = self.used.lock().unwrap();
+        let _g = self.used.lock().unwrap_or_else(|e| e.into_inner());
         self.freed.notify_all();
     }
 
     fn give(&self, bytes: u64) {
-        *self.used.lock().unwrap() -= bytes;
+        *self.used.lock().unwrap_or_else(|e| e.into_inner()) -= bytes;
         self.freed.notify_all();
     }
 }
@@ -190,9 +229,14 @@ enum Msg<'a> {
 /// Writes what it receives; after a failure it keeps draining (returning
 /// budget) so that the producer never waits on it, and reports the first
 /// error.
-fn writer_thread(rx: mpsc::Receiver<Msg>, budget: &Budget, progress: &ProgressBar) -> Result<()> {
+fn writer_thread(
+    rx: mpsc::Receiver<Msg>,
+    budget: &Budget,
+    progress: &ProgressBar,
+) -> Result<Vec<Staged>> {
     let mut current: Option<SafetensorsWriter> = None;
     let mut first_error: Option<Error> = None;
+    let mut finished = Vec::new();
     for msg in rx {
         let r = match msg {
             Msg::Shard(w) => {
@@ -218,7 +262,7 @@ fn writer_thread(rx: mpsc::Receiver<Msg>, budget: &Budget, progress: &ProgressBa
                 r
             }
             Msg::EndShard => match (&first_error, current.take()) {
-                (None, Some(w)) => w.finish(),
+                (None, Some(w)) => w.finish_staged().map(|s| finished.push(s)),
                 _ => Ok(()),
             },
         };
@@ -229,7 +273,7 @@ fn writer_thread(rx: mpsc::Receiver<Msg>, budget: &Budget, progress: &ProgressBa
             }
         }
     }
-    first_error.map_or(Ok(()), Err)
+    first_error.map_or(Ok(finished), Err)
 }
 
 fn progress_bar(total: u64, enabled: bool) -> ProgressBar {
@@ -241,42 +285,79 @@ fn progress_bar(total: u64, enabled: bool) -> ProgressBar {
         ProgressStyle::with_template(
             "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta} {msg}",
         )
+        // A constant template: it parses.
         .expect("template")
         .progress_chars("=> "),
     );
     pb
 }
 
-/// Checks that every touched tensor of model 0 exists with the same shape
-/// in the other models, before anything is written.
+fn differ(file: &Path, tensor: &str, why: String) -> Error {
+    Error::Format {
+        file: file.display().to_string(),
+        tensor: tensor.to_string(),
+        why,
+    }
+}
+
+/// Checks, before anything is written, that the models agree whole: every
+/// model holds exactly model 0's tensor names, each with the same shape and
+/// dtype (a touched tensor may differ in float dtype where the operation
+/// allows it), and that the operation can run on every touched tensor.
 fn check_models(op: &dyn TensorOp, sel: &Selection, models: &[Model]) -> Result<()> {
-    for (file, e) in models[0].entries() {
-        if !sel.chosen(op, e) {
-            continue;
+    let base = &models[0];
+    for (file, e) in base.entries() {
+        let touched = sel.chosen(op, e);
+        if touched {
+            op.prepare(e).map_err(|err| err.at(&file.path, &e.name))?;
         }
-        op.prepare(e).map_err(|err| err.at(&file.path, &e.name))?;
         for m in &models[1..] {
-            match m.find(&e.name) {
-                None => {
-                    return Err(Error::Format {
-                        file: m.path.display().to_string(),
-                        tensor: e.name.clone(),
-                        why: format!("missing (it is in {})", file.path.display()),
-                    })
-                }
-                Some((f2, e2)) if e2.shape != e.shape => {
-                    return Err(Error::Format {
-                        file: f2.path.display().to_string(),
-                        tensor: e.name.clone(),
-                        why: format!(
-                            "shape {:?} differs from {:?} in {}",
-                            e2.shape,
-                            e.shape,
-                            file.path.display()
-                        ),
-                    })
-                }
-                _ => {}
+            let Some((f2, e2)) = m.find(&e.name) else {
+                return Err(differ(
+                    &m.path,
+                    &e.name,
+                    format!("missing (it is in {})", file.path.display()),
+                ));
+            };
+            if e2.shape != e.shape {
+                return Err(differ(
+                    &f2.path,
+                    &e.name,
+                    format!(
+                        "shape {:?} differs from {:?} in {}",
+                        e2.shape,
+                        e.shape,
+                        file.path.display()
+                    ),
+                ));
+            }
+            let float_pair = e.kernel_dtype().is_some() && e2.kernel_dtype().is_some();
+            if e2.dtype != e.dtype && !(touched && op.mixed_dtypes() && float_pair) {
+                return Err(differ(
+                    &f2.path,
+                    &e.name,
+                    format!(
+                        "dtype {} differs from {} in {}",
+                        e2.dtype,
+                        e.dtype,
+                        file.path.display()
+                    ),
+                ));
+            }
+        }
+    }
+    let n = base.entries().count();
+    for m in &models[1..] {
+        if m.entries().count() != n {
+            if let Some((f2, e2)) = m.entries().find(|(_, e2)| base.find(&e2.name).is_none()) {
+                return Err(differ(
+                    &f2.path,
+                    &e2.name,
+                    format!(
+                        "not in {}: the models hold different tensors",
+                        base.path.display()
+                    ),
+                ));
             }
         }
     }
@@ -288,11 +369,15 @@ fn check_models(op: &dyn TensorOp, sel: &Selection, models: &[Model]) -> Result<
 pub fn run(op: &dyn TensorOp, models: &[Model], out: &Path, opts: &JobOptions) -> Result<Report> {
     let started = Instant::now();
     let base = &models[0];
-    let target = OutputTarget::check(
+    let mut inputs: Vec<PathBuf> = models.iter().flat_map(|m| m.input_paths()).collect();
+    inputs.extend(op.input_paths());
+    inputs.extend(opts.extra_inputs.iter().cloned());
+    let dests = plan::check_job(
+        &inputs,
         out,
-        base.is_dir,
+        ModelWriter::output_kind(base),
+        opts.report.as_deref(),
         opts.force,
-        &models.iter().collect::<Vec<_>>(),
     )?;
     check_models(op, &opts.selection, models)?;
     let largest = models
@@ -318,8 +403,8 @@ pub fn run(op: &dyn TensorOp, models: &[Model], out: &Path, opts: &JobOptions) -
         tensors: Vec::new(),
         totals: Default::default(),
     };
-    let mut writer = ModelWriter::new(target)?;
-    std::thread::scope(|scope| -> Result<()> {
+    let mut writer = ModelWriter::new(&dests[0], base.is_dir)?;
+    let shards = std::thread::scope(|scope| -> Result<Vec<Staged>> {
         let (tx, rx) = mpsc::sync_channel::<Msg>(4);
         let budget = &budget;
         let progress = &progress;
@@ -344,12 +429,7 @@ pub fn run(op: &dyn TensorOp, models: &[Model], out: &Path, opts: &JobOptions) -
                     }
                 }
                 let meta = op.shard_metadata(shard.metadata.as_ref(), &touched);
-                let file_name = shard
-                    .path
-                    .file_name()
-                    .unwrap()
-                    .to_string_lossy()
-                    .to_string();
+                let file_name = output::file_name(&shard.path)?;
                 let w = writer.shard(&file_name, outs, meta.as_ref())?;
                 if tx.send(Msg::Shard(w)).is_err() {
                     return Ok(()); // the writer failed; its error is reported below
@@ -395,13 +475,22 @@ pub fn run(op: &dyn TensorOp, models: &[Model], out: &Path, opts: &JobOptions) -
             Ok(())
         })();
         drop(tx);
-        let written = handle.join().expect("writer thread");
+        let written = handle
+            .join()
+            .unwrap_or_else(|_| Err(Error::input("the writer thread panicked")));
         produced?;
         written
     })?;
     progress.finish_and_clear();
-    writer.commit(base, &|name, bytes| op.rewrite_file(name, bytes))?;
+    for s in shards {
+        writer.shard_done(s)?;
+    }
+    let mut staged = vec![writer.finish(base, &|name, bytes| op.rewrite_file(name, bytes))?];
     report.finish_totals(started.elapsed().as_secs_f64());
+    if let Some(dest) = dests.get(1) {
+        staged.push(report.stage(dest)?);
+    }
+    output::commit(staged, opts.force)?;
     Ok(report)
 }
 
@@ -419,7 +508,13 @@ fn process<'a>(
     let e = src.entry;
     let mut srcs = vec![src];
     for m in &models[1..] {
-        let (f, e2) = m.find(&e.name).expect("checked before the job started");
+        let (f, e2) = m.find(&e.name).ok_or_else(|| {
+            differ(
+                &m.path,
+                &e.name,
+                "missing (checked before the job started)".into(),
+            )
+        })?;
         srcs.push(Src { file: f, entry: e2 });
     }
     let outs = op.outputs(e)?;
@@ -456,14 +551,18 @@ fn process<'a>(
     r.bytes_out = out_bytes;
     r.seconds = seconds;
     r.note = applied.note.clone();
+    let refuse = |err: Error| {
+        budget.give(in_bytes + out_bytes);
+        Err(err)
+    };
+    let mut nonfinite_out = 0;
     if let (Ok(input), Some(approx)) = (
         src.tensor(),
         applied.approx.as_ref().filter(|a| a.shape == e.shape),
     ) {
         let d = diff(&input, &approx.view());
         if d.nonfinite_in > 0 && !opts.allow_nonfinite {
-            budget.give(in_bytes + out_bytes);
-            return Err(Error::input(format!(
+            return refuse(Error::input(format!(
                 "{} non-finite weights (NaN or inf); pass --allow-nonfinite to process them anyway",
                 d.nonfinite_in
             )));
@@ -478,6 +577,7 @@ fn process<'a>(
         r.rmse = Some(d.rmse);
         r.removed_l2_rel = Some(d.rel_l2);
         r.nonfinite_in = d.nonfinite_in;
+        nonfinite_out = d.nonfinite_out;
     }
     // The other models' inputs (and the first's, when nothing approximates
     // it) are checked for NaN and inf too.
@@ -486,14 +586,21 @@ fn process<'a>(
         if let Ok(t) = s.tensor() {
             let nf = crate::ops::reduce::tensor_stats(&Device::Cpu, &t)?.nonfinite;
             if nf > 0 && !opts.allow_nonfinite {
-                budget.give(in_bytes + out_bytes);
-                return Err(Error::input(format!(
+                return refuse(Error::input(format!(
                     "{nf} non-finite weights (NaN or inf) in {}; pass --allow-nonfinite to process them anyway",
                     s.file.path.display()
                 )));
             }
             r.nonfinite_in += nf;
         }
+    }
+    // Finite inputs whose result is not: a sum or a conversion overflowed.
+    r.nonfinite_out = nonfinite_out;
+    if nonfinite_out > 0 && !opts.allow_nonfinite {
+        return refuse(Error::input(format!(
+            "{nonfinite_out} results overflowed to ±inf (or NaN) from finite inputs; \
+             pass --allow-nonfinite to write them anyway"
+        )));
     }
     for s in &srcs {
         s.file.release(s.entry);

@@ -39,6 +39,9 @@ pub struct TensorReport {
     pub snr_db: Option<f64>,
     /// NaN and infinite weights in the input.
     pub nonfinite_in: u64,
+    /// NaN and infinite values in the result (with finite inputs: sums or
+    /// conversions that overflowed, refused without --allow-nonfinite).
+    pub nonfinite_out: u64,
     pub seconds: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
@@ -63,6 +66,7 @@ impl TensorReport {
             rmse: None,
             snr_db: None,
             nonfinite_in: 0,
+            nonfinite_out: 0,
             seconds: 0.0,
             note: None,
         }
@@ -116,6 +120,15 @@ impl Report {
         };
     }
 
+    /// The report as pretty JSON, staged beside `dest` for
+    /// `output::commit` (a job's report lands with its output or not at
+    /// all).
+    pub fn stage(&self, dest: &std::path::Path) -> crate::Result<crate::formats::output::Staged> {
+        let text = serde_json::to_string_pretty(self)
+            .map_err(|e| crate::Error::input(format!("report: {e}")))?;
+        crate::formats::output::stage_bytes(dest, (text + "\n").as_bytes())
+    }
+
     /// Largest error over the touched tensors (for one-line summaries).
     pub fn worst_error(&self) -> Option<(f64, f64)> {
         let errs: Vec<_> = self
@@ -143,6 +156,8 @@ pub struct Diff {
     pub rel_l2: f64,
     pub zeros: u64,
     pub nonfinite_in: u64,
+    /// Non-finite values in `approx`.
+    pub nonfinite_out: u64,
 }
 
 impl Diff {
@@ -164,16 +179,18 @@ pub fn snr_db(rel_l2: f64) -> f64 {
 pub fn diff(input: &TensorRef, approx: &TensorRef) -> Diff {
     let n = input.numel();
     let block = 1 << 16;
-    let parts: Vec<(f64, f64, u64, u64, f64)> = (0..n.div_ceil(block))
+    let parts: Vec<(f64, f64, u64, u64, f64, u64)> = (0..n.div_ceil(block))
         .into_par_iter()
         .map(|b| {
             let (mut mx, mut sq, mut z, mut nf, mut norm) = (0f64, 0f64, 0u64, 0u64, 0f64);
+            let mut nf_out = 0u64;
             for i in b * block..((b + 1) * block).min(n) {
                 let x = input.dtype.raw_to_f32(input.dtype.read_raw(input.data, i));
                 let y = approx
                     .dtype
                     .raw_to_f32(approx.dtype.read_raw(approx.data, i));
                 z += (y == 0.0) as u64;
+                nf_out += !y.is_finite() as u64;
                 if !x.is_finite() {
                     nf += 1;
                     continue;
@@ -185,19 +202,28 @@ pub fn diff(input: &TensorRef, approx: &TensorRef) -> Diff {
                     sq += d * d;
                 }
             }
-            (mx, sq, z, nf, norm)
+            (mx, sq, z, nf, norm, nf_out)
         })
         .collect();
-    let (mx, sq, z, nf, norm) = parts
-        .into_iter()
-        .fold((0f64, 0f64, 0u64, 0u64, 0f64), |a, b| {
-            (a.0.max(b.0), a.1 + b.1, a.2 + b.2, a.3 + b.3, a.4 + b.4)
-        });
+    let (mx, sq, z, nf, norm, nf_out) =
+        parts
+            .into_iter()
+            .fold((0f64, 0f64, 0u64, 0u64, 0f64, 0u64), |a, b| {
+                (
+                    a.0.max(b.0),
+                    a.1 + b.1,
+                    a.2 + b.2,
+                    a.3 + b.3,
+                    a.4 + b.4,
+                    a.5 + b.5,
+                )
+            });
     Diff {
         max_abs: mx,
         rmse: if n > 0 { (sq / n as f64).sqrt() } else { 0.0 },
         rel_l2: if norm > 0.0 { (sq / norm).sqrt() } else { 0.0 },
         zeros: z,
         nonfinite_in: nf,
+        nonfinite_out: nf_out,
     }
 }

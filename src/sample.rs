@@ -253,7 +253,16 @@ fn write_sample(
         let p = p.to_path_buf();
         move |e| crate::Error::Io { path: p, source: e }
     };
-    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    // Written whole into a staging directory, then moved into place: an
+    // interrupted run leaves nothing, and an existing directory is never
+    // replaced.
+    let parent = crate::formats::output::parent_dir(dir);
+    std::fs::create_dir_all(parent).map_err(io(parent))?;
+    let staged = crate::formats::output::Staged::dir(dir)?;
+    let out = staged.path().to_path_buf();
+    let json = |v: &serde_json::Value| {
+        serde_json::to_string_pretty(v).map_err(|e| crate::Error::input(e.to_string()))
+    };
     let files = [
         ("config.json", config),
         (
@@ -266,8 +275,8 @@ fn write_sample(
         ),
     ];
     for (name, v) in files {
-        let p = dir.join(name);
-        std::fs::write(&p, serde_json::to_string_pretty(&v).unwrap()).map_err(io(&p))?;
+        let p = out.join(name);
+        std::fs::write(&p, json(&v)?).map_err(io(&p))?;
     }
     let mut rng = Rng::new(seed);
     let per_shard = tensors.len().div_ceil(shards.max(1));
@@ -293,7 +302,7 @@ fn write_sample(
                 shape: s.clone(),
             })
             .collect();
-        let mut w = SafetensorsWriter::create(&dir.join(&names[k]), entries, Some(&meta))?;
+        let mut w = SafetensorsWriter::create(&out.join(&names[k]), entries, Some(&meta))?;
         for (n, s) in group {
             let t = if s.len() == 1 {
                 // Norm weights: around 1.
@@ -313,8 +322,8 @@ fn write_sample(
     if shards > 1 {
         let index =
             serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
-        let p = dir.join(crate::formats::model::INDEX_NAME);
-        std::fs::write(&p, serde_json::to_string_pretty(&index).unwrap()).map_err(io(&p))?;
+        let p = out.join(crate::formats::model::INDEX_NAME);
+        std::fs::write(&p, json(&index)?).map_err(io(&p))?;
     }
-    Ok(())
+    staged.commit(false)
 }

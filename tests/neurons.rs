@@ -6,7 +6,7 @@ mod common;
 use common::*;
 use modelpress::formats::model::Model;
 use modelpress::neurons::{find_blocks, RemoveNeurons};
-use modelpress::pipeline::{self, JobOptions, Selection};
+use modelpress::pipeline::{self, JobOptions};
 use modelpress::sample::{write_bert_model, write_llama_model, BertShape, LlamaShape, Rng};
 use modelpress::{DType, Device, Error};
 use std::path::Path;
@@ -98,14 +98,7 @@ fn mlp(m: &Model, p: &str, llama: bool, x: &[f64], zeroed: &[bool]) -> Vec<f64> 
 fn run(dev: &Device, input: &Path, out: &Path, frac: f64) -> RemoveNeurons {
     let m = Model::open(input).unwrap();
     let op = RemoveNeurons::new(dev, &m, frac).unwrap();
-    let opts = JobOptions {
-        device: dev.clone(),
-        selection: Selection::default(),
-        allow_nonfinite: false,
-        force: false,
-        progress: false,
-        command: "test".into(),
-    };
+    let opts = JobOptions::new(dev.clone());
     pipeline::run(&op, &[m], out, &opts).unwrap();
     op
 }

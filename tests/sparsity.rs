@@ -164,14 +164,7 @@ fn global_cut_over_a_model_matches_the_brute_force_over_all_tensors() {
                 let op = Sparsity::global(&dev, &model, &sel, s, false).unwrap();
                 assert!(op.passes() <= 2 && op.describe().contains("global"));
                 let out = tmp.path().join(format!("{dtype}-{s}-{name}"));
-                let opts = JobOptions {
-                    device: dev,
-                    selection: Selection::default(),
-                    allow_nonfinite: false,
-                    force: false,
-                    progress: false,
-                    command: "test".into(),
-                };
+                let opts = JobOptions::new(dev);
                 pipeline::run(&op, &[Model::open(&dir).unwrap()], &out, &opts).unwrap();
                 let m = Model::open(&out).unwrap();
                 let mut pos = 0;

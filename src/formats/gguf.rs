@@ -13,10 +13,9 @@
 //! against the file before use, so no input makes it panic or allocate
 //! without bound.
 
-use super::atomic::AtomicFile;
+use super::output::{AtomicFile, Staged};
 use crate::error::{Error, Result};
 use memmap2::Mmap;
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
 pub const MAGIC: &[u8; 4] = b"GGUF";
@@ -245,7 +244,7 @@ impl GgmlType {
 
     /// Bytes of `n` values, or None if n is not a whole number of blocks.
     pub fn size_of(&self, n: u64) -> Option<u64> {
-        (n % self.block == 0)
+        n.is_multiple_of(self.block)
             .then(|| n / self.block)
             .and_then(|b| b.checked_mul(self.bytes))
     }
@@ -445,7 +444,7 @@ impl GgufFile {
             path: path.to_path_buf(),
             source: e,
         };
-        let file = File::open(path).map_err(io)?;
+        let file = super::open_input(path)?;
         // SAFETY: read-only private map (see SafetensorsFile::open).
         let map = unsafe { Mmap::map(&file) }.map_err(io)?;
         let h = parse(path, &map)?;
@@ -491,6 +490,7 @@ fn parse(path: &Path, b: &[u8]) -> Result<Header> {
         )));
     }
     let mut metadata = Vec::with_capacity(n_kv as usize);
+    let mut keys = std::collections::HashSet::new();
     for _ in 0..n_kv {
         let key = c.string("metadata key")?;
         let ty = c.u32("metadata type")?;
@@ -502,7 +502,8 @@ fn parse(path: &Path, b: &[u8]) -> Result<Header> {
             },
             e => e,
         })?;
-        if metadata.iter().any(|(k, _): &(String, Value)| *k == key) {
+        // Sets keep files of 100,000 entries linear.
+        if !keys.insert(key.clone()) {
             return Err(c.bad(format!("metadata key '{key}' appears twice")));
         }
         metadata.push((key, v));
@@ -517,6 +518,7 @@ fn parse(path: &Path, b: &[u8]) -> Result<Header> {
         }
     };
     let mut tensors: Vec<GgufTensor> = Vec::with_capacity(n_tensors as usize);
+    let mut names = std::collections::HashSet::new();
     let mut expected = 0u64;
     for _ in 0..n_tensors {
         let name = c.string("tensor name")?;
@@ -531,7 +533,7 @@ fn parse(path: &Path, b: &[u8]) -> Result<Header> {
                 name.len()
             )));
         }
-        if tensors.iter().any(|t| t.name == name) {
+        if !names.insert(name.clone()) {
             return Err(at("name appears twice".into()));
         }
         let n_dims = c.u32("dimension count")?;
@@ -621,9 +623,8 @@ impl GgufFile {
     /// Whether `path` starts with the GGUF magic.
     pub fn sniff(path: &Path) -> bool {
         let mut buf = [0u8; 4];
-        File::open(path)
-            .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut buf))
-            .is_ok()
+        super::open_input(path)
+            .is_ok_and(|mut f| std::io::Read::read_exact(&mut f, &mut buf).is_ok())
             && &buf == MAGIC
     }
 }
@@ -769,7 +770,14 @@ impl GgufWriter {
         Ok(())
     }
 
+    /// Checks every tensor was written, flushes and syncs the file, and
+    /// moves it into place.
     pub fn finish(self) -> Result<()> {
+        self.finish_staged()?.commit(true)
+    }
+
+    /// As `finish`, but leaves the file for `output::commit`.
+    pub fn finish_staged(self) -> Result<Staged> {
         if self.next != self.tensors.len() {
             return Err(Error::input(format!(
                 "{}: {} of {} tensors written",
@@ -778,7 +786,7 @@ impl GgufWriter {
                 self.tensors.len()
             )));
         }
-        self.file.commit()
+        self.file.finish()
     }
 }
 

@@ -1,10 +1,50 @@
 //! File formats. A format reads and writes bytes; it knows nothing of
 //! devices or operations.
 
-pub mod atomic;
 pub mod gguf;
 pub mod model;
+pub mod output;
+pub mod plan;
 pub mod safetensors;
+
+use crate::error::{Error, Result};
+use std::path::Path;
+
+/// Opens an input file for reading, refusing what is not a regular file (a
+/// FIFO would block the job, a device would never end).
+pub fn open_input(path: &Path) -> Result<std::fs::File> {
+    let io = |e| Error::Io {
+        path: path.to_path_buf(),
+        source: e,
+    };
+    let meta = std::fs::metadata(path).map_err(io)?;
+    if !meta.is_file() {
+        return Err(Error::Format {
+            file: path.display().to_string(),
+            tensor: "-".into(),
+            why: if meta.is_dir() {
+                "is a directory, not a file".into()
+            } else {
+                "is not a regular file (a FIFO, device or socket)".into()
+            },
+        });
+    }
+    std::fs::File::open(path).map_err(io)
+}
+
+/// Reads a small input file whole (configs, option files), refusing what is
+/// not a regular file.
+pub fn read_input(path: &Path) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let mut v = Vec::new();
+    open_input(path)?
+        .read_to_end(&mut v)
+        .map_err(|e| Error::Io {
+            path: path.to_path_buf(),
+            source: e,
+        })?;
+    Ok(v)
+}
 
 /// Drops the pages of `map[start..start + len]` from this process (they stay
 /// in the page cache and are read again if touched), so that resident

@@ -7,6 +7,8 @@
 //! Everything is written to a staging path beside the target and renamed
 //! into place at the end; dropped before `commit`, nothing appears.
 
+use super::output::Staged;
+use super::plan::OutputKind;
 use super::safetensors::{Entry, Metadata, OutEntry, SafetensorsFile, SafetensorsWriter};
 use crate::error::{Error, Result};
 use serde_json::{Map, Value};
@@ -60,7 +62,7 @@ impl Model {
         let other_dirs: Vec<PathBuf> = all.iter().filter(|p| p.is_dir()).cloned().collect();
         let listing: Vec<PathBuf> = all.into_iter().filter(|p| p.is_file()).collect();
         let (shard_names, index) = if index_path.is_file() {
-            let text = std::fs::read(&index_path).map_err(io(&index_path))?;
+            let text = super::read_input(&index_path)?;
             let index: Map<String, Value> = serde_json::from_slice(&text)
                 .map_err(|e| format_error(&index_path, "-", format!("not a valid index: {e}")))?;
             let Some(Value::Object(map)) = index.get("weight_map") else {
@@ -92,7 +94,7 @@ impl Model {
             let names: Vec<String> = listing
                 .iter()
                 .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
-                .map(|p| p.file_name().unwrap().to_string_lossy().to_string())
+                .map(|p| name_of(p))
                 .collect();
             match names.len() {
                 0 => {
@@ -123,8 +125,8 @@ impl Model {
         let other_files = listing
             .into_iter()
             .filter(|p| {
-                let n = p.file_name().unwrap().to_string_lossy();
-                n != INDEX_NAME && !shard_names.iter().any(|s| *s == n)
+                let n = name_of(p);
+                n != INDEX_NAME && !shard_names.contains(&n)
             })
             .collect();
         let mut model = Model::assemble(path, true, shards, index, other_files)?;
@@ -133,8 +135,7 @@ impl Model {
             for (tensor, file) in map {
                 match model.by_name.get(tensor) {
                     Some(&(s, _))
-                        if model.shards[s].path.file_name().unwrap().to_string_lossy()
-                            == file.as_str().unwrap_or("") => {}
+                        if name_of(&model.shards[s].path) == file.as_str().unwrap_or("") => {}
                     Some(&(s, _)) => {
                         return Err(format_error(
                             &index_path,
@@ -218,135 +219,130 @@ impl Model {
         let mut v = vec![self.path.clone()];
         v.extend(self.shards.iter().map(|s| s.path.clone()));
         v.extend(self.other_files.iter().cloned());
+        v.extend(self.other_dirs.iter().cloned());
         v
     }
 }
 
-/// Copies a directory tree (regular files and subdirectories).
-fn copy_dir(from: &Path, to: &Path) -> Result<()> {
+/// The last component of a path read from a directory listing (which
+/// always has one).
+fn name_of(p: &Path) -> String {
+    p.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// Writes a small file of a staged output and syncs it, so that a commit
+/// never publishes a file whose bytes are still only in memory.
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path).map_err(io(path))?;
+    f.write_all(bytes).map_err(io(path))?;
+    f.sync_all().map_err(io(path))
+}
+
+/// Copies a regular file and syncs the copy (streamed: a model directory
+/// may hold gigabytes of other files, such as an ONNX export).
+fn copy_synced(from: &Path, to: &Path) -> Result<()> {
+    let mut src = super::open_input(from)?;
+    let mut f = std::fs::File::create(to).map_err(io(to))?;
+    std::io::copy(&mut src, &mut f).map_err(io(to))?;
+    f.sync_all().map_err(io(to))
+}
+
+/// Other files up to this size are offered to a job's `Rewrite` (configs);
+/// larger ones are copied as they are, without being held in memory.
+const REWRITE_MAX: u64 = 64 << 20;
+
+/// Copies a directory tree of regular files and directories (symbolic links
+/// followed, up to a depth that stops loops); anything else is an error.
+fn copy_dir(from: &Path, to: &Path, depth: usize) -> Result<()> {
+    if depth > 16 {
+        return Err(format_error(
+            from,
+            "-",
+            "directories nest more than 16 deep (a symbolic link loop?)",
+        ));
+    }
     std::fs::create_dir_all(to).map_err(io(to))?;
     for e in std::fs::read_dir(from).map_err(io(from))? {
         let p = e.map_err(io(from))?.path();
-        let dest = to.join(p.file_name().unwrap());
-        if p.is_dir() {
-            copy_dir(&p, &dest)?;
+        let dest = to.join(name_of(&p));
+        let meta = std::fs::metadata(&p).map_err(io(&p))?;
+        if meta.is_dir() {
+            copy_dir(&p, &dest, depth + 1)?;
+        } else if meta.is_file() {
+            copy_synced(&p, &dest)?;
         } else {
-            std::fs::copy(&p, &dest).map_err(io(&p))?;
+            return Err(format_error(
+                &p,
+                "-",
+                "is not a regular file or directory (a FIFO, device or socket); it cannot be copied",
+            ));
         }
     }
     Ok(())
-}
-
-/// Where output goes, checked before any work starts.
-pub struct OutputTarget {
-    pub path: PathBuf,
-    pub is_dir: bool,
-    pub force: bool,
-}
-
-impl OutputTarget {
-    /// Refuses an output that is one of the inputs (even with --force), or
-    /// that exists without --force, or whose kind differs from the input's.
-    pub fn check(
-        path: &Path,
-        is_dir: bool,
-        force: bool,
-        inputs: &[&Model],
-    ) -> Result<OutputTarget> {
-        if let Ok(out) = path.canonicalize() {
-            for m in inputs {
-                for p in m.input_paths() {
-                    if p.canonicalize().is_ok_and(|p| p == out) {
-                        return Err(Error::input(format!(
-                            "output {} is an input: modelpress never writes over its inputs",
-                            path.display()
-                        )));
-                    }
-                }
-            }
-            if !force {
-                return Err(Error::input(format!(
-                    "output {} already exists (use --force to replace it)",
-                    path.display()
-                )));
-            }
-            if path.is_dir() != is_dir {
-                return Err(Error::input(format!(
-                    "output {} exists and is {}; the input is {}",
-                    path.display(),
-                    if path.is_dir() {
-                        "a directory"
-                    } else {
-                        "a file"
-                    },
-                    if is_dir { "a directory" } else { "a file" }
-                )));
-            }
-        }
-        if !is_dir && path.extension().is_none_or(|e| e != "safetensors") {
-            return Err(Error::input(format!(
-                "output {} should end in .safetensors (the input is a file)",
-                path.display()
-            )));
-        }
-        Ok(OutputTarget {
-            path: path.to_path_buf(),
-            is_dir,
-            force,
-        })
-    }
 }
 
 /// New contents for a copied file (by name), or None to copy it as it is.
 pub type Rewrite<'a> = &'a dyn Fn(&str, &[u8]) -> Result<Option<Vec<u8>>>;
 
 /// Writes a model's output: shards into a staging directory (or one file
-/// beside its target), then `commit` moves everything into place.
+/// beside its target), then `finish` completes it (other files, index) for
+/// `output::commit`, which moves it into place with the job's other
+/// outputs. Dropped before, nothing is left.
 pub struct ModelWriter {
-    target: OutputTarget,
-    staging: PathBuf,
-    committed: bool,
-    /// (shard file name, tensor names) in order, for the index.
+    /// The checked destination (see `plan::check`).
+    dest: PathBuf,
+    /// The staging directory of a directory output.
+    staging: Option<Staged>,
+    /// The finished file of a single-file output.
+    file: Option<Staged>,
+    /// (shard file name, tensor names, bytes) in order, for the index.
     shards: Vec<(String, Vec<String>, u64)>,
 }
 
 impl ModelWriter {
-    pub fn new(target: OutputTarget) -> Result<ModelWriter> {
-        let staging = if target.is_dir {
-            let name = target
-                .path
-                .file_name()
-                .map(|n| n.to_string_lossy().to_string())
-                .unwrap_or_default();
-            let s = target
-                .path
-                .with_file_name(format!(".{name}.modelpress-{}.staging", std::process::id()));
-            let _ = std::fs::remove_dir_all(&s);
-            std::fs::create_dir_all(&s).map_err(io(&s))?;
-            s
-        } else {
-            target.path.clone()
-        };
+    /// A writer for `dest`, a directory or a single file.
+    pub fn new(dest: &Path, is_dir: bool) -> Result<ModelWriter> {
         Ok(ModelWriter {
-            target,
-            staging,
-            committed: false,
+            dest: dest.to_path_buf(),
+            staging: if is_dir {
+                Some(Staged::dir(dest)?)
+            } else {
+                None
+            },
+            file: None,
             shards: Vec::new(),
         })
     }
 
+    /// What `plan::check` needs to know of this model's output: a file, or
+    /// a directory holding the shards, the index and the other files.
+    pub fn output_kind(model: &Model) -> OutputKind {
+        if !model.is_dir {
+            return OutputKind::File {
+                extensions: &["safetensors"],
+            };
+        }
+        let mut names: Vec<String> = model.shards.iter().map(|s| name_of(&s.path)).collect();
+        names.push(INDEX_NAME.into());
+        names.extend(model.other_files.iter().map(|p| name_of(p)));
+        names.extend(model.other_dirs.iter().map(|p| name_of(p)));
+        OutputKind::Dir { names }
+    }
+
     /// A writer for the next shard (file name as in the input; ignored for a
-    /// single-file output).
+    /// single-file output). Its `finish_staged` result goes to `shard_done`.
     pub fn shard(
         &mut self,
         file_name: &str,
         entries: Vec<OutEntry>,
         metadata: Option<&Metadata>,
     ) -> Result<SafetensorsWriter> {
-        let path = if self.target.is_dir {
-            self.staging.join(file_name)
-        } else {
-            self.target.path.clone()
+        let path = match &self.staging {
+            Some(s) => s.path().join(file_name),
+            None => self.dest.clone(),
         };
         let mut total = 0u64;
         for e in &entries {
@@ -360,72 +356,63 @@ impl ModelWriter {
         SafetensorsWriter::create(&path, entries, metadata)
     }
 
+    /// Takes a finished shard: moved into the staging directory at once,
+    /// or kept for the commit of a single-file output.
+    pub fn shard_done(&mut self, shard: Staged) -> Result<()> {
+        if self.staging.is_some() {
+            shard.commit_in_staging()
+        } else {
+            self.file = Some(shard);
+            Ok(())
+        }
+    }
+
     /// Copies the input's other files (through `rewrite`, which may return
     /// new contents for a file name, such as a config whose sizes changed)
-    /// and writes the index, then moves the output into place.
-    pub fn commit(mut self, model: &Model, rewrite: Rewrite) -> Result<()> {
-        if self.target.is_dir {
-            for f in &model.other_files {
-                let name = f.file_name().unwrap().to_string_lossy().to_string();
-                let dest = self.staging.join(&name);
-                let bytes = std::fs::read(f).map_err(io(f))?;
-                match rewrite(&name, &bytes).map_err(|e| e.at(f, "-"))? {
-                    Some(new) => std::fs::write(&dest, new).map_err(io(&dest))?,
-                    None => std::fs::copy(f, &dest).map(|_| ()).map_err(io(f))?,
-                }
+    /// and writes the index; returns the output for `output::commit`.
+    pub fn finish(self, model: &Model, rewrite: Rewrite) -> Result<Staged> {
+        let Some(staging) = self.staging else {
+            return self.file.ok_or_else(|| {
+                Error::input(format!("{}: no shard was written", self.dest.display()))
+            });
+        };
+        let dir = staging.path().to_path_buf();
+        for f in &model.other_files {
+            let name = name_of(f);
+            let dest = dir.join(&name);
+            let size = std::fs::metadata(f).map_err(io(f))?.len();
+            if size > REWRITE_MAX {
+                copy_synced(f, &dest)?;
+                continue;
             }
-            for d in &model.other_dirs {
-                copy_dir(d, &self.staging.join(d.file_name().unwrap()))?;
-            }
-            if let Some(index) = &model.index {
-                let mut index = index.clone();
-                let mut weight_map = Map::new();
-                for (file, names, _) in &self.shards {
-                    for n in names {
-                        weight_map.insert(n.clone(), Value::String(file.clone()));
-                    }
-                }
-                let total: u64 = self.shards.iter().map(|s| s.2).sum();
-                let mut meta = match index.get("metadata") {
-                    Some(Value::Object(m)) => m.clone(),
-                    _ => Map::new(),
-                };
-                meta.insert("total_size".into(), Value::from(total));
-                index.insert("metadata".into(), Value::Object(meta));
-                index.insert("weight_map".into(), Value::Object(weight_map));
-                let p = self.staging.join(INDEX_NAME);
-                let text = serde_json::to_string_pretty(&Value::Object(index)).expect("json");
-                std::fs::write(&p, text + "\n").map_err(io(&p))?;
-            }
-            let out = &self.target.path;
-            let old = out.with_file_name(format!(
-                ".{}.modelpress-{}.old",
-                out.file_name().unwrap().to_string_lossy(),
-                std::process::id()
-            ));
-            let replacing = out.exists();
-            if replacing {
-                std::fs::rename(out, &old).map_err(io(out))?;
-            }
-            if let Err(e) = std::fs::rename(&self.staging, out) {
-                if replacing {
-                    let _ = std::fs::rename(&old, out);
-                }
-                return Err(io(out)(e));
-            }
-            if replacing {
-                let _ = std::fs::remove_dir_all(&old);
-            }
+            let bytes = super::read_input(f)?;
+            let new = rewrite(&name, &bytes).map_err(|e| e.at(f, "-"))?;
+            write_synced(&dest, new.as_deref().unwrap_or(&bytes))?;
         }
-        self.committed = true;
-        Ok(())
-    }
-}
-
-impl Drop for ModelWriter {
-    fn drop(&mut self) {
-        if !self.committed && self.target.is_dir {
-            let _ = std::fs::remove_dir_all(&self.staging);
+        for d in &model.other_dirs {
+            copy_dir(d, &dir.join(name_of(d)), 0)?;
         }
+        if let Some(index) = &model.index {
+            let mut index = index.clone();
+            let mut weight_map = Map::new();
+            for (file, names, _) in &self.shards {
+                for n in names {
+                    weight_map.insert(n.clone(), Value::String(file.clone()));
+                }
+            }
+            let total: u64 = self.shards.iter().map(|s| s.2).sum();
+            let mut meta = match index.get("metadata") {
+                Some(Value::Object(m)) => m.clone(),
+                _ => Map::new(),
+            };
+            meta.insert("total_size".into(), Value::from(total));
+            index.insert("metadata".into(), Value::Object(meta));
+            index.insert("weight_map".into(), Value::Object(weight_map));
+            let p = dir.join(INDEX_NAME);
+            let text = serde_json::to_string_pretty(&Value::Object(index))
+                .map_err(|e| Error::input(e.to_string()))?;
+            write_synced(&p, (text + "\n").as_bytes())?;
+        }
+        Ok(staging)
     }
 }

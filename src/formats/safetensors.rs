@@ -4,13 +4,12 @@
 //! the input's tensor order (the crate's own writer sorts by dtype and name)
 //! and renames its temporary file into place only when complete.
 
-use super::atomic::AtomicFile;
+use super::output::{AtomicFile, Staged};
 use crate::error::{Error, Result};
 use crate::tensor::{DType, TensorRef};
 use memmap2::{Advice, Mmap};
 use safetensors::tensor::{Dtype, SafeTensorError};
 use serde_json::{Map, Value};
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
 /// The file-level metadata (`__metadata__`), in the file's key order.
@@ -49,6 +48,9 @@ pub struct SafetensorsFile {
     /// In file (data offset) order.
     pub entries: Vec<Entry>,
     pub metadata: Option<Metadata>,
+    /// Name -> index into `entries`, so lookups stay O(1) in files of
+    /// 100,000 tensors.
+    by_name: std::collections::HashMap<String, usize>,
 }
 
 fn format_error(path: &Path, tensor: &str, why: impl Into<String>) -> Error {
@@ -97,10 +99,7 @@ fn describe(e: &SafeTensorError) -> (String, String) {
 
 impl SafetensorsFile {
     pub fn open(path: &Path) -> Result<SafetensorsFile> {
-        let file = File::open(path).map_err(|e| Error::Io {
-            path: path.to_path_buf(),
-            source: e,
-        })?;
+        let file = super::open_input(path)?;
         // SAFETY: the map is read-only and private to this process; a file
         // truncated under us by another process could fault, which no
         // reader of memory-mapped models can rule out.
@@ -113,7 +112,7 @@ impl SafetensorsFile {
             format_error(path, &tensor, why)
         })?;
         let data_start = 8 + header_len;
-        let entries = meta
+        let entries: Vec<Entry> = meta
             .offset_keys()
             .into_iter()
             .map(|name| {
@@ -129,20 +128,32 @@ impl SafetensorsFile {
             })
             .collect();
         // The crate hands metadata back as a HashMap; re-read the header to
-        // keep the file's key order.
-        let header: Map<String, Value> = serde_json::from_slice(&map[8..data_start])
+        // keep the file's key order, skipping the tensors (a header of
+        // 100,000 tensors parsed whole would take tens of MB).
+        #[derive(serde::Deserialize)]
+        struct Header {
+            #[serde(rename = "__metadata__")]
+            metadata: Option<Value>,
+        }
+        let header: Header = serde_json::from_slice(&map[8..data_start])
             .map_err(|e| format_error(path, "-", e.to_string()))?;
-        let metadata = match header.get("__metadata__") {
-            Some(Value::Object(m)) => Some(m.clone()),
+        let metadata = match header.metadata {
+            Some(Value::Object(m)) => Some(m),
             _ => None,
         };
         let _ = map.advise(Advice::Sequential);
+        let by_name = entries
+            .iter()
+            .enumerate()
+            .map(|(i, e): (usize, &Entry)| (e.name.clone(), i))
+            .collect();
         Ok(SafetensorsFile {
             path: path.to_path_buf(),
             map,
             data_start,
             entries,
             metadata,
+            by_name,
         })
     }
 
@@ -175,7 +186,7 @@ impl SafetensorsFile {
     }
 
     pub fn find(&self, name: &str) -> Option<&Entry> {
-        self.entries.iter().find(|e| e.name == name)
+        self.by_name.get(name).map(|&i| &self.entries[i])
     }
 }
 
@@ -185,6 +196,11 @@ fn dtype_name(d: Dtype) -> String {
         .ok()
         .and_then(|v| v.as_str().map(str::to_string))
         .unwrap_or_else(|| format!("{d:?}"))
+}
+
+/// JSON text of a header part.
+fn json<T: serde::Serialize + ?Sized>(v: &T) -> Result<Vec<u8>> {
+    serde_json::to_vec(v).map_err(|e| Error::input(e.to_string()))
 }
 
 /// A tensor the writer will receive: its header entry.
@@ -225,26 +241,44 @@ impl SafetensorsWriter {
         entries: Vec<OutEntry>,
         metadata: Option<&Metadata>,
     ) -> Result<SafetensorsWriter> {
-        let mut header = Map::new();
+        // The header is written as text entry by entry: a JSON tree of
+        // 100,000 tensors would take tens of MB for a moment.
+        let mut text = b"{".to_vec();
         if let Some(m) = metadata {
-            header.insert("__metadata__".into(), Value::Object(m.clone()));
+            text.extend_from_slice(b"\"__metadata__\":");
+            text.extend(json(m)?);
         }
+        let mut seen = std::collections::HashSet::with_capacity(entries.len());
         let mut sized = Vec::with_capacity(entries.len());
         let mut offset = 0usize;
         for e in entries {
+            if !seen.insert(e.name.clone()) || e.name == "__metadata__" {
+                return Err(Error::input(format!(
+                    "{}: tensor name '{}' twice (or reserved)",
+                    path.display(),
+                    e.name
+                )));
+            }
             let len = e.bytes()?;
-            header.insert(
-                e.name.clone(),
-                serde_json::json!({"dtype": e.dtype, "shape": e.shape, "data_offsets": [offset, offset + len]}),
-            );
-            offset += len;
+            let end = offset
+                .checked_add(len)
+                .ok_or_else(|| Error::input("tensor sizes overflow"))?;
+            if text.len() > 1 {
+                text.push(b',');
+            }
+            text.extend(json(&e.name)?);
+            text.extend_from_slice(b":{\"dtype\":");
+            text.extend(json(&e.dtype)?);
+            text.extend_from_slice(b",\"shape\":");
+            text.extend(json(&e.shape)?);
+            text.extend_from_slice(format!(",\"data_offsets\":[{offset},{end}]}}").as_bytes());
+            offset = end;
             sized.push((e, len));
         }
-        let mut text =
-            serde_json::to_vec(&Value::Object(header)).map_err(|e| Error::input(e.to_string()))?;
+        text.push(b'}');
         // Pad with spaces so that the data starts 8-byte aligned, as the
         // reference writer does.
-        while text.len() % 8 != 0 {
+        while !text.len().is_multiple_of(8) {
             text.push(b' ');
         }
         let mut file = AtomicFile::create(path)?;
@@ -279,8 +313,14 @@ impl SafetensorsWriter {
         Ok(())
     }
 
-    /// Flushes, syncs and renames the file into place.
+    /// Checks every tensor was written, flushes and syncs the file, and
+    /// moves it into place.
     pub fn finish(self) -> Result<()> {
+        self.finish_staged()?.commit(true)
+    }
+
+    /// As `finish`, but leaves the file for `output::commit`.
+    pub fn finish_staged(self) -> Result<Staged> {
         if self.next != self.entries.len() {
             return Err(Error::input(format!(
                 "{}: {} of {} tensors written",
@@ -289,6 +329,6 @@ impl SafetensorsWriter {
                 self.entries.len()
             )));
         }
-        self.file.commit()
+        self.file.finish()
     }
 }

@@ -72,6 +72,45 @@ pub fn key_histogram(dev: &Device, t: &TensorRef, level: Level) -> Result<Vec<u6
     }
 }
 
+/// Tensors below this many elements are histogrammed serially on the CPU,
+/// whatever the device: a dispatch (or a parallel split with its own
+/// 65,536 bins per thread) costs more than counting them.
+const SMALL_HIST: usize = 1 << 16;
+
+/// Adds the key histogram of `t` to `hist` (65,536 bins): for sums over
+/// many tensors (a global cut) in memory that does not grow with their
+/// number. The counts are the same on every device.
+pub fn add_key_histogram(
+    dev: &Device,
+    t: &TensorRef,
+    level: Level,
+    hist: &mut [u64],
+) -> Result<()> {
+    t.check_float("key histogram")?;
+    if hist.len() != BINS {
+        return Err(Error::input(format!(
+            "a key histogram has {BINS} bins, got {}",
+            hist.len()
+        )));
+    }
+    if t.numel() >= SMALL_HIST {
+        let h = key_histogram(dev, t, level)?;
+        hist.iter_mut().zip(h).for_each(|(a, b)| *a += b);
+        return Ok(());
+    }
+    with_codec!(t.dtype, C => {
+        for i in 0..t.numel() {
+            let k = key(C::to_f32(C::read(t.data, i)));
+            match level {
+                Level::High => hist[(k >> 16) as usize] += 1,
+                Level::Low(high) if k >> 16 == high => hist[(k & 0xffff) as usize] += 1,
+                _ => {}
+            }
+        }
+    });
+    Ok(())
+}
+
 fn hist_cpu(t: &TensorRef, level: Level) -> Vec<u64> {
     let n = t.numel();
     with_codec!(t.dtype, C => (0..n.div_ceil(CPU_BLOCK))

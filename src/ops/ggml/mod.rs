@@ -98,7 +98,7 @@ impl BlockType {
     /// Blocks one GPU invocation writes: enough that they fill whole u32
     /// words, so no two invocations share a word.
     fn blocks_per_group(self) -> usize {
-        if self.block_bytes() % 4 == 0 {
+        if self.block_bytes().is_multiple_of(4) {
             1
         } else {
             2
@@ -120,7 +120,7 @@ fn check(ty: BlockType, t: &TensorRef) -> Result<usize> {
     t.check_float("GGML quantization")?;
     let n = t.numel();
     let bv = ty.block_values();
-    if n % bv != 0 {
+    if !n.is_multiple_of(bv) {
         return Err(Error::input(format!(
             "{} needs a multiple of {bv} values, the tensor has {n}",
             ty.name()
@@ -209,7 +209,7 @@ fn quantize_gpu(g: &Gpu, ty: BlockType, t: &TensorRef, blocks: usize) -> Result<
     let n = t.numel();
     let ranges: Vec<_> = chunks(groups_total, cg).collect();
     // The last group may hold one block: pad its input with zeros.
-    let padded_tail: Option<Vec<u8>> = (blocks % gb != 0).then(|| {
+    let padded_tail: Option<Vec<u8>> = (!blocks.is_multiple_of(gb)).then(|| {
         let r = ranges.last().unwrap();
         let mut v = t.data[r.start * gv * es..n * es].to_vec();
         v.resize(r.len() * gv * es, 0);
@@ -277,7 +277,7 @@ fn quantize_gpu(g: &Gpu, ty: BlockType, t: &TensorRef, blocks: usize) -> Result<
 /// Dequantizes `n` values of `ty` blocks to f32 (ggml's dequantize_row_*).
 pub fn dequantize(ty: BlockType, q: &[u8], n: usize) -> Result<Vec<f32>> {
     let (bv, bb) = (ty.block_values(), ty.block_bytes());
-    if n % bv != 0 || q.len() != n / bv * bb {
+    if !n.is_multiple_of(bv) || q.len() != n / bv * bb {
         return Err(Error::input(format!(
             "{} data of {} bytes does not hold {n} values",
             ty.name(),
@@ -328,7 +328,7 @@ fn sums(x: &[f32], y: &[f32]) -> (f64, f64, f64) {
 pub fn error_stats(ty: BlockType, q: &[u8], t: &TensorRef) -> Result<ErrorStats> {
     let (bv, bb) = (ty.block_values(), ty.block_bytes());
     let n = t.numel();
-    if q.len() != n / bv * bb || n % bv != 0 {
+    if q.len() != n / bv * bb || !n.is_multiple_of(bv) {
         return Err(Error::input(format!(
             "{} bytes of {} do not hold {n} values",
             q.len(),
