@@ -8,7 +8,7 @@ use crate::formats::model::Model;
 use crate::jobs::{Dequantize, Mix, Prune, QuantScheme, Quantize, Transfer};
 use crate::ops::prune::NeuronNorm;
 use crate::ops::quantize::Granularity;
-use crate::pipeline::{self, JobOptions, Selection, TensorOp};
+use crate::pipeline::{self, JobOptions, TensorOp};
 use crate::sample::{write_llama_model, LlamaShape};
 use crate::tensor::DType;
 use std::path::{Path, PathBuf};
@@ -69,14 +69,8 @@ pub fn run(dev: &Device, seed: u64, keep: Option<&Path>) -> Result<()> {
         "GB/s"
     )?;
     let opts = JobOptions {
-        device: dev.clone(),
-        selection: Selection::default(),
-        allow_nonfinite: false,
-        force: false,
-        report: None,
-        extra_inputs: Vec::new(),
-        progress: false,
         command: "modelpress demo".into(),
+        ..JobOptions::new(dev.clone())
     };
     let out = |name: &str| dir.0.join(name);
     let row = |label: &str, r: &crate::report::Report| {

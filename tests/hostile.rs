@@ -21,14 +21,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-const SMALL: LlamaShape = LlamaShape {
-    hidden: 64,
-    intermediate: 96,
-    layers: 2,
-    heads: 2,
-    vocab: 128,
-};
-
 /// Big enough that a job takes a visible fraction of a second.
 const MEDIUM: LlamaShape = LlamaShape {
     hidden: 384,

@@ -12,14 +12,6 @@ use modelpress::DType;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const SMALL: LlamaShape = LlamaShape {
-    hidden: 64,
-    intermediate: 96,
-    layers: 2,
-    heads: 2,
-    vocab: 128,
-};
-
 fn bin() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_modelpress"));
     c.env("XDG_RUNTIME_DIR", std::env::temp_dir());

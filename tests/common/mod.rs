@@ -2,10 +2,19 @@
 //! shapes every kernel is tried on, and comparison with stated bounds.
 #![allow(dead_code)]
 
-use modelpress::sample::Rng;
+use modelpress::sample::{LlamaShape, Rng};
 use modelpress::tensor::ulp_distance;
 use modelpress::{DType, Device, Tensor};
 use std::sync::OnceLock;
+
+/// A LLaMA-shaped model small enough for many runs through the binary.
+pub const SMALL: LlamaShape = LlamaShape {
+    hidden: 64,
+    intermediate: 96,
+    layers: 2,
+    heads: 2,
+    vocab: 128,
+};
 
 pub const FLOATS: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
 
