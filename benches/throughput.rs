@@ -7,7 +7,7 @@
 //!   MODELPRESS_BENCH_REPS    timed repetitions, best kept (default 3)
 //!   MODELPRESS_BENCH_KERNELS comma-separated case-name prefixes (default all)
 
-use modelpress::bench::{self, BenchOptions};
+use modelpress::tools::bench::{self, BenchOptions};
 use modelpress::Device;
 
 fn env_list(name: &str, default: &str) -> Vec<String> {

@@ -75,7 +75,8 @@ fn tensor_part(tensor: &str) -> String {
 }
 
 impl Error {
-    pub(crate) fn input(msg: impl Into<String>) -> Self {
+    /// An `Error::Input` with this message.
+    pub fn input(msg: impl Into<String>) -> Self {
         Error::Input(msg.into())
     }
 

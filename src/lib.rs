@@ -21,23 +21,13 @@
 //! # Ok::<(), modelpress::Error>(())
 //! ```
 
-pub mod bench;
-pub mod cli;
-pub mod demo;
 pub mod device;
 pub mod error;
 pub mod formats;
-pub mod gguf_job;
-pub mod gguf_rules;
-pub mod inspect;
 pub mod jobs;
-pub mod neurons;
 pub mod ops;
-pub mod out;
-pub mod pipeline;
-pub mod report;
-pub mod sample;
 pub mod tensor;
+pub mod tools;
 
 // The README's example compiles and runs as a doctest.
 #[cfg(doctest)]

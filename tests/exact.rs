@@ -4,7 +4,7 @@
 
 mod common;
 use common::*;
-use modelpress::sample::Rng;
+use modelpress::tools::sample::Rng;
 use modelpress::Device;
 
 #[test]

@@ -6,7 +6,7 @@ mod common;
 
 use common::{gpu, gpu_variants, seed, FLOATS};
 use modelpress::ops::ggml::{dequantize, quantize, BlockType};
-use modelpress::sample::Rng;
+use modelpress::tools::sample::Rng;
 use modelpress::{DType, Device, Tensor};
 
 const DATA: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/ggml");

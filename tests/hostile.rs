@@ -13,7 +13,7 @@
 mod common;
 use common::*;
 use modelpress::formats::safetensors::{OutEntry, SafetensorsWriter};
-use modelpress::sample::{write_llama_model, LlamaShape, Rng};
+use modelpress::tools::sample::{write_llama_model, LlamaShape, Rng};
 use modelpress::DType;
 use std::collections::BTreeMap;
 use std::os::unix::process::{CommandExt, ExitStatusExt};

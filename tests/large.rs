@@ -4,7 +4,7 @@
 
 mod common;
 use common::*;
-use modelpress::bench::{agreement, cases, Agreement, Output, Sample};
+use modelpress::tools::bench::{agreement, cases, Agreement, Output, Sample};
 use modelpress::{DType, Device};
 
 #[test]

@@ -7,7 +7,7 @@ mod common;
 use common::*;
 use modelpress::formats::model::Model;
 use modelpress::formats::safetensors::{OutEntry, SafetensorsWriter};
-use modelpress::sample::{write_llama_model, LlamaShape};
+use modelpress::tools::sample::{write_llama_model, LlamaShape};
 use modelpress::DType;
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -5,9 +5,9 @@
 mod common;
 use common::*;
 use modelpress::formats::model::Model;
-use modelpress::neurons::{find_blocks, RemoveNeurons};
-use modelpress::pipeline::{self, JobOptions};
-use modelpress::sample::{write_bert_model, write_llama_model, BertShape, LlamaShape, Rng};
+use modelpress::jobs::neurons::{find_blocks, RemoveNeurons};
+use modelpress::jobs::pipeline::{self, JobOptions};
+use modelpress::tools::sample::{write_bert_model, write_llama_model, BertShape, LlamaShape, Rng};
 use modelpress::{DType, Device, Error};
 use std::path::Path;
 

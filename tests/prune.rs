@@ -4,7 +4,7 @@
 mod common;
 use common::*;
 use modelpress::prune::{self, NeuronNorm};
-use modelpress::sample::Rng;
+use modelpress::tools::sample::Rng;
 use modelpress::{DType, Device, Error};
 
 #[test]

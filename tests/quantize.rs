@@ -4,7 +4,7 @@
 mod common;
 use common::*;
 use modelpress::quantize::{self, Granularity};
-use modelpress::sample::Rng;
+use modelpress::tools::sample::Rng;
 use modelpress::{DType, Device, Error, QTensor, Tensor};
 
 fn devices() -> Vec<(String, Device)> {

@@ -4,8 +4,8 @@
 
 mod common;
 use common::*;
-use modelpress::sample::Rng;
 use modelpress::select::{self, count_for, key};
+use modelpress::tools::sample::Rng;
 use modelpress::{DType, Device, Error, Tensor};
 
 /// The specification: sort by (key, index) and zero the first k.
@@ -127,9 +127,9 @@ fn bad_sparsity_is_an_error() {
 #[test]
 fn global_cut_over_a_model_matches_the_brute_force_over_all_tensors() {
     use modelpress::formats::model::Model;
+    use modelpress::jobs::pipeline::{self, JobOptions, Selection, TensorOp};
     use modelpress::jobs::Sparsity;
-    use modelpress::pipeline::{self, JobOptions, Selection, TensorOp};
-    use modelpress::sample::{write_llama_model, LlamaShape};
+    use modelpress::tools::sample::{write_llama_model, LlamaShape};
     let shape = LlamaShape {
         hidden: 32,
         intermediate: 48,

@@ -6,7 +6,7 @@
 mod common;
 use common::*;
 use modelpress::mix::{self, MAX_MIX_INPUTS};
-use modelpress::sample::Rng;
+use modelpress::tools::sample::Rng;
 use modelpress::transfer::{self, Delta};
 use modelpress::{DType, Device, Error, Tensor};
 

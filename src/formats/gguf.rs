@@ -984,7 +984,7 @@ mod tests {
     #[test]
     fn random_mutations_never_panic() {
         let good = sample_file(&tempfile_dir().path().join("m.gguf"));
-        let mut rng = crate::sample::Rng::new(12345);
+        let mut rng = crate::tools::sample::Rng::new(12345);
         for _ in 0..20_000 {
             let mut b = good.clone();
             for _ in 0..1 + rng.below(4) {

@@ -160,7 +160,7 @@ mod tests {
 
     #[test]
     fn bf16_encoder_matches_half() {
-        let mut rng = crate::sample::Rng::new(1);
+        let mut rng = crate::tools::sample::Rng::new(1);
         let specials = [
             0u32,
             0x8000_0000,

@@ -263,7 +263,8 @@ pub(crate) fn same_shape(what: &str, a: &[usize], b: &[usize]) -> Result<()> {
     Ok(())
 }
 
-pub(crate) fn finite_param(what: &str, v: f32) -> Result<()> {
+/// Refuses a NaN or infinite parameter, naming it (`--lambda`).
+pub fn finite_param(what: &str, v: f32) -> Result<()> {
     if !v.is_finite() {
         return Err(Error::input(format!("{what} must be finite, got {v}")));
     }

@@ -365,3 +365,12 @@ fn tensor_stats_gpu(g: &Gpu, t: &TensorRef) -> Result<TensorStats> {
     })?;
     Ok(s)
 }
+/// Signal-to-noise ratio in dB of an approximation whose error is `rel_l2`
+/// (‖error‖₂ / ‖signal‖₂): −20·log10(rel_l2), infinite when exact.
+pub fn snr_db(rel_l2: f64) -> f64 {
+    if rel_l2 > 0.0 {
+        -20.0 * rel_l2.log10()
+    } else {
+        f64::INFINITY
+    }
+}

@@ -2,8 +2,8 @@
 //! shapes every kernel is tried on, and comparison with stated bounds.
 #![allow(dead_code)]
 
-use modelpress::sample::{LlamaShape, Rng};
 use modelpress::tensor::ulp_distance;
+use modelpress::tools::sample::{LlamaShape, Rng};
 use modelpress::{DType, Device, Tensor};
 use std::sync::OnceLock;
 

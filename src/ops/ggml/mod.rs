@@ -305,7 +305,7 @@ impl ErrorStats {
         ErrorStats {
             max_abs,
             rmse: if n > 0 { (err2 / n as f64).sqrt() } else { 0.0 },
-            snr_db: crate::report::snr_db(if sig2 > 0.0 {
+            snr_db: crate::ops::reduce::snr_db(if sig2 > 0.0 {
                 (err2 / sig2).sqrt()
             } else {
                 0.0

@@ -10,8 +10,8 @@ use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::ops::ggml::{self, BlockType};
 use crate::ops::{mix, prune, quantize, transfer};
-use crate::sample::{self, Rng};
 use crate::tensor::{max_ulp_diff, DType, Tensor};
+use crate::tools::sample::{self, Rng};
 use std::time::Instant;
 
 /// Sample inputs: two weight matrices of the same shape and a small row-mix

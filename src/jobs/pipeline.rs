@@ -13,12 +13,10 @@ use crate::formats::model::{Model, ModelWriter};
 use crate::formats::output::{self, Staged};
 use crate::formats::plan;
 use crate::formats::safetensors::{Entry, Metadata, OutEntry, SafetensorsFile, SafetensorsWriter};
-use crate::report::{diff, Report, TensorReport};
+use crate::jobs::report::{diff, Report, TensorReport};
 use crate::tensor::{Tensor, TensorRef};
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use regex::Regex;
 use std::borrow::Cow;
-use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Condvar, Mutex};
 use std::time::Instant;
@@ -53,7 +51,20 @@ pub struct Applied {
     /// A float tensor meant to approximate the input, for the error
     /// figures (the output itself, or its dequantization).
     pub approx: Option<Tensor>,
+    /// A few words for the report ("12 of 24 zero").
     pub note: Option<String>,
+}
+
+impl Applied {
+    /// A float tensor that is both the output and what approximates the
+    /// input (prune, transfer, mix).
+    pub fn float(t: Tensor) -> Applied {
+        Applied {
+            outputs: vec![t.data.clone()],
+            approx: Some(t),
+            note: None,
+        }
+    }
 }
 
 /// An operation over whole models.
@@ -155,8 +166,8 @@ pub struct JobOptions {
     /// Files read besides the models and the operation's own (an option
     /// file), which no output may overwrite.
     pub extra_inputs: Vec<PathBuf>,
-    /// Show a progress bar (only drawn on a terminal).
-    pub progress: bool,
+    /// Told how far the job has come (the command line's progress bar).
+    pub progress: Option<std::sync::Arc<dyn Progress>>,
     pub command: String,
 }
 
@@ -171,10 +182,29 @@ impl JobOptions {
             force: false,
             report: None,
             extra_inputs: Vec::new(),
-            progress: false,
+            progress: None,
             command: String::new(),
         }
     }
+}
+
+/// Told how far a job has come, in input bytes.
+pub trait Progress: Send + Sync {
+    /// The job will process `total` bytes.
+    fn start(&self, total: u64);
+    /// `bytes` more were processed.
+    fn advance(&self, bytes: u64);
+    /// The job ended, either way.
+    fn finish(&self);
+}
+
+/// Progress that nobody watches.
+struct Silent;
+
+impl Progress for Silent {
+    fn start(&self, _: u64) {}
+    fn advance(&self, _: u64) {}
+    fn finish(&self) {}
 }
 
 /// Bytes allowed in flight between the compute and the writer.
@@ -232,7 +262,7 @@ enum Msg<'a> {
 fn writer_thread(
     rx: mpsc::Receiver<Msg>,
     budget: &Budget,
-    progress: &ProgressBar,
+    progress: &dyn Progress,
 ) -> Result<Vec<Staged>> {
     let mut current: Option<SafetensorsWriter> = None;
     let mut first_error: Option<Error> = None;
@@ -255,7 +285,7 @@ fn writer_thread(
                 };
                 if let Some(src) = release {
                     src.file.release(src.entry);
-                    progress.inc(src.entry.bytes() as u64);
+                    progress.advance(src.entry.bytes() as u64);
                 }
                 drop(data);
                 budget.give(b);
@@ -274,22 +304,6 @@ fn writer_thread(
         }
     }
     first_error.map_or(Ok(finished), Err)
-}
-
-fn progress_bar(total: u64, enabled: bool) -> ProgressBar {
-    if !enabled || !std::io::stderr().is_terminal() {
-        return ProgressBar::hidden();
-    }
-    let pb = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
-    pb.set_style(
-        ProgressStyle::with_template(
-            "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta} {msg}",
-        )
-        // A constant template: it parses.
-        .expect("template")
-        .progress_chars("=> "),
-    );
-    pb
 }
 
 fn differ(file: &Path, tensor: &str, why: String) -> Error {
@@ -391,7 +405,11 @@ pub fn run(op: &dyn TensorOp, models: &[Model], out: &Path, opts: &JobOptions) -
         freed: Condvar::new(),
         failed: Default::default(),
     };
-    let progress = progress_bar(base.total_bytes(), opts.progress);
+    let progress: &dyn Progress = match &opts.progress {
+        Some(p) => p.as_ref(),
+        None => &Silent,
+    };
+    progress.start(base.total_bytes());
     let mut report = Report {
         command: opts.command.clone(),
         device: opts.device.name(),
@@ -407,7 +425,6 @@ pub fn run(op: &dyn TensorOp, models: &[Model], out: &Path, opts: &JobOptions) -
     let shards = std::thread::scope(|scope| -> Result<Vec<Staged>> {
         let (tx, rx) = mpsc::sync_channel::<Msg>(4);
         let budget = &budget;
-        let progress = &progress;
         let handle = scope.spawn(move || writer_thread(rx, budget, progress));
         let produced = (|| -> Result<()> {
             for shard in &base.shards {
@@ -481,7 +498,7 @@ pub fn run(op: &dyn TensorOp, models: &[Model], out: &Path, opts: &JobOptions) -
         produced?;
         written
     })?;
-    progress.finish_and_clear();
+    progress.finish();
     for s in shards {
         writer.shard_done(s)?;
     }
@@ -503,7 +520,7 @@ fn process<'a>(
     src: Src<'a>,
     budget: &Budget,
     tx: &mpsc::SyncSender<Msg<'a>>,
-    progress: &ProgressBar,
+    progress: &dyn Progress,
 ) -> Result<Option<TensorReport>> {
     let e = src.entry;
     let mut srcs = vec![src];
@@ -608,7 +625,7 @@ fn process<'a>(
     // The inputs' pages are gone; only the outputs stay in flight, each
     // returned to the budget by the writer as it is written.
     budget.give(in_bytes + out_bytes);
-    progress.inc(e.bytes() as u64);
+    progress.advance(e.bytes() as u64);
     for (o, data) in outs.into_iter().zip(applied.outputs) {
         let bytes = data.len() as u64;
         budget.take(bytes);

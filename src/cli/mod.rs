@@ -1,15 +1,17 @@
 //! The `modelpress` command line (clap). `main.rs` only calls `cli::main`.
 
-use crate::bench::{self, BenchOptions};
-use crate::device::{list_adapters, Device};
-use crate::error::{Error, Result};
-use crate::formats::model::Model;
-use crate::jobs::{Dequantize, Mix, Prune, QuantScheme, Quantize, Transfer};
-use crate::ops::prune::NeuronNorm;
-use crate::ops::quantize::Granularity;
-use crate::pipeline::{self, JobOptions, Selection, TensorOp};
-use crate::report::Report;
+mod demo;
+
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use modelpress::device::{list_adapters, Device};
+use modelpress::error::{Error, Result};
+use modelpress::formats::model::Model;
+use modelpress::jobs::pipeline::{self, JobOptions, Selection, TensorOp};
+use modelpress::jobs::report::Report;
+use modelpress::jobs::{Dequantize, Mix, Prune, QuantScheme, Quantize, Transfer};
+use modelpress::ops::prune::NeuronNorm;
+use modelpress::ops::quantize::Granularity;
+use modelpress::tools::bench::{self, BenchOptions};
 use std::path::{Path, PathBuf};
 
 #[derive(Parser)]
@@ -341,7 +343,7 @@ pub fn main() -> i32 {
             }
         }
     };
-    if let Err(e) = crate::formats::output::install_signal_cleanup() {
+    if let Err(e) = modelpress::formats::output::install_signal_cleanup() {
         log::warn!("{e}; an interrupted job may leave temporary files");
     }
     match run(cli) {
@@ -369,14 +371,55 @@ fn options(c: &Common) -> Result<JobOptions> {
         force: c.force,
         report: c.report.clone(),
         extra_inputs: Vec::new(),
-        progress: true,
+        progress: Some(std::sync::Arc::new(Bar::new())),
         command: command_line(),
     })
 }
 
+/// The progress bar of a job, drawn on stderr when it is a terminal and
+/// cleared when the job ends, either way.
+struct Bar(indicatif::ProgressBar);
+
+impl Bar {
+    fn new() -> Bar {
+        use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+        use std::io::IsTerminal;
+        if !std::io::stderr().is_terminal() {
+            return Bar(ProgressBar::hidden());
+        }
+        let pb = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
+        if let Ok(style) = ProgressStyle::with_template(
+            "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta} {msg}",
+        ) {
+            pb.set_style(style.progress_chars("=> "));
+        }
+        Bar(pb)
+    }
+}
+
+impl modelpress::jobs::pipeline::Progress for Bar {
+    fn start(&self, total: u64) {
+        self.0.set_length(total);
+    }
+
+    fn advance(&self, bytes: u64) {
+        self.0.inc(bytes);
+    }
+
+    fn finish(&self) {
+        self.0.finish_and_clear();
+    }
+}
+
+impl Drop for Bar {
+    fn drop(&mut self) {
+        self.0.finish_and_clear();
+    }
+}
+
 /// Where a GGUF job writes.
-fn destination(c: &Common, extra_inputs: Vec<PathBuf>) -> crate::gguf_job::Destination {
-    crate::gguf_job::Destination {
+fn destination(c: &Common, extra_inputs: Vec<PathBuf>) -> modelpress::jobs::gguf::Destination {
+    modelpress::jobs::gguf::Destination {
         output: c.output.clone(),
         report: c.report.clone(),
         force: c.force,
@@ -418,7 +461,7 @@ fn print_summary(r: &Report) -> Result<()> {
     if let Some((mx, rmse)) = r.worst_error() {
         line += &format!("; worst max |Δ| {mx:.3e}, worst RMSE {rmse:.3e}");
     }
-    crate::outln!("{line}")
+    modelpress::outln!("{line}")
 }
 
 fn open(p: &Path) -> Result<Model> {
@@ -428,16 +471,16 @@ fn open(p: &Path) -> Result<Model> {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Inspect { model, json } => {
-            if model.is_file() && crate::formats::gguf::GgufFile::sniff(&model) {
+            if model.is_file() && modelpress::formats::gguf::GgufFile::sniff(&model) {
                 return inspect_gguf(&model, json);
             }
             let m = open(&model)?;
-            let rows = crate::inspect::inspect(&m)?;
+            let rows = modelpress::tools::inspect::inspect(&m)?;
             if json {
-                crate::outln!("{}", serde_json::to_string_pretty(&rows).expect("json"))?;
+                modelpress::outln!("{}", serde_json::to_string_pretty(&rows).expect("json"))?;
                 return Ok(());
             }
-            crate::outln!(
+            modelpress::outln!(
                 "{:<48} {:>5} {:>16} {:>10} {:>10} {:>10} {:>10} {:>10} {:>8} {:>5}",
                 "tensor",
                 "dtype",
@@ -453,7 +496,7 @@ fn run(cli: Cli) -> Result<()> {
             for r in &rows {
                 let shape = format!("{:?}", r.shape);
                 match r.stats {
-                    Some(s) => crate::outln!(
+                    Some(s) => modelpress::outln!(
                         "{:<48} {:>5} {:>16} {:>10} {:>10.4} {:>10.4} {:>10.4} {:>10.4} {:>8.2} {:>5}",
                         r.name,
                         r.dtype,
@@ -466,11 +509,11 @@ fn run(cli: Cli) -> Result<()> {
                         100.0 * s.zeros as f64 / r.shape.iter().product::<usize>().max(1) as f64,
                         s.nonfinite
                     )?,
-                    None => crate::outln!("{:<48} {:>5} {:>16} {:>10}", r.name, r.dtype, shape, human_bytes(r.bytes))?,
+                    None => modelpress::outln!("{:<48} {:>5} {:>16} {:>10}", r.name, r.dtype, shape, human_bytes(r.bytes))?,
                 }
             }
             let total: u64 = rows.iter().map(|r| r.bytes).sum();
-            crate::outln!("{} tensors, {}", rows.len(), human_bytes(total))?;
+            modelpress::outln!("{} tensors, {}", rows.len(), human_bytes(total))?;
             Ok(())
         }
         Command::Prune {
@@ -504,7 +547,7 @@ fn run(cli: Cli) -> Result<()> {
             }
             let scores = scores
                 .as_deref()
-                .map(crate::jobs::ScoresFile::open)
+                .map(modelpress::jobs::ScoresFile::open)
                 .transpose()?;
             if scores.is_some()
                 && (threshold.is_some()
@@ -525,25 +568,25 @@ fn run(cli: Cli) -> Result<()> {
                 }
                 let m = open(&model)?;
                 let opts = options(&common)?;
-                let op = crate::neurons::RemoveNeurons::new(&opts.device, &m, frac)?;
+                let op = modelpress::jobs::neurons::RemoveNeurons::new(&opts.device, &m, frac)?;
                 return job_with(&op, &[m], &common, &opts).map(|_| ());
             }
             if let Some(p) = pattern {
-                let op = crate::jobs::PatternPrune {
-                    pattern: crate::ops::select::Pattern::parse(&p)?,
+                let op = modelpress::jobs::PatternPrune {
+                    pattern: modelpress::ops::select::Pattern::parse(&p)?,
                     keep_tail: matches!(pattern_tail, TailArg::Keep),
                     scores,
                 };
                 return job(&op, &[open(&model)?], &common).map(|_| ());
             }
             let structured = match (rows, cols) {
-                (Some(Some(s)), _) => Some((crate::ops::prune::Axis::Rows, s)),
-                (_, Some(s)) => Some((crate::ops::prune::Axis::Cols, s)),
+                (Some(Some(s)), _) => Some((modelpress::ops::prune::Axis::Rows, s)),
+                (_, Some(s)) => Some((modelpress::ops::prune::Axis::Cols, s)),
                 _ => None,
             };
             if let Some((axis, s)) = structured {
-                crate::ops::select::check_sparsity(s)?;
-                let op = crate::jobs::Lines {
+                modelpress::ops::select::check_sparsity(s)?;
+                let op = modelpress::jobs::Lines {
                     axis,
                     s,
                     norm: norm.norm(),
@@ -551,14 +594,14 @@ fn run(cli: Cli) -> Result<()> {
                 return job(&op, &[open(&model)?], &common).map(|_| ());
             }
             if let (Some(s), Some(sc)) = (sparsity, scores) {
-                let op = crate::jobs::Sparsity::with_scores(s, sc)?;
+                let op = modelpress::jobs::Sparsity::with_scores(s, sc)?;
                 return job(&op, &[open(&model)?], &common).map(|_| ());
             }
             if let Some(s) = sparsity {
                 let m = open(&model)?;
                 let opts = options(&common)?;
                 let op = if global {
-                    crate::jobs::Sparsity::global(
+                    modelpress::jobs::Sparsity::global(
                         &opts.device,
                         &m,
                         &opts.selection,
@@ -566,7 +609,7 @@ fn run(cli: Cli) -> Result<()> {
                         of_remaining,
                     )?
                 } else {
-                    crate::jobs::Sparsity::per_tensor(s, of_remaining)?
+                    modelpress::jobs::Sparsity::per_tensor(s, of_remaining)?
                 };
                 return job_with(&op, &[m], &common, &opts).map(|_| ());
             }
@@ -595,7 +638,7 @@ fn run(cli: Cli) -> Result<()> {
             common,
         } => {
             if let Some(t) = gguf_type {
-                use crate::gguf_rules::{writable_type, Overrides};
+                use modelpress::jobs::gguf::rules::{writable_type, Overrides};
                 let mut overrides = Overrides {
                     output: output_tensor_type
                         .as_deref()
@@ -610,7 +653,7 @@ fn run(cli: Cli) -> Result<()> {
                 };
                 let mut opts = tensor_type;
                 if let Some(f) = &tensor_type_file {
-                    let bytes = crate::formats::read_input(f)?;
+                    let bytes = modelpress::formats::read_input(f)?;
                     let text = String::from_utf8(bytes).map_err(|_| {
                         Error::input(format!(
                             "--tensor-type-file {}: not UTF-8 text",
@@ -623,11 +666,11 @@ fn run(cli: Cli) -> Result<()> {
                     overrides.add_tensor_type(o)?;
                 }
                 let dev = Device::choose(&common.device)?;
-                let r = crate::gguf_job::write_gguf(
+                let r = modelpress::jobs::gguf::write_gguf(
                     &dev,
                     &model,
                     &destination(&common, tensor_type_file.into_iter().collect()),
-                    crate::gguf_job::GgufOptions {
+                    modelpress::jobs::gguf::GgufOptions {
                         target: t,
                         pure,
                         overrides,
@@ -659,14 +702,14 @@ fn run(cli: Cli) -> Result<()> {
             dtype,
             common,
         } => {
-            if model.is_file() && crate::formats::gguf::GgufFile::sniff(&model) {
+            if model.is_file() && modelpress::formats::gguf::GgufFile::sniff(&model) {
                 let dev = Device::choose(&common.device)?;
-                let d = crate::DType::parse(&dtype)
+                let d = modelpress::DType::parse(&dtype)
                     .filter(|d| d.is_kernel_float())
                     .ok_or_else(|| {
                         Error::input(format!("--dtype {dtype}: expected f32, f16 or bf16"))
                     })?;
-                let r = crate::gguf_job::dequantize_gguf(
+                let r = modelpress::jobs::gguf::dequantize_gguf(
                     &dev,
                     &model,
                     &destination(&common, vec![]),
@@ -686,13 +729,13 @@ fn run(cli: Cli) -> Result<()> {
             lambda,
             common,
         } => {
-            crate::ops::finite_param("--lambda", lambda)?;
+            modelpress::ops::finite_param("--lambda", lambda)?;
             let mut models = vec![open(&model)?];
             if let Some(d) = &delta {
                 models.push(open(d)?);
             }
             if let Some(x) = offset {
-                crate::ops::finite_param("--offset", x)?;
+                modelpress::ops::finite_param("--offset", x)?;
             }
             job(&Transfer { lambda, offset }, &models, &common).map(|_| ())
         }
@@ -745,36 +788,36 @@ fn run(cli: Cli) -> Result<()> {
             shards,
             seed,
         } => {
-            let shape = crate::sample::LlamaShape::preset(&size)
+            let shape = modelpress::tools::sample::LlamaShape::preset(&size)
                 .ok_or_else(|| Error::input(format!("--size {size}: use demo, 100m or 1g")))?;
-            let dtype = crate::tensor::DType::parse(&dtype)
+            let dtype = modelpress::tensor::DType::parse(&dtype)
                 .filter(|d| d.is_kernel_float())
                 .ok_or_else(|| Error::input(format!("--dtype {dtype}: use f32, f16 or bf16")))?;
-            use crate::formats::plan::{check, Output, OutputKind};
+            use modelpress::formats::plan::{check, Output, OutputKind};
             let out = Output {
                 path: &output,
                 role: "output",
                 kind: OutputKind::Dir { names: Vec::new() },
             };
             check(&[], &[out], false)?;
-            crate::sample::write_llama_model(&output, shape, dtype, shards, seed)?;
-            crate::outln!("wrote {}", output.display())?;
+            modelpress::tools::sample::write_llama_model(&output, shape, dtype, shards, seed)?;
+            modelpress::outln!("wrote {}", output.display())?;
             Ok(())
         }
         Command::Devices => {
             let all = list_adapters();
             if all.is_empty() {
-                crate::outln!("no GPU adapter found (the CPU backend is always available)")?;
+                modelpress::outln!("no GPU adapter found (the CPU backend is always available)")?;
             }
             for (i, a) in all.iter().enumerate() {
-                crate::outln!("[{i}] {}", a.name)?;
-                crate::outln!(
+                modelpress::outln!("[{i}] {}", a.name)?;
+                modelpress::outln!(
                     "    backend: {}  type: {}  driver: {}",
                     a.backend,
                     a.device_type,
                     a.driver
                 )?;
-                crate::outln!(
+                modelpress::outln!(
                     "    max storage binding: {}  max buffer: {}  workgroups/dim: {}  invocations/workgroup: {}",
                     human_bytes(a.max_storage_binding),
                     human_bytes(a.max_buffer),
@@ -785,7 +828,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Demo { device, seed, keep } => {
-            crate::demo::run(&Device::choose(&device)?, seed, keep.as_deref())
+            demo::run(&Device::choose(&device)?, seed, keep.as_deref())
         }
         Command::Check {
             device,
@@ -817,7 +860,7 @@ fn run(cli: Cli) -> Result<()> {
 
 /// `inspect` on a GGUF file: metadata, then tensors with type and shape.
 fn inspect_gguf(path: &Path, json: bool) -> Result<()> {
-    use crate::formats::gguf::GgufFile;
+    use modelpress::formats::gguf::GgufFile;
     let f = GgufFile::open(path)?;
     if json {
         let v = serde_json::json!({
@@ -828,10 +871,10 @@ fn inspect_gguf(path: &Path, json: bool) -> Result<()> {
                 "name": t.name, "type": t.ty.name, "shape": t.shape(), "bytes": t.bytes, "offset": t.offset,
             })).collect::<Vec<_>>(),
         });
-        crate::outln!("{}", serde_json::to_string_pretty(&v).expect("json"))?;
+        modelpress::outln!("{}", serde_json::to_string_pretty(&v).expect("json"))?;
         return Ok(());
     }
-    crate::outln!(
+    modelpress::outln!(
         "GGUF v{}, alignment {}, {} metadata entries, {} tensors",
         f.version,
         f.alignment,
@@ -839,9 +882,9 @@ fn inspect_gguf(path: &Path, json: bool) -> Result<()> {
         f.tensors.len()
     )?;
     for (k, v) in &f.metadata {
-        crate::outln!("  {k} = {}", v.show())?;
+        modelpress::outln!("  {k} = {}", v.show())?;
     }
-    crate::outln!(
+    modelpress::outln!(
         "{:<48} {:>8} {:>20} {:>10}",
         "tensor",
         "type",
@@ -849,7 +892,7 @@ fn inspect_gguf(path: &Path, json: bool) -> Result<()> {
         "bytes"
     )?;
     for t in &f.tensors {
-        crate::outln!(
+        modelpress::outln!(
             "{:<48} {:>8} {:>20} {:>10}",
             t.name,
             t.ty.name,
@@ -857,7 +900,7 @@ fn inspect_gguf(path: &Path, json: bool) -> Result<()> {
             human_bytes(t.bytes)
         )?;
     }
-    crate::outln!(
+    modelpress::outln!(
         "{} tensors, {}",
         f.tensors.len(),
         human_bytes(f.tensors.iter().map(|t| t.bytes).sum())
@@ -873,7 +916,7 @@ fn check_tau(t: f32) -> Result<()> {
 }
 
 /// One line per changed tensor (type, bytes, error) and a total.
-fn print_gguf_report(r: &crate::report::Report) -> Result<()> {
+fn print_gguf_report(r: &modelpress::jobs::report::Report) -> Result<()> {
     for t in r.tensors.iter().filter(|t| t.op != "pass-through") {
         let err = match (t.rmse, t.max_abs_err, t.snr_db) {
             (Some(rmse), Some(mx), Some(snr)) => {
@@ -881,7 +924,7 @@ fn print_gguf_report(r: &crate::report::Report) -> Result<()> {
             }
             _ => String::new(),
         };
-        crate::outln!(
+        modelpress::outln!(
             "{:<40} {:>6} -> {:<8} {:>10} -> {:>10}{err}{}",
             t.name,
             t.dtype_in,
@@ -894,7 +937,7 @@ fn print_gguf_report(r: &crate::report::Report) -> Result<()> {
         )?;
     }
     let tt = &r.totals;
-    crate::outln!(
+    modelpress::outln!(
         "wrote {}: {} tensors ({} changed), {} -> {}, {:.1} s on {}",
         r.output,
         tt.tensors,

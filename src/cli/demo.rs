@@ -2,15 +2,15 @@
 //! model in a temporary directory, every whole-model operation run on it on
 //! the chosen device, and a table of what each did.
 
-use crate::device::Device;
-use crate::error::{Error, Result};
-use crate::formats::model::Model;
-use crate::jobs::{Dequantize, Mix, Prune, QuantScheme, Quantize, Transfer};
-use crate::ops::prune::NeuronNorm;
-use crate::ops::quantize::Granularity;
-use crate::pipeline::{self, JobOptions, TensorOp};
-use crate::sample::{write_llama_model, LlamaShape};
-use crate::tensor::DType;
+use modelpress::device::Device;
+use modelpress::error::{Error, Result};
+use modelpress::formats::model::Model;
+use modelpress::jobs::pipeline::{self, JobOptions, TensorOp};
+use modelpress::jobs::{Dequantize, Mix, Prune, QuantScheme, Quantize, Transfer};
+use modelpress::ops::prune::NeuronNorm;
+use modelpress::ops::quantize::Granularity;
+use modelpress::tensor::DType;
+use modelpress::tools::sample::{write_llama_model, LlamaShape};
 use std::path::{Path, PathBuf};
 
 /// The demo's directory: a fresh one it creates, removed at the end (and on
@@ -21,7 +21,7 @@ impl Drop for TempDir {
     fn drop(&mut self) {
         if let Some(id) = self.1 {
             let _ = std::fs::remove_dir_all(&self.0);
-            crate::formats::output::forget_temporary(id);
+            modelpress::formats::output::forget_temporary(id);
         }
     }
 }
@@ -39,7 +39,7 @@ pub fn run(dev: &Device, seed: u64, keep: Option<&Path>) -> Result<()> {
     let dir = TempDir(
         path.clone(),
         keep.is_none()
-            .then(|| crate::formats::output::register_temporary(&path)),
+            .then(|| modelpress::formats::output::register_temporary(&path)),
     );
     let base = dir.0.join("llama");
     let shape = LlamaShape::DEMO;
@@ -49,16 +49,16 @@ pub fn run(dev: &Device, seed: u64, keep: Option<&Path>) -> Result<()> {
         .iter()
         .map(|(_, s)| s.iter().product::<usize>())
         .sum();
-    crate::outln!("modelpress demo on {}", dev.name())?;
-    crate::outln!(
+    modelpress::outln!("modelpress demo on {}", dev.name())?;
+    modelpress::outln!(
         "sample: LLaMA-shaped, {} layers, hidden {}, {:.1} M weights in BF16, 2 shards (seed {seed}) in {}",
         shape.layers,
         shape.hidden,
         n as f64 / 1e6,
         base.display()
     )?;
-    crate::outln!()?;
-    crate::outln!(
+    modelpress::outln!()?;
+    modelpress::outln!(
         "{:<34} {:>10} {:>10} {:>9} {:>10} {:>10} {:>8}",
         "operation",
         "bytes in",
@@ -73,14 +73,14 @@ pub fn run(dev: &Device, seed: u64, keep: Option<&Path>) -> Result<()> {
         ..JobOptions::new(dev.clone())
     };
     let out = |name: &str| dir.0.join(name);
-    let row = |label: &str, r: &crate::report::Report| {
+    let row = |label: &str, r: &modelpress::jobs::report::Report| {
         let t = &r.totals;
         let (mx, rmse) = r.worst_error().unwrap_or((0.0, 0.0));
-        crate::outln!(
+        modelpress::outln!(
             "{:<34} {:>10} {:>10} {:>8.2}% {:>10.3e} {:>10.3e} {:>8.2}",
             label,
-            crate::cli::human_bytes(t.bytes_in),
-            crate::cli::human_bytes(t.bytes_out),
+            super::human_bytes(t.bytes_in),
+            super::human_bytes(t.bytes_out),
             100.0 * t.zeros_touched as f64 / t.weights_touched.max(1) as f64,
             mx,
             rmse,
@@ -102,7 +102,7 @@ pub fn run(dev: &Device, seed: u64, keep: Option<&Path>) -> Result<()> {
     )?;
     step(
         "prune to 50% sparsity per tensor",
-        &crate::jobs::Sparsity::per_tensor(0.5, false)?,
+        &modelpress::jobs::Sparsity::per_tensor(0.5, false)?,
         &[&base],
         &out("sparse"),
     )?;
@@ -165,23 +165,23 @@ pub fn run(dev: &Device, seed: u64, keep: Option<&Path>) -> Result<()> {
     )?;
     // llama.cpp's block quantization, as llama-quantize chooses it (the
     // sample keeps its Hugging Face names: a GGUF tensor container).
-    let r = crate::gguf_job::write_gguf(
+    let r = modelpress::jobs::gguf::write_gguf(
         dev,
         &base,
-        &crate::gguf_job::Destination {
+        &modelpress::jobs::gguf::Destination {
             output: out("llama-Q4_K_M.gguf"),
             ..Default::default()
         },
-        crate::gguf_job::GgufOptions {
+        modelpress::jobs::gguf::GgufOptions {
             target: "Q4_K_M".into(),
             ..Default::default()
         },
     )?;
     row("GGUF Q4_K_M (llama.cpp blocks)", &r)?;
-    crate::outln!()?;
-    crate::outln!("max |Δ| and RMSE are against the first input: the error for prune and quantize, the change made for the others.")?;
+    modelpress::outln!()?;
+    modelpress::outln!("max |Δ| and RMSE are against the first input: the error for prune and quantize, the change made for the others.")?;
     if !dev.is_gpu() {
-        crate::outln!("(no hardware GPU found: this ran on the CPU backend; `--device gpu` uses any adapter, software ones included)")?;
+        modelpress::outln!("(no hardware GPU found: this ran on the CPU backend; `--device gpu` uses any adapter, software ones included)")?;
     }
     Ok(())
 }

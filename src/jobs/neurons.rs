@@ -21,10 +21,10 @@ use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::formats::model::Model;
 use crate::formats::safetensors::{Entry, OutEntry};
+use crate::jobs::pipeline::{Applied, Src, TensorOp};
 use crate::ops::prune::smallest_k;
 use crate::ops::reduce::{col_figures, col_stats, row_figures, row_stats, RowStats};
 use crate::ops::select::{check_sparsity, count_for};
-use crate::pipeline::{Applied, Src, TensorOp};
 use rayon::prelude::*;
 use std::collections::HashMap;
 

@@ -19,11 +19,13 @@ use crate::formats::model::Model;
 use crate::formats::output::{self, Staged};
 use crate::formats::plan::{self, OutputKind};
 use crate::formats::safetensors::{Entry, OutEntry, SafetensorsFile, SafetensorsWriter};
-use crate::gguf_rules::{Ftype, Overrides, Plan};
+pub mod rules;
+
+use crate::jobs::report::{Report, TensorReport};
 use crate::ops::ggml::{self, BlockType};
 use crate::ops::quantize;
-use crate::report::{Report, TensorReport};
 use crate::tensor::{DType, TensorRef};
+use rules::{Ftype, Overrides, Plan};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -353,7 +355,7 @@ pub fn write_gguf(
         } else {
             let d = dtype_of(ty).expect("F16 is the only other output type");
             let c = quantize::convert(dev, &view, d).map_err(|e| e.at(input, &t.name))?;
-            let d = crate::report::diff(&view, &c.view());
+            let d = crate::jobs::report::diff(&view, &c.view());
             let st = ggml::ErrorStats {
                 max_abs: d.max_abs,
                 rmse: d.rmse,

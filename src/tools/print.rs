@@ -18,9 +18,9 @@ pub fn line(args: std::fmt::Arguments) -> Result<()> {
 #[doc(hidden)]
 macro_rules! outln {
     () => {
-        $crate::out::line(format_args!(""))
+        $crate::tools::print::line(format_args!(""))
     };
     ($($arg:tt)*) => {
-        $crate::out::line(format_args!($($arg)*))
+        $crate::tools::print::line(format_args!($($arg)*))
     };
 }

@@ -162,17 +162,7 @@ pub struct Diff {
 
 impl Diff {
     pub fn snr_db(&self) -> f64 {
-        snr_db(self.rel_l2)
-    }
-}
-
-/// Signal-to-noise ratio in dB of an approximation whose error is `rel_l2`
-/// (‖error‖₂ / ‖signal‖₂): −20·log10(rel_l2), infinite when exact.
-pub fn snr_db(rel_l2: f64) -> f64 {
-    if rel_l2 > 0.0 {
-        -20.0 * rel_l2.log10()
-    } else {
-        f64::INFINITY
+        crate::ops::reduce::snr_db(self.rel_l2)
     }
 }
 

@@ -1,0 +1,19 @@
+//! Whole models: the pipeline that streams tensors from readers through an
+//! operation on a device to writers (`pipeline`), the report it keeps, and
+//! one module per job family. A job is a [`TensorOp`]; commands build one
+//! and hand it to [`run`].
+
+pub mod gguf;
+pub mod merge;
+pub mod neurons;
+pub mod pipeline;
+pub mod prune;
+pub mod quantize;
+pub mod report;
+
+pub use merge::{Mix, Transfer};
+pub use neurons::RemoveNeurons;
+pub use pipeline::{run, Applied, JobOptions, Selection, Src, TensorOp};
+pub use prune::{Lines, PatternPrune, Prune, ScoresFile, Sparsity};
+pub use quantize::{Dequantize, QuantScheme, Quantize};
+pub use report::{Report, TensorReport};
