@@ -148,15 +148,18 @@ fn checked_bytes(dtype: DType, shape: &[usize]) -> Option<usize> {
         .try_fold(dtype.size(), |acc, &d| acc.checked_mul(d))
 }
 
-/// A borrowed tensor: what every operation reads.
+/// A borrowed tensor: what every operation reads. Valid by construction:
+/// its bytes are exactly what its shape and dtype need (`new` checks).
 #[derive(Clone, Copy, Debug)]
 pub struct TensorRef<'a> {
-    pub dtype: DType,
-    pub shape: &'a [usize],
-    pub data: &'a [u8],
+    pub(crate) dtype: DType,
+    pub(crate) shape: &'a [usize],
+    pub(crate) data: &'a [u8],
 }
 
 impl<'a> TensorRef<'a> {
+    /// A view of `data` as a tensor of `dtype` and `shape` (row-major,
+    /// little-endian); an error unless the byte count matches.
     pub fn new(dtype: DType, shape: &'a [usize], data: &'a [u8]) -> Result<Self> {
         let want = checked_bytes(dtype, shape)
             .ok_or_else(|| Error::input(format!("shape {shape:?} overflows")))?;
@@ -169,13 +172,29 @@ impl<'a> TensorRef<'a> {
         Ok(TensorRef { dtype, shape, data })
     }
 
+    /// The element type.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// The row-major shape.
+    pub fn shape(&self) -> &'a [usize] {
+        self.shape
+    }
+
+    /// The little-endian bytes.
+    pub fn data(&self) -> &'a [u8] {
+        self.data
+    }
+
+    /// How many elements.
     pub fn numel(&self) -> usize {
         numel(self.shape)
     }
 
     /// Err unless the kernels compute on this dtype and the bytes match the
-    /// shape (the fields are public, so a caller can build an inconsistent
-    /// view; every operation checks before it touches the bytes).
+    /// shape (a view of a `Tensor` whose public fields were changed can
+    /// disagree; every operation checks before it touches the bytes).
     pub fn check_float(&self, what: &str) -> Result<()> {
         self.dtype.require_float(what)?;
         if checked_bytes(self.dtype, self.shape) != Some(self.data.len()) {
@@ -210,6 +229,7 @@ impl<'a> TensorRef<'a> {
             .expect("shape matches the element count")
     }
 
+    /// A copy that owns its bytes.
     pub fn to_owned(&self) -> Tensor {
         Tensor {
             dtype: self.dtype,
@@ -297,19 +317,38 @@ impl Tensor {
     }
 }
 
+/// How many scales a quantized tensor has: one, or one per row (output
+/// neuron) of its (shape[0], rest) matrix view.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Granularity {
+    /// One scale for the whole tensor.
+    PerTensor,
+    /// One scale per row.
+    PerRow,
+}
+
 /// An int8 tensor with its dequantization scales: w ≈ q · scale.
 #[derive(Clone, Debug, PartialEq)]
 pub struct QTensor {
+    /// Row-major shape.
     pub shape: Vec<usize>,
+    /// The integers, row-major.
     pub q: Vec<i8>,
     /// `[scale]` for the whole tensor, or one per row (`rows()` of them).
     pub scales: Vec<f32>,
-    pub per_row: bool,
+    /// Which of the two `scales` holds.
+    pub granularity: Granularity,
 }
 
 impl QTensor {
+    /// How many elements.
     pub fn numel(&self) -> usize {
         numel(&self.shape)
+    }
+
+    /// Whether there is one scale per row.
+    pub fn is_per_row(&self) -> bool {
+        self.granularity == Granularity::PerRow
     }
 
     /// Err unless the values and scales match the shape.
@@ -321,7 +360,7 @@ impl QTensor {
                 self.q.len()
             )));
         }
-        let want = if self.per_row {
+        let want = if self.is_per_row() {
             matrix_view(&self.shape).0
         } else {
             1

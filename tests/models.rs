@@ -297,6 +297,49 @@ fn single_file_in_single_file_out() {
         "(",
     ]);
     assert!(!ok && err.contains("regex"), "{err}");
+
+    // --include narrows the default set: a layer prefix prunes that
+    // layer's matrices, never its norms; --any-rank reaches the norms.
+    for (any_rank, name) in [(false, "layer0"), (true, "layer0-all")] {
+        let out = tmp.path().join(format!("{name}.safetensors"));
+        let mut args = vec![
+            "prune",
+            s(&file),
+            "--sparsity",
+            "0.5",
+            "-o",
+            s(&out),
+            "--include",
+            r"^model\.layers\.0\.",
+        ];
+        if any_rank {
+            args.push("--any-rank");
+        }
+        let (ok, _, err) = run(&args);
+        assert!(ok, "{err}");
+        let b = Model::open(&out).unwrap();
+        for (f, e) in a.entries() {
+            let (f2, e2) = b.find(&e.name).unwrap();
+            let chosen = e.name.starts_with("model.layers.0.") && (any_rank || e.shape.len() >= 2);
+            assert_eq!(f.data(e) != f2.data(e2), chosen, "{name}: {}", e.name);
+        }
+    }
+    // An --include that selects nothing is a mistake, not a copy.
+    let (ok, _, err) = run(&[
+        "prune",
+        s(&file),
+        "--threshold",
+        "0.1",
+        "-o",
+        s(&tmp.path().join("y.safetensors")),
+        "--include",
+        "layernorm",
+    ]);
+    assert!(
+        !ok && err.contains("--include 'layernorm' matches no tensor"),
+        "{err}"
+    );
+    assert!(!tmp.path().join("y.safetensors").exists());
 }
 
 /// A safetensors file from raw header text and data.

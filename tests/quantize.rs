@@ -176,7 +176,9 @@ fn dequantize_is_exact() {
                         (q.scales.len(), if n == 0 { 0 } else { n / q.scales.len() });
                     let _ = rows;
                     let want: Vec<f32> = (0..n)
-                        .map(|i| q.q[i] as f32 * q.scales[if q.per_row { i / cols } else { 0 }])
+                        .map(|i| {
+                            q.q[i] as f32 * q.scales[if q.is_per_row() { i / cols } else { 0 }]
+                        })
                         .collect();
                     assert_identical(&got, &tensor(dtype, &shape, &want), &ctx);
                     // The round trip is within half a step, plus the rounding of
@@ -186,7 +188,7 @@ fn dequantize_is_exact() {
                         let x = t.to_f32_vec();
                         let y = got.to_f32_vec();
                         for i in 0..n {
-                            let step = q.scales[if q.per_row { i / cols } else { 0 }];
+                            let step = q.scales[if q.is_per_row() { i / cols } else { 0 }];
                             assert!((x[i] - y[i]).abs() <= step * (0.5 + 1e-4), "{ctx} {i}");
                         }
                     }
@@ -202,7 +204,7 @@ fn dequantize_checks_its_input() {
         shape: vec![2, 3],
         q: vec![1, 2, 3],
         scales: vec![1.0],
-        per_row: false,
+        granularity: Granularity::PerTensor,
     };
     assert!(matches!(
         quantize::dequantize(&Device::Cpu, &bad, DType::F32),
@@ -212,7 +214,7 @@ fn dequantize_checks_its_input() {
         shape: vec![2, 3],
         q: vec![1; 6],
         scales: vec![1.0],
-        per_row: true,
+        granularity: Granularity::PerRow,
     };
     for (_, dev) in devices() {
         assert!(matches!(

@@ -47,12 +47,13 @@ fn views_whose_bytes_disagree_with_their_shape() {
     for dev in devices() {
         for shape in [vec![2, 2], vec![3], vec![usize::MAX, 2]] {
             assert!(TensorRef::new(DType::F32, &shape, &data).is_err());
-            // Built by hand, bypassing the constructor.
-            let t = TensorRef {
+            // An owned tensor whose public fields disagree, viewed.
+            let owned = modelpress::Tensor {
                 dtype: DType::F32,
-                shape: &shape,
-                data: &data,
+                shape: shape.clone(),
+                data: data.clone(),
             };
+            let t = owned.view();
             for (op, e) in every_op(&dev, &t) {
                 assert!(matches!(e, Some(Error::Input(_))), "{op} {shape:?}: {e:?}");
             }

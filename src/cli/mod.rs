@@ -36,10 +36,14 @@ struct Common {
     /// adapter name substring.
     #[arg(long, default_value = "auto")]
     device: String,
-    /// Touch only tensors whose name matches (repeatable). Default: float
-    /// tensors of rank ≥ 2.
+    /// Touch only tensors whose name matches (repeatable), among those the
+    /// job touches by default: float tensors of rank ≥ 2.
     #[arg(long)]
     include: Vec<String>,
+    /// Touch float tensors of every rank, norms and biases included (which
+    /// jobs leave alone by default); --include/--exclude narrow it.
+    #[arg(long)]
+    any_rank: bool,
     /// Leave tensors whose name matches untouched (repeatable).
     #[arg(long)]
     exclude: Vec<String>,
@@ -366,7 +370,7 @@ fn command_line() -> String {
 fn options(c: &Common) -> Result<JobOptions> {
     Ok(JobOptions {
         device: Device::choose(&c.device)?,
-        selection: Selection::new(&c.include, &c.exclude)?,
+        selection: Selection::new(&c.include, &c.exclude, c.any_rank)?,
         allow_nonfinite: c.allow_nonfinite,
         force: c.force,
         report: c.report.clone(),
@@ -561,7 +565,7 @@ fn run(cli: Cli) -> Result<()> {
                 ));
             }
             if let Some(frac) = remove_neurons {
-                if !common.include.is_empty() || !common.exclude.is_empty() {
+                if !common.include.is_empty() || !common.exclude.is_empty() || common.any_rank {
                     return Err(Error::input(
                         "--remove-neurons changes whole MLP blocks: --include/--exclude would leave them inconsistent",
                     ));

@@ -103,9 +103,9 @@ impl Device {
             Device::Gpu(g) => {
                 if bytes < MIN_CHUNK_BYTES {
                     return Err(Error::Limit {
-                        what: "chunk bytes (minimum)",
+                        what: "chunk bytes",
                         asked: bytes,
-                        max: MIN_CHUNK_BYTES,
+                        bound: crate::error::Bound::CrateMin(MIN_CHUNK_BYTES),
                     });
                 }
                 let cap = g.ctx.max_chunk_bytes();

@@ -359,7 +359,7 @@ impl<'a> Cursor<'a> {
     fn bad(&self, why: impl Into<String>) -> Error {
         Error::Format {
             file: self.path.display().to_string(),
-            tensor: "-".into(),
+            tensor: None,
             why: format!("{} (at byte {})", why.into(), self.pos),
         }
     }
@@ -497,7 +497,7 @@ fn parse(path: &Path, b: &[u8]) -> Result<Header> {
         let v = c.value(ty, 0).map_err(|e| match e {
             Error::Format { file, why, .. } => Error::Format {
                 file,
-                tensor: "-".into(),
+                tensor: None,
                 why: format!("metadata '{key}': {why}"),
             },
             e => e,
@@ -524,7 +524,7 @@ fn parse(path: &Path, b: &[u8]) -> Result<Header> {
         let name = c.string("tensor name")?;
         let at = |why: String| Error::Format {
             file: path.display().to_string(),
-            tensor: name.clone(),
+            tensor: Some(name.clone()),
             why,
         };
         if name.len() >= MAX_NAME {
@@ -584,7 +584,7 @@ fn parse(path: &Path, b: &[u8]) -> Result<Header> {
         if end > b.len() as u64 {
             return Err(Error::Format {
                 file: path.display().to_string(),
-                tensor: t.name.clone(),
+                tensor: Some(t.name.clone()),
                 why: format!(
                     "data ends at byte {end}, past the end of the file ({} bytes): truncated",
                     b.len()

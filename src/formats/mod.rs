@@ -21,7 +21,7 @@ pub fn open_input(path: &Path) -> Result<std::fs::File> {
     if !meta.is_file() {
         return Err(Error::Format {
             file: path.display().to_string(),
-            tensor: "-".into(),
+            tensor: None,
             why: if meta.is_dir() {
                 "is a directory, not a file".into()
             } else {

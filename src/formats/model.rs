@@ -24,14 +24,6 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
     }
 }
 
-fn format_error(file: &Path, tensor: &str, why: impl Into<String>) -> Error {
-    Error::Format {
-        file: file.display().to_string(),
-        tensor: tensor.to_string(),
-        why: why.into(),
-    }
-}
-
 /// An open model: its shards in order, its index and its other files.
 pub struct Model {
     pub path: PathBuf,
@@ -64,23 +56,23 @@ impl Model {
         let (shard_names, index) = if index_path.is_file() {
             let text = super::read_input(&index_path)?;
             let index: Map<String, Value> = serde_json::from_slice(&text)
-                .map_err(|e| format_error(&index_path, "-", format!("not a valid index: {e}")))?;
+                .map_err(|e| Error::format(&index_path, None, format!("not a valid index: {e}")))?;
             let Some(Value::Object(map)) = index.get("weight_map") else {
-                return Err(format_error(&index_path, "-", "no weight_map object"));
+                return Err(Error::format(&index_path, None, "no weight_map object"));
             };
             let mut names: Vec<String> = Vec::new();
             for (tensor, file) in map {
                 let Some(file) = file.as_str() else {
-                    return Err(format_error(
+                    return Err(Error::format(
                         &index_path,
-                        tensor,
+                        Some(tensor),
                         "weight_map value is not a file name",
                     ));
                 };
                 if file.contains('/') || file.contains('\\') || file == ".." {
-                    return Err(format_error(
+                    return Err(Error::format(
                         &index_path,
-                        tensor,
+                        Some(tensor),
                         format!("shard '{file}' is not a plain file name"),
                     ));
                 }
@@ -98,17 +90,17 @@ impl Model {
                 .collect();
             match names.len() {
                 0 => {
-                    return Err(format_error(
+                    return Err(Error::format(
                         path,
-                        "-",
+                        None,
                         "no .safetensors file in this directory",
                     ));
                 }
                 1 => {}
                 _ => {
-                    return Err(format_error(
+                    return Err(Error::format(
                         path,
-                        "-",
+                        None,
                         format!(
                             "{} .safetensors files but no {INDEX_NAME} to say how they fit",
                             names.len()
@@ -137,9 +129,9 @@ impl Model {
                     Some(&(s, _))
                         if name_of(&model.shards[s].path) == file.as_str().unwrap_or("") => {}
                     Some(&(s, _)) => {
-                        return Err(format_error(
+                        return Err(Error::format(
                             &index_path,
-                            tensor,
+                            Some(tensor),
                             format!(
                                 "index says {}, but it is in {}",
                                 file,
@@ -148,18 +140,18 @@ impl Model {
                         ))
                     }
                     None => {
-                        return Err(format_error(
+                        return Err(Error::format(
                             &index_path,
-                            tensor,
+                            Some(tensor),
                             format!("listed in the index but not in {file}"),
                         ))
                     }
                 }
             }
             if map.len() != model.by_name.len() {
-                return Err(format_error(
+                return Err(Error::format(
                     &index_path,
-                    "-",
+                    None,
                     "shards hold tensors the index does not list",
                 ));
             }
@@ -178,9 +170,9 @@ impl Model {
         for (s, f) in shards.iter().enumerate() {
             for (i, e) in f.entries.iter().enumerate() {
                 if by_name.insert(e.name.clone(), (s, i)).is_some() {
-                    return Err(format_error(
+                    return Err(Error::format(
                         &f.path,
-                        &e.name,
+                        Some(&e.name),
                         "tensor name appears in two shards",
                     ));
                 }
@@ -258,9 +250,9 @@ const REWRITE_MAX: u64 = 64 << 20;
 /// followed, up to a depth that stops loops); anything else is an error.
 fn copy_dir(from: &Path, to: &Path, depth: usize) -> Result<()> {
     if depth > 16 {
-        return Err(format_error(
+        return Err(Error::format(
             from,
-            "-",
+            None,
             "directories nest more than 16 deep (a symbolic link loop?)",
         ));
     }
@@ -274,11 +266,10 @@ fn copy_dir(from: &Path, to: &Path, depth: usize) -> Result<()> {
         } else if meta.is_file() {
             copy_synced(&p, &dest)?;
         } else {
-            return Err(format_error(
+            return Err(Error::format(
                 &p,
-                "-",
-                "is not a regular file or directory (a FIFO, device or socket); it cannot be copied",
-            ));
+                None,
+                "is not a regular file or directory (a FIFO, device or socket); it cannot be copied"));
         }
     }
     Ok(())
@@ -386,7 +377,7 @@ impl ModelWriter {
                 continue;
             }
             let bytes = super::read_input(f)?;
-            let new = rewrite(&name, &bytes).map_err(|e| e.at(f, "-"))?;
+            let new = rewrite(&name, &bytes).map_err(|e| e.in_file(f))?;
             write_synced(&dest, new.as_deref().unwrap_or(&bytes))?;
         }
         for d in &model.other_dirs {

@@ -53,47 +53,40 @@ pub struct SafetensorsFile {
     by_name: std::collections::HashMap<String, usize>,
 }
 
-fn format_error(path: &Path, tensor: &str, why: impl Into<String>) -> Error {
-    Error::Format {
-        file: path.display().to_string(),
-        tensor: tensor.to_string(),
-        why: why.into(),
-    }
-}
-
-fn describe(e: &SafeTensorError) -> (String, String) {
+/// The tensor a header error is about (if one) and what is wrong, in words.
+fn describe(e: &SafeTensorError) -> (Option<String>, String) {
     use SafeTensorError::*;
     match e {
         InvalidOffset(t) => (
-            t.clone(),
+            Some(t.clone()),
             "data offsets overlap, leave a gap or run backwards".into(),
         ),
-        TensorNotFound(t) => (t.clone(), "not found".into()),
-        HeaderTooLarge => ("-".into(), "header length is absurd (over 100 MB)".into()),
+        TensorNotFound(t) => (Some(t.clone()), "not found".into()),
+        HeaderTooLarge => (None, "header length is absurd (over 100 MB)".into()),
         HeaderTooSmall => (
-            "-".into(),
+            None,
             "file too short for a safetensors header (not safetensors?)".into(),
         ),
         InvalidHeaderLength => (
-            "-".into(),
+            None,
             "header length points past the end of the file (truncated or not safetensors)".into(),
         ),
         MetadataIncompleteBuffer => (
-            "-".into(),
+            None,
             "tensor data does not end where the file ends (truncated, or offsets past the end)"
                 .into(),
         ),
-        InvalidHeader(_) => ("-".into(), "header is not UTF-8 (not safetensors?)".into()),
+        InvalidHeader(_) => (None, "header is not UTF-8 (not safetensors?)".into()),
         InvalidHeaderDeserialization(j) | JsonError(j) => (
-            "-".into(),
+            None,
             format!("header is not a valid safetensors header: {j}"),
         ),
         TensorInvalidInfo => (
-            "-".into(),
+            None,
             "a tensor's byte range does not match its shape and dtype".into(),
         ),
-        ValidationOverflow => ("-".into(), "a tensor's shape overflows".into()),
-        other => ("-".into(), other.to_string()),
+        ValidationOverflow => (None, "a tensor's shape overflows".into()),
+        other => (None, other.to_string()),
     }
 }
 
@@ -109,7 +102,7 @@ impl SafetensorsFile {
         })?;
         let (header_len, meta) = safetensors::SafeTensors::read_metadata(&map).map_err(|e| {
             let (tensor, why) = describe(&e);
-            format_error(path, &tensor, why)
+            Error::format(path, tensor.as_deref(), why)
         })?;
         let data_start = 8 + header_len;
         let entries: Vec<Entry> = meta
@@ -136,7 +129,7 @@ impl SafetensorsFile {
             metadata: Option<Value>,
         }
         let header: Header = serde_json::from_slice(&map[8..data_start])
-            .map_err(|e| format_error(path, "-", e.to_string()))?;
+            .map_err(|e| Error::format(path, None, e.to_string()))?;
         let metadata = match header.metadata {
             Some(Value::Object(m)) => Some(m),
             _ => None,

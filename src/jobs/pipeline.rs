@@ -122,15 +122,25 @@ pub trait TensorOp: Sync {
     fn apply(&self, dev: &Device, srcs: &[Src], models: &[Model]) -> Result<Applied>;
 }
 
-/// Which tensors a job touches: --include and --exclude regexes over names.
+/// Which tensors a job touches. Each operation has a default set (float
+/// tensors of rank ≥ 2 for most: norms and biases pass through);
+/// `--include` and `--exclude` regexes over names only narrow it, so that
+/// `--include '^encoder\.'` never reaches a LayerNorm. `any_rank`
+/// (`--any-rank`) widens the default to float tensors of every rank, for
+/// users who mean to change norms and biases too.
 #[derive(Default)]
 pub struct Selection {
+    /// A touched tensor's name matches one of these (all when empty).
     pub include: Vec<Regex>,
+    /// A touched tensor's name matches none of these.
     pub exclude: Vec<Regex>,
+    /// Add float tensors of rank 0 and 1 to the default set.
+    pub any_rank: bool,
 }
 
 impl Selection {
-    pub fn new(include: &[String], exclude: &[String]) -> Result<Selection> {
+    /// Compiles the regexes; a bad one is an error naming it.
+    pub fn new(include: &[String], exclude: &[String], any_rank: bool) -> Result<Selection> {
         let compile = |v: &[String]| {
             v.iter()
                 .map(|p| Regex::new(p).map_err(|e| Error::input(format!("bad regex '{p}': {e}"))))
@@ -139,17 +149,34 @@ impl Selection {
         Ok(Selection {
             include: compile(include)?,
             exclude: compile(exclude)?,
+            any_rank,
         })
     }
 
     /// Whether `op` touches `e` under this selection.
     pub fn chosen(&self, op: &dyn TensorOp, e: &Entry) -> bool {
-        let inc = if self.include.is_empty() {
-            op.default_select(e)
-        } else {
-            self.include.iter().any(|r| r.is_match(&e.name))
-        };
-        inc && !self.exclude.iter().any(|r| r.is_match(&e.name))
+        let default = op.default_select(e) || (self.any_rank && e.kernel_dtype().is_some());
+        default
+            && (self.include.is_empty() || self.include.iter().any(|r| r.is_match(&e.name)))
+            && !self.exclude.iter().any(|r| r.is_match(&e.name))
+    }
+
+    /// An `--include` pattern that selects nothing in `model` is a mistake
+    /// (a typo, or a tensor outside the default set): an error naming it.
+    pub fn check_includes(&self, op: &dyn TensorOp, model: &Model) -> Result<()> {
+        for r in &self.include {
+            if !model
+                .entries()
+                .any(|(_, e)| r.is_match(&e.name) && self.chosen(op, e))
+            {
+                return Err(Error::input(format!(
+                    "{}: --include '{r}' matches no tensor this job touches (by default \
+                     float tensors of rank ≥ 2; --any-rank adds norms and biases)",
+                    model.path.display()
+                )));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -307,11 +334,7 @@ fn writer_thread(
 }
 
 fn differ(file: &Path, tensor: &str, why: String) -> Error {
-    Error::Format {
-        file: file.display().to_string(),
-        tensor: tensor.to_string(),
-        why,
-    }
+    Error::format(file, Some(tensor), why)
 }
 
 /// Checks, before anything is written, that the models agree whole: every
@@ -320,6 +343,7 @@ fn differ(file: &Path, tensor: &str, why: String) -> Error {
 /// allows it), and that the operation can run on every touched tensor.
 fn check_models(op: &dyn TensorOp, sel: &Selection, models: &[Model]) -> Result<()> {
     let base = &models[0];
+    sel.check_includes(op, base)?;
     for (file, e) in base.entries() {
         let touched = sel.chosen(op, e);
         if touched {

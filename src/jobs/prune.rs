@@ -68,7 +68,7 @@ impl ScoresFile {
     pub fn for_tensor(&self, e: &Entry) -> Result<Vec<f32>> {
         let bad = |why: String| Error::Format {
             file: self.file.path.display().to_string(),
-            tensor: e.name.clone(),
+            tensor: Some(e.name.clone()),
             why,
         };
         let se = self

@@ -159,7 +159,7 @@ impl Dequantize {
             };
             let bad = |why: String| Error::Format {
                 file: shard.path.display().to_string(),
-                tensor: "-".into(),
+                tensor: None,
                 why: format!("{QUANT_KEY}: {why}"),
             };
             let v: Value = serde_json::from_str(desc).map_err(|e| bad(e.to_string()))?;
@@ -254,7 +254,11 @@ impl TensorOp for Dequantize {
         let q = QTensor {
             shape: e.shape.clone(),
             q: bytemuck::cast_slice(srcs[0].data()).to_vec(),
-            per_row: se.shape.len() == 2,
+            granularity: if se.shape.len() == 2 {
+                Granularity::PerRow
+            } else {
+                Granularity::PerTensor
+            },
             scales,
         };
         q.check()?;

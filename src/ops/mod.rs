@@ -42,7 +42,7 @@ pub(crate) fn chunk_elems(
         return Err(Error::Limit {
             what: "chunk bytes for this kernel",
             asked: gpu.chunk_bytes(),
-            max: (64.0 * bytes_per_elem) as u64 + overhead,
+            bound: crate::error::Bound::CrateMin((64.0 * bytes_per_elem) as u64 + overhead),
         });
     }
     Ok(elems.min(1 << 30).min(n.max(1).next_multiple_of(64)))
@@ -131,7 +131,7 @@ pub(crate) fn check_row_len(row_len: usize) -> Result<()> {
         return Err(Error::Limit {
             what: "row length",
             asked: row_len as u64,
-            max: MAX_ROW_LEN as u64,
+            bound: crate::error::Bound::CrateMax(MAX_ROW_LEN as u64),
         });
     }
     Ok(())

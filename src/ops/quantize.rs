@@ -34,12 +34,7 @@ pub struct QuantStats {
     pub nan: u64,
 }
 
-/// Scale granularity of symmetric int8.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Granularity {
-    PerTensor,
-    PerRow,
-}
+pub use crate::tensor::Granularity;
 
 /// q = round(w·Q) as saturating int8.
 pub fn quantize_round(dev: &Device, t: &TensorRef, q: f32) -> Result<(QTensor, QuantStats)> {
@@ -55,7 +50,7 @@ pub fn quantize_round(dev: &Device, t: &TensorRef, q: f32) -> Result<(QTensor, Q
             shape: t.shape.to_vec(),
             q: qs,
             scales: vec![1.0 / q],
-            per_row: false,
+            granularity: Granularity::PerTensor,
         },
         st,
     ))
@@ -109,7 +104,11 @@ pub fn quantize_absmax(
             shape: t.shape.to_vec(),
             q: qs,
             scales,
-            per_row,
+            granularity: if per_row {
+                Granularity::PerRow
+            } else {
+                Granularity::PerTensor
+            },
         },
         st,
     ))
@@ -272,7 +271,7 @@ pub fn dequantize(dev: &Device, q: &QTensor, dtype: DType) -> Result<Tensor> {
     match dev {
         Device::Cpu => {
             let mut out = Tensor::zeros(dtype, &q.shape);
-            let seg_len = if q.per_row { row_len } else { usize::MAX };
+            let seg_len = if q.is_per_row() { row_len } else { usize::MAX };
             with_codec!(dtype, O => out.data
             .par_chunks_mut(CPU_BLOCK * O::SIZE)
             .zip(q.q.par_chunks(CPU_BLOCK))
@@ -280,7 +279,7 @@ pub fn dequantize(dev: &Device, q: &QTensor, dtype: DType) -> Result<Tensor> {
             .for_each(|(b, (ob, qb))| {
                 let start = b * CPU_BLOCK;
                 for (row, seg) in row_segments(start..start + qb.len(), seg_len) {
-                    let s = q.scales[if q.per_row { row } else { 0 }];
+                    let s = q.scales[if q.is_per_row() { row } else { 0 }];
                     for i in seg {
                         O::write(ob, i - start, O::from_f32(qb[i - start] as f32 * s));
                     }
@@ -288,7 +287,7 @@ pub fn dequantize(dev: &Device, q: &QTensor, dtype: DType) -> Result<Tensor> {
             }));
             Ok(out)
         }
-        Device::Gpu(g) => dequantize_gpu(g, q, dtype, if q.per_row { row_len } else { 1 }),
+        Device::Gpu(g) => dequantize_gpu(g, q, dtype, if q.is_per_row() { row_len } else { 1 }),
     }
 }
 
@@ -300,13 +299,13 @@ fn dequantize_gpu(g: &Gpu, q: &QTensor, dtype: DType, row_len: usize) -> Result<
         return Ok(out);
     }
     check_row_len(row_len)?;
-    let per_elem = if q.per_row {
+    let per_elem = if q.is_per_row() {
         (es as f64).max(row_vector_bytes_per_elem(row_len))
     } else {
         es as f64
     };
     let ce = chunk_elems(g, n, per_elem, 8)?;
-    let scale_cap = if q.per_row { ce / row_len + 2 } else { 1 };
+    let scale_cap = if q.is_per_row() { ce / row_len + 2 } else { 1 };
     let layout = StreamLayout {
         inputs: vec![ce as u64, (scale_cap * 4) as u64],
         outputs: vec![((ce * es) as u64, false)],
@@ -318,7 +317,7 @@ fn dequantize_gpu(g: &Gpu, q: &QTensor, dtype: DType, row_len: usize) -> Result<
     let bytes: &[u8] = bytemuck::cast_slice(&q.q);
     let jobs = ranges.iter().map(|r| {
         let cr = chunk_rows(r, row_len);
-        let s = if q.per_row {
+        let s = if q.is_per_row() {
             &q.scales[cr.first_row..cr.first_row + cr.rows]
         } else {
             &q.scales[..]
@@ -328,7 +327,7 @@ fn dequantize_gpu(g: &Gpu, q: &QTensor, dtype: DType, row_len: usize) -> Result<
                 r.len() as u32,
                 row_len as u32,
                 cr.col0 as u32,
-                q.per_row as u32,
+                q.is_per_row() as u32,
             ]),
             inputs: vec![(&bytes[r.clone()]).into(), f32_bytes(s).into()],
             read: vec![(r.len() * es) as u64],

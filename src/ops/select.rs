@@ -656,7 +656,7 @@ fn rows_gpu(g: &Gpu, t: &TensorRef, k: usize, scores: Option<&[f32]>) -> Result<
         return Err(Error::Limit {
             what: "row length for per-row selection (elements per chunk)",
             asked: row_len as u64,
-            max: ce as u64,
+            bound: crate::error::Bound::DeviceMax(ce as u64),
         });
     }
     let rows_per = ce / row_len;

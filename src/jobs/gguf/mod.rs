@@ -140,7 +140,7 @@ impl Inputs {
                     .and_then(ggml_of)
                     .ok_or_else(|| Error::Format {
                         file: f.path.display().to_string(),
-                        tensor: e.name.clone(),
+                        tensor: Some(e.name.clone()),
                         why: format!("dtype {} has no GGUF type", e.dtype),
                     })?;
                 Ok(In {
@@ -286,7 +286,7 @@ pub fn write_gguf(
                     if let Some(why) = refused {
                         return Err(Error::Format {
                             file: input.display().to_string(),
-                            tensor: t.name.clone(),
+                            tensor: Some(t.name.clone()),
                             why,
                         });
                     }
@@ -449,7 +449,7 @@ pub fn dequantize_gguf(
                     }),
                     None => Err(Error::Format {
                         file: input.display().to_string(),
-                        tensor: t.name.clone(),
+                        tensor: Some(t.name.clone()),
                         why: format!("type {} has no safetensors dtype", ty.name),
                     }),
                 }
