@@ -21,6 +21,8 @@
 //! # Ok::<(), modelpress::Error>(())
 //! ```
 
+#![deny(missing_docs)]
+
 pub mod device;
 pub mod error;
 pub mod formats;

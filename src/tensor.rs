@@ -12,19 +12,30 @@ use half::{bf16, f16};
 /// float types; the others pass through whole-model jobs untouched.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum DType {
+    /// IEEE binary32.
     F32,
+    /// IEEE binary16.
     F16,
+    /// bfloat16.
     BF16,
+    /// IEEE binary64.
     F64,
+    /// Signed 64-bit integer.
     I64,
+    /// Signed 32-bit integer.
     I32,
+    /// Signed 16-bit integer.
     I16,
+    /// Signed 8-bit integer.
     I8,
+    /// Unsigned 8-bit integer.
     U8,
+    /// Boolean, one byte.
     Bool,
 }
 
 impl DType {
+    /// Bytes per element.
     pub fn size(self) -> usize {
         match self {
             DType::F64 | DType::I64 => 8,
@@ -34,6 +45,7 @@ impl DType {
         }
     }
 
+    /// The safetensors name ("BF16").
     pub fn name(self) -> &'static str {
         match self {
             DType::F32 => "F32",
@@ -49,6 +61,7 @@ impl DType {
         }
     }
 
+    /// The dtype named `s` (any case).
     pub fn parse(s: &str) -> Option<DType> {
         Some(match s.to_ascii_uppercase().as_str() {
             "F32" => DType::F32,
@@ -251,8 +264,11 @@ pub(crate) fn matrix_view(shape: &[usize]) -> (usize, usize) {
 /// An owned tensor: what operations return.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Tensor {
+    /// Element type.
     pub dtype: DType,
+    /// Row-major shape.
     pub shape: Vec<usize>,
+    /// Little-endian bytes.
     pub data: Vec<u8>,
 }
 
@@ -293,6 +309,7 @@ impl Tensor {
         Tensor::from_f32(dtype, a.shape(), &values)
     }
 
+    /// A borrowed view.
     pub fn view(&self) -> TensorRef<'_> {
         TensorRef {
             dtype: self.dtype,
@@ -301,10 +318,12 @@ impl Tensor {
         }
     }
 
+    /// How many elements.
     pub fn numel(&self) -> usize {
         numel(&self.shape)
     }
 
+    /// Every element decoded to f32.
     pub fn to_f32_vec(&self) -> Vec<f32> {
         self.view().to_f32_vec()
     }
@@ -318,7 +337,7 @@ impl Tensor {
 }
 
 /// How many scales a quantized tensor has: one, or one per row (output
-/// neuron) of its (shape[0], rest) matrix view.
+/// neuron) of its `(shape[0], rest)` matrix view.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Granularity {
     /// One scale for the whole tensor.

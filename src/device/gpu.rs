@@ -12,13 +12,21 @@ use std::sync::{Arc, Mutex};
 /// What `modelpress devices` prints of one adapter.
 #[derive(Clone, Debug)]
 pub struct AdapterSummary {
+    /// The adapter's name ("NVIDIA H200", "llvmpipe (LLVM 15.0.6, 256 bits)").
     pub name: String,
+    /// Vulkan, Metal, Dx12 or Gl.
     pub backend: String,
+    /// Discrete, integrated, virtual GPU, CPU (a software rasterizer) or other.
     pub device_type: String,
+    /// The driver's name and version.
     pub driver: String,
+    /// Largest storage buffer binding, in bytes.
     pub max_storage_binding: u64,
+    /// Largest buffer, in bytes.
     pub max_buffer: u64,
+    /// Most workgroups a dispatch may have along one dimension.
     pub max_workgroups_per_dim: u32,
+    /// Most invocations one workgroup may have.
     pub max_invocations_per_workgroup: u32,
 }
 
@@ -188,10 +196,12 @@ impl GpuContext {
         })
     }
 
+    /// What wgpu says of the adapter.
     pub fn adapter_info(&self) -> &wgpu::AdapterInfo {
         &self.info
     }
 
+    /// The limits the device was requested with (the adapter's own).
     pub fn limits(&self) -> &wgpu::Limits {
         &self.limits
     }

@@ -39,6 +39,7 @@ pub struct Gpu {
 }
 
 impl Gpu {
+    /// The device, queue and pipeline cache kernels dispatch on.
     pub fn context(&self) -> &GpuContext {
         &self.ctx
     }
@@ -50,9 +51,13 @@ impl Gpu {
     }
 }
 
+/// Where operations run: the CPU backend (the specification) or a wgpu
+/// adapter. Cheap to clone: clones share one device.
 #[derive(Clone)]
 pub enum Device {
+    /// Native code on every core (rayon).
     Cpu,
+    /// A wgpu device.
     Gpu(Gpu),
 }
 
@@ -118,6 +123,7 @@ impl Device {
         }
     }
 
+    /// Whether this is a wgpu device (hardware or software).
     pub fn is_gpu(&self) -> bool {
         matches!(self, Device::Gpu(_))
     }

@@ -18,7 +18,9 @@ use crate::error::{Error, Result};
 use memmap2::Mmap;
 use std::path::{Path, PathBuf};
 
+/// The first four bytes of every GGUF file.
 pub const MAGIC: &[u8; 4] = b"GGUF";
+/// Data alignment when `general.alignment` is absent.
 pub const DEFAULT_ALIGNMENT: u64 = 32;
 /// llama.cpp's GGML_MAX_NAME: names are shorter than this.
 pub const MAX_NAME: usize = 64;
@@ -28,9 +30,13 @@ const MAX_ARRAY_DEPTH: usize = 8;
 /// A ggml tensor type: its id, name, block size (values) and block bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct GgmlType {
+    /// ggml's `enum ggml_type` value.
     pub id: u32,
+    /// ggml's name ("Q4_K").
     pub name: &'static str,
+    /// Values per block (1 for plain types).
     pub block: u64,
+    /// Bytes per block.
     pub bytes: u64,
 }
 
@@ -231,10 +237,12 @@ pub const GGML_TYPES: &[GgmlType] = &[
 ];
 
 impl GgmlType {
+    /// The type with ggml id `id`.
     pub fn from_id(id: u32) -> Option<GgmlType> {
         GGML_TYPES.iter().copied().find(|t| t.id == id)
     }
 
+    /// The type named `name` (any case).
     pub fn from_name(name: &str) -> Option<GgmlType> {
         GGML_TYPES
             .iter()
@@ -256,22 +264,36 @@ pub type Metadata = Vec<(String, Value)>;
 /// A metadata value. Arrays keep their element type (even when empty).
 #[derive(Clone, Debug, PartialEq)]
 pub enum Value {
+    /// GGUF type 0.
     U8(u8),
+    /// GGUF type 1.
     I8(i8),
+    /// GGUF type 2.
     U16(u16),
+    /// GGUF type 3.
     I16(i16),
+    /// GGUF type 4.
     U32(u32),
+    /// GGUF type 5.
     I32(i32),
+    /// GGUF type 6.
     F32(f32),
+    /// GGUF type 7.
     Bool(bool),
+    /// GGUF type 8: UTF-8 text.
     String(String),
+    /// GGUF type 9: the element type id and the elements.
     Array(u32, Vec<Value>),
+    /// GGUF type 10.
     U64(u64),
+    /// GGUF type 11.
     I64(i64),
+    /// GGUF type 12.
     F64(f64),
 }
 
 impl Value {
+    /// The GGUF value type id.
     pub fn type_id(&self) -> u32 {
         match self {
             Value::U8(_) => 0,
@@ -317,12 +339,15 @@ impl Value {
 /// One tensor of a GGUF file.
 #[derive(Clone, Debug, PartialEq)]
 pub struct GgufTensor {
+    /// The tensor's name.
     pub name: String,
-    /// ggml order: dims[0] is the innermost (contiguous) dimension.
+    /// ggml order: `dims[0]` is the innermost (contiguous) dimension.
     pub dims: Vec<u64>,
+    /// Its ggml type.
     pub ty: GgmlType,
     /// Offset in the data section.
     pub offset: u64,
+    /// Bytes of its data.
     pub bytes: u64,
 }
 
@@ -332,6 +357,7 @@ impl GgufTensor {
         self.dims.iter().rev().map(|&d| d as usize).collect()
     }
 
+    /// How many values.
     pub fn numel(&self) -> u64 {
         self.dims.iter().product()
     }
@@ -339,11 +365,16 @@ impl GgufTensor {
 
 /// An open, validated GGUF file.
 pub struct GgufFile {
+    /// The file, as opened.
     pub path: PathBuf,
     map: Mmap,
+    /// GGUF version (2 or 3).
     pub version: u32,
+    /// Key/value metadata in file order.
     pub metadata: Vec<(String, Value)>,
+    /// Tensor infos in file order.
     pub tensors: Vec<GgufTensor>,
+    /// Data alignment in bytes.
     pub alignment: u64,
     data_start: u64,
 }
@@ -439,6 +470,8 @@ fn align(x: u64, a: u64) -> Option<u64> {
 }
 
 impl GgufFile {
+    /// Maps and validates `path` as llama.cpp's reader would; errors name the
+    /// file and, where it applies, the tensor or key.
     pub fn open(path: &Path) -> Result<GgufFile> {
         let io = |e| Error::Io {
             path: path.to_path_buf(),
@@ -602,6 +635,7 @@ fn parse(path: &Path, b: &[u8]) -> Result<Header> {
 }
 
 impl GgufFile {
+    /// The bytes of tensor `t`.
     pub fn data(&self, t: &GgufTensor) -> &[u8] {
         let s = (self.data_start + t.offset) as usize;
         &self.map[s..s + t.bytes as usize]
@@ -616,6 +650,7 @@ impl GgufFile {
         );
     }
 
+    /// The metadata value of `key`.
     pub fn get(&self, key: &str) -> Option<&Value> {
         self.metadata.iter().find(|(k, _)| k == key).map(|(_, v)| v)
     }
@@ -632,9 +667,11 @@ impl GgufFile {
 /// A tensor the writer will receive, in order.
 #[derive(Clone, Debug)]
 pub struct GgufOut {
+    /// The tensor's name.
     pub name: String,
     /// ggml order (innermost first).
     pub dims: Vec<u64>,
+    /// Its ggml type.
     pub ty: GgmlType,
 }
 
@@ -678,6 +715,8 @@ fn put_value(w: &mut Vec<u8>, v: &Value) {
 }
 
 impl GgufWriter {
+    /// Starts a GGUF v3 file at `path` (through a temporary) with this
+    /// metadata and these tensor infos; `write` each tensor's bytes in order.
     pub fn create(
         path: &Path,
         metadata: &[(String, Value)],

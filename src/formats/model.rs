@@ -15,6 +15,7 @@ use serde_json::{Map, Value};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+/// The index of a sharded Hugging Face model directory.
 pub const INDEX_NAME: &str = "model.safetensors.index.json";
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
@@ -26,8 +27,11 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
 
 /// An open model: its shards in order, its index and its other files.
 pub struct Model {
+    /// The file or directory, as the user named it.
     pub path: PathBuf,
+    /// Whether it is a directory.
     pub is_dir: bool,
+    /// The safetensors files, in index order (one for a single file).
     pub shards: Vec<SafetensorsFile>,
     /// The index json of a sharded directory (rewritten for the output).
     pub index: Option<Map<String, Value>>,
@@ -39,6 +43,8 @@ pub struct Model {
 }
 
 impl Model {
+    /// Opens a `.safetensors` file or a model directory, validating every
+    /// shard's header and the index against the shards.
     pub fn open(path: &Path) -> Result<Model> {
         let meta = std::fs::metadata(path).map_err(io(path))?;
         if !meta.is_dir() {
@@ -196,12 +202,14 @@ impl Model {
             .flat_map(|s| s.entries.iter().map(move |e| (s, e)))
     }
 
+    /// The tensor `name` and its shard, found in O(1).
     pub fn find(&self, name: &str) -> Option<(&SafetensorsFile, &Entry)> {
         self.by_name
             .get(name)
             .map(|&(s, i)| (&self.shards[s], &self.shards[s].entries[i]))
     }
 
+    /// Bytes of all tensor data.
     pub fn total_bytes(&self) -> u64 {
         self.entries().map(|(_, e)| e.bytes() as u64).sum()
     }

@@ -304,6 +304,7 @@ pub struct AtomicFile {
 }
 
 impl AtomicFile {
+    /// Starts a new file for `path`, as a temporary beside it.
     pub fn create(path: &Path) -> Result<AtomicFile> {
         let (staged, file) = Staged::create(path, false)?;
         let file = file.ok_or_else(|| Error::input("a file temporary has a file"))?;
@@ -318,6 +319,7 @@ impl AtomicFile {
         &self.staged.dest
     }
 
+    /// Appends `bytes`.
     pub fn write_all(&mut self, bytes: &[u8]) -> Result<()> {
         // Errors name the output the user asked for, not its temporary.
         self.out

@@ -17,12 +17,18 @@ use std::path::{Path, PathBuf};
 /// What an output is.
 #[derive(Clone, Debug)]
 pub enum OutputKind {
-    /// A file ending in one of `extensions` (any name when empty).
-    File { extensions: &'static [&'static str] },
-    /// A directory that will hold entries of these names (and
-    /// `.safetensors` shards); with `--force` an existing directory holding
-    /// anything else is not replaced.
-    Dir { names: Vec<String> },
+    /// A file.
+    File {
+        /// Endings it may have, without the dot (any name when empty).
+        extensions: &'static [&'static str],
+    },
+    /// A directory.
+    Dir {
+        /// Entries it will hold (besides `.safetensors` shards); with
+        /// `--force` an existing directory holding anything else is not
+        /// replaced.
+        names: Vec<String>,
+    },
 }
 
 /// One thing a job writes.
@@ -32,6 +38,7 @@ pub struct Output<'a> {
     pub path: &'a Path,
     /// How messages call it: "output", "--report".
     pub role: &'static str,
+    /// A file or a directory.
     pub kind: OutputKind,
 }
 

@@ -19,9 +19,13 @@ pub type Metadata = Map<String, Value>;
 /// range within the data section.
 #[derive(Clone, Debug)]
 pub struct Entry {
+    /// The tensor's name.
     pub name: String,
+    /// The safetensors dtype name ("BF16", "F8_E4M3", ...).
     pub dtype: String,
+    /// Row-major shape.
     pub shape: Vec<usize>,
+    /// Byte range within the data section.
     pub range: std::ops::Range<usize>,
 }
 
@@ -31,10 +35,12 @@ impl Entry {
         DType::parse(&self.dtype).filter(|d| d.is_kernel_float())
     }
 
+    /// How many elements.
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
     }
 
+    /// Bytes of its data.
     pub fn bytes(&self) -> usize {
         self.range.len()
     }
@@ -42,11 +48,13 @@ impl Entry {
 
 /// An open, validated safetensors file.
 pub struct SafetensorsFile {
+    /// The file, as opened.
     pub path: PathBuf,
     map: Mmap,
     data_start: usize,
     /// In file (data offset) order.
     pub entries: Vec<Entry>,
+    /// `__metadata__`, in the file's key order.
     pub metadata: Option<Metadata>,
     /// Name -> index into `entries`, so lookups stay O(1) in files of
     /// 100,000 tensors.
@@ -91,6 +99,8 @@ fn describe(e: &SafeTensorError) -> (Option<String>, String) {
 }
 
 impl SafetensorsFile {
+    /// Maps and validates `path` (through the `safetensors` crate); errors
+    /// name the file and, where it applies, the tensor.
     pub fn open(path: &Path) -> Result<SafetensorsFile> {
         let file = super::open_input(path)?;
         // SAFETY: the map is read-only and private to this process; a file
@@ -150,6 +160,7 @@ impl SafetensorsFile {
         })
     }
 
+    /// The bytes of tensor `e` (an entry of this file).
     pub fn data(&self, e: &Entry) -> &[u8] {
         &self.map[self.data_start + e.range.start..self.data_start + e.range.end]
     }
@@ -178,6 +189,7 @@ impl SafetensorsFile {
         super::release_pages(&self.map, self.data_start + e.range.start, e.range.len());
     }
 
+    /// The tensor `name`, found in O(1).
     pub fn find(&self, name: &str) -> Option<&Entry> {
         self.by_name.get(name).map(|&i| &self.entries[i])
     }
@@ -199,14 +211,19 @@ fn json<T: serde::Serialize + ?Sized>(v: &T) -> Result<Vec<u8>> {
 /// A tensor the writer will receive: its header entry.
 #[derive(Clone, Debug)]
 pub struct OutEntry {
+    /// The tensor's name.
     pub name: String,
+    /// The safetensors dtype name.
     pub dtype: String,
+    /// Row-major shape.
     pub shape: Vec<usize>,
 }
 
 impl OutEntry {
+    /// Bytes of its data; an error for a dtype the writer does not know or
+    /// a shape whose size overflows.
     pub fn bytes(&self) -> Result<usize> {
-        let size = match self.dtype.as_str() {
+        let size: usize = match self.dtype.as_str() {
             "F64" | "I64" | "U64" | "C64" => 8,
             "F32" | "I32" | "U32" => 4,
             "F16" | "BF16" | "I16" | "U16" => 2,
@@ -214,8 +231,15 @@ impl OutEntry {
             | "F8_E5M2FNUZ" => 1,
             other => return Err(Error::Unsupported(format!("writing dtype {other}"))),
         };
-        let size = if self.dtype == "C64" { 8 } else { size };
-        Ok(self.shape.iter().product::<usize>() * size)
+        self.shape
+            .iter()
+            .try_fold(size, |a, &d| a.checked_mul(d))
+            .ok_or_else(|| {
+                Error::input(format!(
+                    "tensor '{}': shape {:?} overflows",
+                    self.name, self.shape
+                ))
+            })
     }
 }
 
@@ -229,6 +253,9 @@ pub struct SafetensorsWriter {
 }
 
 impl SafetensorsWriter {
+    /// Starts a file at `path` (through a temporary) holding these tensors,
+    /// in this order, and `metadata` as `__metadata__`; `write` each
+    /// tensor's bytes in order, then `finish`.
     pub fn create(
         path: &Path,
         entries: Vec<OutEntry>,

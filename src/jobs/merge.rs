@@ -9,7 +9,9 @@ use crate::ops::{mix, transfer};
 /// `transfer`: w + λ·Δ with Δ the same tensor of a second model, or a
 /// scalar offset; `delta` is FINETUNED + (-1)·BASE.
 pub struct Transfer {
+    /// λ.
     pub lambda: f32,
+    /// A scalar Δ; None takes Δ from the second model.
     pub offset: Option<f32>,
 }
 
@@ -43,6 +45,7 @@ impl TensorOp for Transfer {
 
 /// `mix`: Σ pᵢ·wᵢ over the models.
 pub struct Mix {
+    /// pᵢ, one per model.
     pub weights: Vec<f32>,
 }
 

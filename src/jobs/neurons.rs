@@ -6,7 +6,7 @@
 //! - LLaMA-style SwiGLU: `P.mlp.gate_proj.weight` and `P.mlp.up_proj.weight`
 //!   ([I, H], rows = neurons) and `P.mlp.down_proj.weight` ([H, I], columns
 //!   = neurons), with their biases if present.
-//! - BERT-style: `P.intermediate.dense.weight` [I, H] and its bias [I], and
+//! - BERT-style: `P.intermediate.dense.weight` `[I, H]` and its bias `[I]`, and
 //!   `P.output.dense.weight` [H, I].
 //!
 //! Importance of neuron j: the product of the L2 norms of its rows in the
@@ -32,8 +32,11 @@ use std::collections::HashMap;
 /// and their biases) and the one whose columns are (down-projection).
 #[derive(Clone, Debug)]
 pub struct MlpBlock {
+    /// Tensors whose rows are the block's neurons (gate/up projections).
     pub rows: Vec<String>,
+    /// Their biases, one element per neuron.
     pub biases: Vec<String>,
+    /// The tensor whose columns are the neurons (down projection).
     pub down: String,
 }
 
@@ -126,9 +129,15 @@ enum Cut {
 /// its exact (CPU reference) value.
 type Factor<'a> = (Vec<(f64, f64)>, Box<dyn Fn(usize) -> f64 + 'a>);
 
+/// `prune --remove-neurons S`: drops the fraction S of every MLP block's
+/// intermediate neurons with the smallest ‖in rows‖·‖out column‖, shrinking
+/// the tensors and `intermediate_size` in config.json.
 pub struct RemoveNeurons {
+    /// S.
     pub fraction: f64,
+    /// intermediate_size before.
     pub old_size: usize,
+    /// intermediate_size after.
     pub new_size: usize,
     cuts: HashMap<String, Cut>,
 }

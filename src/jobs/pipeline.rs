@@ -24,11 +24,14 @@ use std::time::Instant;
 /// One input tensor as an operation sees it: its header entry and bytes.
 #[derive(Clone, Copy)]
 pub struct Src<'a> {
+    /// The file holding it.
     pub file: &'a SafetensorsFile,
+    /// Its header entry.
     pub entry: &'a Entry,
 }
 
 impl<'a> Src<'a> {
+    /// Its bytes, mapped from the file.
     pub fn data(&self) -> &'a [u8] {
         self.file.data(self.entry)
     }
@@ -180,8 +183,11 @@ impl Selection {
     }
 }
 
+/// How a job runs: device, selection, what it may do to its outputs.
 pub struct JobOptions {
+    /// Where the kernels run.
     pub device: Device,
+    /// Which tensors the job touches.
     pub selection: Selection,
     /// Process NaN and infinite inputs, and write results that overflowed
     /// to ±inf, instead of refusing them.
@@ -195,6 +201,7 @@ pub struct JobOptions {
     pub extra_inputs: Vec<PathBuf>,
     /// Told how far the job has come (the command line's progress bar).
     pub progress: Option<std::sync::Arc<dyn Progress>>,
+    /// The command line, recorded in the report.
     pub command: String,
 }
 

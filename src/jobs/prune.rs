@@ -14,7 +14,9 @@ use std::sync::Mutex;
 
 /// `prune`: |w| < τ, or whole rows whose norm is below τ.
 pub enum Prune {
+    /// |w| < τ becomes +0.
     Threshold(f32),
+    /// Rows whose norm is below τ become zero.
     Rows(f32, prune::NeuronNorm),
 }
 
@@ -47,12 +49,13 @@ impl TensorOp for Prune {
 /// Activation norms for activation-aware pruning (Wanda): a safetensors
 /// file holding, for each weight tensor NAME to prune, a 1-D tensor NAME
 /// (F32, F16 or BF16) of ‖X_j‖₂ — the L2 norm of input feature j over the
-/// calibration tokens — one per column of the weight's (shape[0], rest) view.
+/// calibration tokens — one per column of the weight's `(shape[0], rest)` view.
 pub struct ScoresFile {
     file: crate::formats::safetensors::SafetensorsFile,
 }
 
 impl ScoresFile {
+    /// Opens and validates the scores file's header.
     pub fn open(path: &std::path::Path) -> Result<ScoresFile> {
         Ok(ScoresFile {
             file: crate::formats::safetensors::SafetensorsFile::open(path)?,
@@ -98,7 +101,9 @@ impl ScoresFile {
 /// cut across every touched tensor (`global`), or with activation norms
 /// (`scores`, Wanda) per output row, smallest |w|·‖X_j‖ first.
 pub struct Sparsity {
+    /// Target sparsity in [0, 1].
     pub s: f64,
+    /// S of the weights still non-zero, on top of the zeros.
     pub of_remaining: bool,
     global: Option<GlobalCut>,
     scores: Option<ScoresFile>,
@@ -114,6 +119,7 @@ struct GlobalCut {
 }
 
 impl Sparsity {
+    /// Exactly round(S·n) zeros in each tensor.
     pub fn per_tensor(s: f64, of_remaining: bool) -> Result<Sparsity> {
         select::check_sparsity(s)?;
         Ok(Sparsity {
@@ -260,8 +266,11 @@ impl TensorOp for Sparsity {
 /// `prune --rows S` / `--cols S`: exactly round(S·n) rows or columns of
 /// smallest norm zeroed.
 pub struct Lines {
+    /// Rows (output neurons) or columns (input features).
     pub axis: prune::Axis,
+    /// Fraction of lines to zero.
     pub s: f64,
+    /// How a line's size is measured.
     pub norm: prune::NeuronNorm,
 }
 
@@ -290,8 +299,11 @@ impl TensorOp for Lines {
 
 /// `prune --pattern N:M`, by |w| or, with scores, by |w|·‖X_j‖₂.
 pub struct PatternPrune {
+    /// N:M.
     pub pattern: select::Pattern,
+    /// Leave a row's shorter last run dense instead of refusing it.
     pub keep_tail: bool,
+    /// Rank by |w|·‖X_j‖₂ (Wanda) instead of |w|.
     pub scores: Option<ScoresFile>,
 }
 

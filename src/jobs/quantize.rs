@@ -1,7 +1,7 @@
 //! int8 jobs: `quantize --int8` / `--scale` and `dequantize`.
 //!
 //! int8 storage: a quantized tensor NAME is stored as NAME in I8 with its
-//! shape, and NAME_scale in F32 of shape [rows, 1] (per row) or [1] (per
+//! shape, and NAME_scale in F32 of shape `[rows, 1]` (per row) or `[1]` (per
 //! tensor), so that w ≈ NAME · NAME_scale (broadcast over each row). The
 //! file's `__metadata__` key `modelpress.quantization` holds a JSON string:
 //! `{"version": 1, "tensors": {NAME: {"scheme": "absmax-per-row" |
@@ -25,6 +25,7 @@ pub const QUANT_KEY: &str = "modelpress.quantization";
 pub enum QuantScheme {
     /// q = round(w·Q)
     Round(f32),
+    /// Symmetric abs-max scales, per tensor or per row.
     AbsMax(Granularity),
 }
 
@@ -38,7 +39,10 @@ impl QuantScheme {
     }
 }
 
+/// `quantize --int8` / `--scale`: int8 values with F32 scales (see the
+/// module doc), or with `dequantize` the round trip in the input dtype.
 pub struct Quantize {
+    /// How values round.
     pub scheme: QuantScheme,
     /// Write the round trip in the input's dtype instead of int8 + scales.
     pub dequantize: bool,

@@ -5,12 +5,16 @@ use crate::tensor::TensorRef;
 use rayon::prelude::*;
 use serde::Serialize;
 
+/// What a job did to one tensor.
 #[derive(Clone, Debug, Serialize)]
 pub struct TensorReport {
+    /// The tensor's name.
     pub name: String,
     /// The operation, or "pass-through".
     pub op: String,
+    /// Its shape in the input.
     pub shape: Vec<usize>,
+    /// Its dtype in the input.
     pub dtype_in: String,
     /// Output tensors written for this one (quantization adds scales).
     pub dtypes_out: Vec<String>,
@@ -21,17 +25,21 @@ pub struct TensorReport {
     /// changed (for prune, the norm of what was removed, relative).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub removed_l2_rel: Option<f64>,
+    /// Bytes read.
     pub bytes_in: u64,
+    /// Bytes written (all its output tensors).
     pub bytes_out: u64,
     /// Zeros in the result (touched tensors).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub zeros: Option<u64>,
+    /// zeros / elements of the result.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sparsity: Option<f64>,
     /// Against the input: max |out - in| and √mean((out - in)²), where the
     /// output is meant to approximate the input.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_abs_err: Option<f64>,
+    /// Root mean square of out − in.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rmse: Option<f64>,
     /// 10·log10(Σin² / Σ(out − in)²), in dB (GGUF quantization).
@@ -42,7 +50,9 @@ pub struct TensorReport {
     /// NaN and infinite values in the result (with finite inputs: sums or
     /// conversions that overflowed, refused without --allow-nonfinite).
     pub nonfinite_out: u64,
+    /// Seconds the operation took (the kernel and its checks).
     pub seconds: f64,
+    /// A few words from the operation.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
 }
@@ -73,29 +83,46 @@ impl TensorReport {
     }
 }
 
+/// Sums over the tensors of a job.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Totals {
+    /// Tensors in the output.
     pub tensors: usize,
+    /// Tensors the operation changed.
     pub touched: usize,
+    /// Bytes read.
     pub bytes_in: u64,
+    /// Bytes written.
     pub bytes_out: u64,
+    /// Elements of the touched tensors.
     pub weights_touched: u64,
+    /// Zeros among them after the job.
     pub zeros_touched: u64,
+    /// Wall-clock seconds of the whole job.
     pub seconds: f64,
+    /// (bytes in + bytes out) / seconds, in GB/s.
     pub gb_per_s: f64,
 }
 
+/// What a whole-model job did: `--report FILE` writes it as JSON.
 #[derive(Clone, Debug, Serialize)]
 pub struct Report {
+    /// The command line.
     pub command: String,
+    /// The device it ran on.
     pub device: String,
+    /// The input paths.
     pub inputs: Vec<String>,
+    /// The output path.
     pub output: String,
+    /// Per tensor, in output order.
     pub tensors: Vec<TensorReport>,
+    /// Sums.
     pub totals: Totals,
 }
 
 impl Report {
+    /// Fills `totals` from the tensors; `seconds` is the whole job's time.
     pub fn finish_totals(&mut self, seconds: f64) {
         let t = &mut self.totals;
         t.tensors = self.tensors.len();
@@ -150,22 +177,28 @@ impl Report {
 /// zeros in `approx`, non-finite values in `input`. Non-finite positions
 /// are left out of the error.
 pub struct Diff {
+    /// Largest |approx − input|.
     pub max_abs: f64,
+    /// √mean((approx − input)²).
     pub rmse: f64,
     /// ‖approx − input‖₂ / ‖input‖₂ (0 for an all-zero input).
     pub rel_l2: f64,
+    /// Zeros in `approx`.
     pub zeros: u64,
+    /// Non-finite values in `input`.
     pub nonfinite_in: u64,
     /// Non-finite values in `approx`.
     pub nonfinite_out: u64,
 }
 
 impl Diff {
+    /// The signal-to-noise ratio in dB.
     pub fn snr_db(&self) -> f64 {
         crate::ops::reduce::snr_db(self.rel_l2)
     }
 }
 
+/// Compares `approx` with `input` (same shape) in one parallel pass.
 pub fn diff(input: &TensorRef, approx: &TensorRef) -> Diff {
     let n = input.numel();
     let block = 1 << 16;

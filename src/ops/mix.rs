@@ -1,5 +1,5 @@
 //! Weighted sums: Σ pᵢ·wᵢ over 2 to 16 tensors of one shape (model merging),
-//! and Σᵢ pᵢ·W[i,:] over the rows of one matrix.
+//! and Σᵢ pᵢ·`W[i, :]` over the rows of one matrix.
 //!
 //! Rules (the CPU reference below is the specification):
 //! - f32 arithmetic, left to right, starting from the first term:
@@ -22,6 +22,7 @@ use crate::tensor::{Tensor, TensorRef};
 use rayon::prelude::*;
 use std::borrow::Cow;
 
+/// Most models `mix` combines in one call.
 pub const MAX_MIX_INPUTS: usize = 16;
 
 /// Σ pᵢ·wᵢ.
@@ -133,7 +134,7 @@ fn mix_gpu(g: &Gpu, inputs: &[TensorRef], weights: &[f32]) -> Result<Tensor> {
     Ok(out)
 }
 
-/// Σᵢ pᵢ·W[i,:] over the rows of a tensor seen as (shape[0], rest); the
+/// Σᵢ pᵢ·`W[i, :]` over the rows of a tensor seen as `(shape[0], rest)`; the
 /// result has shape `shape[1..]`, in W's dtype.
 pub fn mix_rows(dev: &Device, t: &TensorRef, weights: &[f32]) -> Result<Tensor> {
     t.check_float("row mix")?;

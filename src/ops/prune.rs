@@ -5,7 +5,7 @@
 //! - |w| < τ is pruned, |w| == τ is kept; NaN is never pruned (|NaN| < τ is
 //!   false). A pruned weight becomes +0. τ must be ≥ 0 and not NaN (+∞
 //!   prunes every finite weight).
-//! - Neurons are the rows of a tensor seen as (shape[0], rest). A row is
+//! - Neurons are the rows of a tensor seen as `(shape[0], rest)`. A row is
 //!   zeroed when its L2 norm √Σw² (computed in f64) or its max |w| is below
 //!   τ. A row holding a NaN is never zeroed. A 1-D tensor is an activation
 //!   vector: each element is its own neuron, so the rule is elementwise.
@@ -20,6 +20,7 @@ use crate::tensor::{Tensor, TensorRef};
 /// What a threshold prune did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PruneStats {
+    /// Elements.
     pub numel: u64,
     /// Weights the rule matched (|w| < τ), zeros among them included.
     pub pruned: u64,
@@ -52,20 +53,25 @@ pub enum NeuronNorm {
 /// Rows (output neurons) or columns (input features) of the matrix view.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Axis {
+    /// Output neurons (dimension 0).
     Rows,
+    /// Input features (the rest, flattened).
     Cols,
 }
 
 /// What a neuron prune did.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NeuronPruneStats {
+    /// Elements.
     pub numel: u64,
     /// Per neuron (row): whether it was zeroed.
     pub zeroed: Vec<bool>,
+    /// Zeros in the output.
     pub zeros: u64,
 }
 
 impl NeuronPruneStats {
+    /// How many neurons were zeroed.
     pub fn neurons_zeroed(&self) -> usize {
         self.zeroed.iter().filter(|&&z| z).count()
     }

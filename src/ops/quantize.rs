@@ -6,7 +6,7 @@
 //!   and |w·Q| beyond the range saturate (counted as clipped).
 //! - `quantize_absmax`: symmetric int8, m = 127/absmax (f32 division on the
 //!   host), q = clamp(round_ties_even(w·m), -127, 127), scale = absmax/127,
-//!   per tensor or per row (rows of the (shape[0], rest) view). Refuses
+//!   per tensor or per row (rows of the `(shape[0], rest)` view). Refuses
 //!   non-finite weights. A tensor or row whose 127/absmax is not finite (all
 //!   zeros, or only values below ~4e-37) gets scale 0 and q = 0.
 //! - Subnormal weights are treated as zero (drivers may flush them; doing it

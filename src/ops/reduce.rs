@@ -23,6 +23,7 @@ const PIECE_LEN: usize = 4096;
 /// Per-row figures of a tensor seen as (rows, row length).
 #[derive(Clone, Debug, PartialEq)]
 pub struct RowStats {
+    /// Elements per row.
     pub row_len: usize,
     /// Σ w² per row (f64 on the CPU; f32 pieces summed in f64 on the GPU).
     pub sumsq: Vec<f64>,
@@ -40,13 +41,14 @@ pub struct RowStats {
 }
 
 impl RowStats {
-    /// A bound on |sumsq[r] - exact Σ w²| (and on Σ|w|'s error, relative to
+    /// A bound on |`sumsq[r]` − exact Σ w²| (and on Σ|w|'s error, relative to
     /// sumabs) when the sums are approximate; a driver may also flush
     /// subnormal terms (2^-126 each).
     pub fn sumsq_bound(&self, r: usize) -> f64 {
         self.bound(self.sumsq[r])
     }
 
+    /// The error bound of a figure of size `value` (0 when exact).
     pub fn bound(&self, value: f64) -> f64 {
         if !self.approximate {
             return 0.0;
@@ -66,11 +68,14 @@ fn rel_err_of(steps: usize) -> f64 {
 pub struct TensorStats {
     /// Bits of max |w| (NaN sorts above +inf).
     pub max_abs_bits: u32,
+    /// NaN and infinite elements.
     pub nonfinite: u64,
+    /// Zeros (+0 and −0).
     pub zeros: u64,
 }
 
 impl TensorStats {
+    /// max |w| as a float.
     pub fn max_abs(&self) -> f32 {
         f32::from_bits(self.max_abs_bits)
     }
@@ -191,7 +196,7 @@ fn row_stats_gpu(g: &Gpu, t: &TensorRef) -> Result<RowStats> {
     Ok(st)
 }
 
-/// Per-column Σw², Σ|w| and max |w| (columns of the (shape[0], rest) view),
+/// Per-column Σw², Σ|w| and max |w| (columns of the `(shape[0], rest)` view),
 /// as `RowStats` whose "rows" are the columns.
 pub fn col_stats(dev: &Device, t: &TensorRef) -> Result<RowStats> {
     t.check_float("column statistics")?;

@@ -33,7 +33,9 @@ pub enum Level {
 /// pruned (the first ones in flat order).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Cut {
+    /// The k-th smallest key (|w|'s bits).
     pub key: u32,
+    /// How many keys equal to it are pruned.
     pub ties: u64,
     /// Keys equal to `key` among those the histograms counted.
     pub equal: u64,
@@ -50,6 +52,7 @@ pub fn count_for(s: f64, n: u64) -> u64 {
     (s * n as f64).round_ties_even() as u64
 }
 
+/// Err unless s is in [0, 1].
 pub fn check_sparsity(s: f64) -> Result<()> {
     if !(0.0..=1.0).contains(&s) {
         return Err(Error::input(format!("sparsity must be in [0, 1], got {s}")));
@@ -221,6 +224,7 @@ pub fn find_cut(
 /// What applying a cut did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CutStats {
+    /// Elements.
     pub numel: u64,
     /// Zeros in the output.
     pub zeros: u64,
@@ -384,7 +388,9 @@ pub fn prune_to_sparsity(
 /// most N stay non-zero.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Pattern {
+    /// Weights kept per run.
     pub n: u32,
+    /// Run length.
     pub m: u32,
 }
 
@@ -408,6 +414,7 @@ impl Pattern {
         Ok(p)
     }
 
+    /// Err unless 0 < N ≤ M.
     pub fn check(&self) -> Result<()> {
         if self.m == 0 || self.n > self.m || self.m > MAX_PATTERN_M {
             return Err(Error::input(format!(
@@ -420,7 +427,7 @@ impl Pattern {
 }
 
 /// Activation-aware scores (Wanda): one ‖X_j‖₂ per input feature j (column
-/// of the (shape[0], rest) view). Checked (finite, ≥ 0, one per column) and
+/// of the `(shape[0], rest)` view). Checked (finite, ≥ 0, one per column) and
 /// flushed of subnormals, as the kernels read them.
 pub fn check_scores(x: &[f32], row_len: usize) -> Result<Vec<f32>> {
     if x.len() != row_len {
@@ -456,7 +463,7 @@ pub fn score_key(w: f32, x: f32) -> u32 {
 }
 
 /// Keeps, in each run of M consecutive weights along each row (of the
-/// (shape[0], rest) view), the N largest |w| — or, with `scores` (one
+/// `(shape[0], rest)` view), the N largest |w| — or, with `scores` (one
 /// activation norm per column, see `check_scores`), the N largest |w|·x —
 /// ties to the lower index. A row whose length is not a multiple of M is an
 /// error unless `keep_tail`, which leaves its last, shorter run dense.
@@ -599,7 +606,7 @@ fn pattern_gpu(g: &Gpu, t: &TensorRef, p: Pattern, scores: Option<&[f32]>) -> Re
     Ok(out)
 }
 
-/// Zeroes, in each row (of the (shape[0], rest) view), exactly
+/// Zeroes, in each row (of the `(shape[0], rest)` view), exactly
 /// round_ties_even(s·row length) weights: the smallest |w| — or, with
 /// `scores`, the smallest |w|·x (Wanda) — ties to the lower index. Returns
 /// the result and its zeros.

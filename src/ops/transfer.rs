@@ -20,7 +20,9 @@ use crate::tensor::{Tensor, TensorRef};
 /// The offset added to every weight.
 #[derive(Clone, Copy, Debug)]
 pub enum Delta<'a> {
+    /// The same number for every weight.
     Scalar(f32),
+    /// A tensor of the weights' shape (any float dtype).
     Tensor(TensorRef<'a>),
 }
 

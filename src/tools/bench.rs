@@ -17,10 +17,13 @@ use std::time::Instant;
 /// Sample inputs: two weight matrices of the same shape and a small row-mix
 /// matrix, all in one dtype.
 pub struct Sample {
+    /// A weight matrix.
     pub a: Tensor,
+    /// A second one of the same shape.
     pub b: Tensor,
     /// 64 rows of the same width, for row mixing.
     pub rows: Tensor,
+    /// One weight per row of `rows`.
     pub row_weights: Vec<f32>,
     /// `a` quantized per row (on the CPU), for dequantization.
     pub q: crate::tensor::QTensor,
@@ -50,17 +53,22 @@ impl Sample {
 /// One result: a float tensor, int8 values with their scales, or GGML
 /// blocks.
 pub enum Output {
+    /// Floats.
     Float(Tensor),
+    /// int8 values and scales.
     Int8(crate::tensor::QTensor),
+    /// GGML blocks.
     Blocks(Vec<u8>),
 }
 
 /// How a device's result compares with the CPU's.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Agreement {
+    /// Bit for bit.
     Identical,
     /// Floats differ by at most this many ulps of the output dtype.
     Ulps(u64),
+    /// Beyond any bound.
     Differs,
 }
 
@@ -74,6 +82,7 @@ impl std::fmt::Display for Agreement {
     }
 }
 
+/// How `y` compares with `x` (the CPU's).
 pub fn agreement(x: &Output, y: &Output) -> Agreement {
     match (x, y) {
         (Output::Float(a), Output::Float(b)) => match max_ulp_diff(a, b) {
@@ -104,8 +113,11 @@ type RunFn = fn(&Device, &Sample) -> Result<Output>;
 
 /// A named operation over a sample, and the bytes it reads and writes.
 pub struct Case {
+    /// "prune.threshold", ...
     pub name: &'static str,
+    /// Runs it on a device.
     pub run: RunFn,
+    /// Bytes it reads and writes.
     pub bytes: fn(&Sample) -> u64,
 }
 
@@ -429,7 +441,9 @@ pub fn check(dev: &Device, elements: usize, seed: u64) -> Result<()> {
 
 /// What `bench::run` measures.
 pub struct BenchOptions {
+    /// Elements per sample tensor.
     pub sizes: Vec<usize>,
+    /// Timed repetitions (the best is kept).
     pub reps: usize,
     /// Case names (or prefixes) to run; empty runs all.
     pub kernels: Vec<String>,

@@ -6,26 +6,40 @@ use crate::tensor::TensorRef;
 use rayon::prelude::*;
 use serde::Serialize;
 
+/// One tensor as `inspect` shows it.
 #[derive(Clone, Debug, Serialize)]
 pub struct TensorSummary {
+    /// Its name.
     pub name: String,
+    /// The shard file it is in.
     pub file: String,
+    /// Its safetensors dtype.
     pub dtype: String,
+    /// Its shape.
     pub shape: Vec<usize>,
+    /// Bytes of its data.
     pub bytes: u64,
     /// Statistics of float tensors (F32, F16, BF16) over their finite values.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stats: Option<Stats>,
 }
 
+/// Statistics of a float tensor's finite values.
 #[derive(Clone, Copy, Debug, Serialize)]
 pub struct Stats {
+    /// Smallest value.
     pub min: f64,
+    /// Largest value.
     pub max: f64,
+    /// Largest |w|.
     pub abs_max: f64,
+    /// Mean.
     pub mean: f64,
+    /// Standard deviation.
     pub std: f64,
+    /// Zeros, finite or not.
     pub zeros: u64,
+    /// NaN and infinite values.
     pub nonfinite: u64,
 }
 
@@ -102,6 +116,8 @@ pub fn stats(t: &TensorRef) -> Stats {
     }
 }
 
+/// Every tensor of `model` with its statistics, shard by shard (each
+/// tensor's pages released once read).
 pub fn inspect(model: &Model) -> Result<Vec<TensorSummary>> {
     Ok(model
         .entries()

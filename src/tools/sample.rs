@@ -9,10 +9,12 @@ use crate::tensor::{DType, Tensor};
 pub struct Rng(u64);
 
 impl Rng {
+    /// A generator seeded with `seed`.
     pub fn new(seed: u64) -> Rng {
         Rng(seed)
     }
 
+    /// The next 64 random bits.
     pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
         let mut z = self.0;
@@ -55,10 +57,15 @@ pub fn weight(rng: &mut Rng, dtype: DType, shape: &[usize]) -> Tensor {
 /// The shape of a LLaMA-style sample model.
 #[derive(Clone, Copy, Debug)]
 pub struct LlamaShape {
+    /// Model width.
     pub hidden: usize,
+    /// MLP width.
     pub intermediate: usize,
+    /// Decoder layers.
     pub layers: usize,
+    /// Attention heads.
     pub heads: usize,
+    /// Vocabulary size.
     pub vocab: usize,
 }
 
@@ -90,6 +97,7 @@ impl LlamaShape {
         vocab: 32000,
     };
 
+    /// A named size: demo, 100m or 1g.
     pub fn preset(name: &str) -> Option<LlamaShape> {
         match name {
             "demo" => Some(Self::DEMO),
@@ -123,14 +131,20 @@ impl LlamaShape {
 /// The shape of a BERT-style sample model (encoder with a pooler).
 #[derive(Clone, Copy, Debug)]
 pub struct BertShape {
+    /// Model width.
     pub hidden: usize,
+    /// MLP width.
     pub intermediate: usize,
+    /// Encoder layers.
     pub layers: usize,
+    /// Attention heads.
     pub heads: usize,
+    /// Vocabulary size.
     pub vocab: usize,
 }
 
 impl BertShape {
+    /// A small one for tests and the demo.
     pub const DEMO: BertShape = BertShape {
         hidden: 128,
         intermediate: 512,

@@ -230,6 +230,7 @@ pub struct GgufOptions {
     pub target: String,
     /// --pure: every quantized tensor gets the file type's own type.
     pub pure: bool,
+    /// llama-quantize's --tensor-type, --output-tensor-type and friends.
     pub overrides: Overrides,
     /// --allow-requantize: block-type inputs are dequantized (as ggml
     /// does) and quantized again instead of being an error.

@@ -13,19 +13,33 @@ use regex::Regex;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[allow(non_camel_case_types)]
 pub enum Ftype {
+    /// Q4_0 everywhere (LLAMA_FTYPE_MOSTLY_Q4_0).
     Q4_0,
+    /// Q4_1 everywhere.
     Q4_1,
+    /// Q5_0 everywhere.
     Q5_0,
+    /// Q5_1 everywhere.
     Q5_1,
+    /// Q8_0 everywhere.
     Q8_0,
+    /// Q2_K with llama-quantize's mix.
     Q2_K,
+    /// Q3_K, small mix.
     Q3_K_S,
+    /// Q3_K, medium mix (also `Q3_K`).
     Q3_K_M,
+    /// Q3_K, large mix.
     Q3_K_L,
+    /// Q4_K, small mix.
     Q4_K_S,
+    /// Q4_K, medium mix (also `Q4_K`).
     Q4_K_M,
+    /// Q5_K, small mix.
     Q5_K_S,
+    /// Q5_K, medium mix (also `Q5_K`).
     Q5_K_M,
+    /// Q6_K everywhere.
     Q6_K,
 }
 
@@ -243,6 +257,7 @@ impl Overrides {
 
 /// The per-model state llama-quantize keeps while choosing types.
 pub struct Plan {
+    /// The file type being written.
     pub ftype: Ftype,
     pure: bool,
     overrides: Overrides,

@@ -26,15 +26,25 @@ use rayon::prelude::*;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[allow(non_camel_case_types)]
 pub enum BlockType {
+    /// 32 values, 4-bit, one f16 scale.
     Q4_0,
+    /// 32 values, 4-bit, f16 scale and minimum.
     Q4_1,
+    /// 32 values, 5-bit, one f16 scale.
     Q5_0,
+    /// 32 values, 5-bit, f16 scale and minimum.
     Q5_1,
+    /// 32 values, 8-bit, one f16 scale.
     Q8_0,
+    /// 256-value super-blocks, 4-bit, 6-bit sub-block scales and minimums.
     Q4_K,
+    /// 256-value super-blocks, 5-bit.
     Q5_K,
+    /// 256-value super-blocks, 6-bit, 8-bit sub-block scales.
     Q6_K,
+    /// 256-value super-blocks, 2-bit.
     Q2_K,
+    /// 256-value super-blocks, 3-bit.
     Q3_K,
 }
 
@@ -53,6 +63,7 @@ impl BlockType {
         BlockType::Q3_K,
     ];
 
+    /// ggml's name.
     pub fn name(self) -> &'static str {
         match self {
             BlockType::Q4_0 => "Q4_0",
@@ -68,24 +79,29 @@ impl BlockType {
         }
     }
 
+    /// The type named `name` (any case).
     pub fn from_name(name: &str) -> Option<BlockType> {
         Self::ALL
             .into_iter()
             .find(|t| t.name().eq_ignore_ascii_case(name))
     }
 
+    /// Its GGUF type.
     pub fn ggml(self) -> GgmlType {
         GgmlType::from_name(self.name()).expect("every block type is in the GGUF table")
     }
 
+    /// The block type of a GGUF type, if modelpress quantizes to it.
     pub fn from_ggml(t: GgmlType) -> Option<BlockType> {
         Self::from_name(t.name)
     }
 
+    /// Values per block.
     pub fn block_values(self) -> usize {
         self.ggml().block as usize
     }
 
+    /// Bytes per block.
     pub fn block_bytes(self) -> usize {
         self.ggml().bytes as usize
     }
@@ -109,7 +125,9 @@ impl BlockType {
 /// A quantized tensor's bytes, and how many of its blocks the GPU handed to
 /// the CPU reference (see the module comment).
 pub struct Quantized {
+    /// The blocks, as ggml lays them out.
     pub data: Vec<u8>,
+    /// Blocks the GPU handed to the CPU reference.
     pub cpu_blocks: usize,
 }
 
@@ -294,7 +312,9 @@ pub fn dequantize(ty: BlockType, q: &[u8], n: usize) -> Result<Vec<f32>> {
 /// How far dequantized values are from the originals.
 #[derive(Clone, Copy, Debug)]
 pub struct ErrorStats {
+    /// Largest |y − x|.
     pub max_abs: f64,
+    /// √mean((y − x)²).
     pub rmse: f64,
     /// 10·log10(Σx² / Σ(y − x)²); infinite when the values are exact.
     pub snr_db: f64,
