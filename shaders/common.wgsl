@@ -13,7 +13,6 @@
 override DTYPE: u32 = 0u;
 override DTYPE2: u32 = 0u;
 
-const WG: u32 = 256u;
 const CANONICAL_NAN: u32 = 0x7fc00000u;
 
 fn elems_per_word(dt: u32) -> u32 {

@@ -13,7 +13,8 @@
 // - every result is checked: a subnormal one (which a GPU may flush to
 //   zero) or an infinite one marks the group, and the host quantizes that
 //   group with the CPU reference instead.
-// DTYPE is the input dtype; DTYPE2 the block type (order of BlockType::ALL).
+// DTYPE is the input dtype; DTYPE2 the block type's ggml id. The T_* constants
+// naming those ids are generated from the type table (formats/ggml_types.rs).
 
 // The block geometry comes from the host (BlockType), so it is stated once.
 struct GgmlParams {
@@ -34,16 +35,6 @@ struct GgmlParams {
 // Per group: 0, or 1 = quantize on the CPU, 2 = a non-finite input.
 @group(0) @binding(3) var<storage, read_write> g_flags: array<u32>;
 
-const T_Q4_0: u32 = 0u;
-const T_Q4_1: u32 = 1u;
-const T_Q5_0: u32 = 2u;
-const T_Q5_1: u32 = 3u;
-const T_Q8_0: u32 = 4u;
-const T_Q4_K: u32 = 5u;
-const T_Q5_K: u32 = 6u;
-const T_Q6_K: u32 = 7u;
-const T_Q2_K: u32 = 8u;
-const T_Q3_K: u32 = 9u;
 
 // Constants that are not exact in decimal, as the C compiler rounds them.
 const RDELTA: u32 = 0x3dcccccdu; // 0.1f
@@ -827,7 +818,7 @@ fn q3_k(o: u32) {
 
 // ---- entry point --------------------------------------------------------------
 
-@compute @workgroup_size(64)
+@compute @workgroup_size(GGML_WG)
 fn ggml_quantize(
     @builtin(global_invocation_id) gid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,

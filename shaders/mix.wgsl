@@ -16,7 +16,7 @@ struct MixParams {
 @group(0) @binding(2) var<storage, read> m_w: array<f32>;
 @group(0) @binding(3) var<storage, read_write> m_dst: array<u32>;
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn mix(
     @builtin(global_invocation_id) gid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
@@ -55,7 +55,7 @@ struct RowMixParams {
 @group(0) @binding(3) var<storage, read_write> rm_acc: array<f32>;
 @group(0) @binding(4) var<storage, read_write> rm_state: array<u32>;
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn mix_rows(
     @builtin(global_invocation_id) gid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,

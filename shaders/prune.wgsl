@@ -19,7 +19,7 @@ struct ThresholdParams {
 var<workgroup> wg_count0: atomic<u32>;
 var<workgroup> wg_count1: atomic<u32>;
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn threshold(
     @builtin(global_invocation_id) gid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
@@ -71,7 +71,7 @@ struct RowParams {
 // [zeros in the output]
 @group(0) @binding(4) var<storage, read_write> z_counts: array<atomic<u32>>;
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn zero_rows(
     @builtin(global_invocation_id) gid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,

@@ -32,7 +32,7 @@ fn q_load(i: u32) -> u32 {
     return raw_to_f32_bits(lane_raw(q_src[i / epw], i % epw, DTYPE), DTYPE);
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn quantize_i8(
     @builtin(global_invocation_id) gid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
@@ -93,7 +93,7 @@ struct DequantParams {
 @group(0) @binding(2) var<storage, read> d_scale: array<f32>;
 @group(0) @binding(3) var<storage, read_write> d_dst: array<u32>;
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn dequantize_i8(
     @builtin(global_invocation_id) gid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
@@ -126,7 +126,7 @@ struct ConvertParams {
 @group(0) @binding(1) var<storage, read> c_src: array<u32>;
 @group(0) @binding(2) var<storage, read_write> c_dst: array<u32>;
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn convert(
     @builtin(global_invocation_id) gid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,

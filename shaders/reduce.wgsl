@@ -23,9 +23,9 @@ struct PieceParams {
 @group(0) @binding(3) var<storage, read_write> r_sumabs: array<f32>;
 @group(0) @binding(4) var<storage, read_write> r_max: array<u32>;
 
-var<workgroup> ws_sq: array<f32, 256>;
-var<workgroup> ws_abs: array<f32, 256>;
-var<workgroup> ws_max: array<u32, 256>;
+var<workgroup> ws_sq: array<f32, WG>;
+var<workgroup> ws_abs: array<f32, WG>;
+var<workgroup> ws_max: array<u32, WG>;
 
 fn r_load(i: u32) -> u32 {
     let epw = elems_per_word(DTYPE);
@@ -34,7 +34,7 @@ fn r_load(i: u32) -> u32 {
 
 // One workgroup per piece: the part of one row (at most piece_len long)
 // that lies in this chunk.
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn row_stats(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
@@ -94,7 +94,7 @@ var<workgroup> wg_max: atomic<u32>;
 var<workgroup> wg_nonfinite: atomic<u32>;
 var<workgroup> wg_zeros: atomic<u32>;
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn tensor_stats(
     @builtin(global_invocation_id) gid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
@@ -142,7 +142,7 @@ struct ColParams {
 @group(0) @binding(3) var<storage, read_write> col_sumabs: array<f32>;
 @group(0) @binding(4) var<storage, read_write> col_max: array<u32>;
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn col_stats(
     @builtin(global_invocation_id) gid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,

@@ -22,7 +22,7 @@ fn key_of(raw: u32, dt: u32) -> u32 {
     return raw_to_f32_bits(raw, dt) & 0x7fffffffu;
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn key_hist(
     @builtin(global_invocation_id) gid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
@@ -61,7 +61,7 @@ struct CutParams {
 
 var<workgroup> wg_zeros: atomic<u32>;
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn cut_apply(
     @builtin(global_invocation_id) gid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
@@ -144,7 +144,7 @@ fn nm_key(i: u32) -> u32 {
     return nm_key_of(lane_raw(nm_src[i / epw], i % epw, DTYPE), i);
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn nm_prune(
     @builtin(global_invocation_id) gid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
@@ -210,7 +210,7 @@ fn rc_key(i: u32) -> u32 {
     return b & 0x7fffffffu;
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn row_cut(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
@@ -280,7 +280,7 @@ struct RowApplyParams {
 // [ties listed, zeros in the output (listed ties not counted)]
 @group(0) @binding(6) var<storage, read_write> ra_counts: array<atomic<u32>>;
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn row_cut_apply(
     @builtin(global_invocation_id) gid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,

@@ -12,7 +12,7 @@ struct CheckParams {
 @group(0) @binding(1) var<storage, read> chk_src: array<u32>;
 @group(0) @binding(2) var<storage, read_write> chk_dst: array<u32>;
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn div_check(
     @builtin(global_invocation_id) gid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,

@@ -13,7 +13,7 @@ struct ScalarParams {
 @group(0) @binding(1) var<storage, read> o_src: array<u32>;
 @group(0) @binding(2) var<storage, read_write> o_dst: array<u32>;
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn offset_scalar(
     @builtin(global_invocation_id) gid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
@@ -46,7 +46,7 @@ struct TensorParams {
 @group(0) @binding(2) var<storage, read> td_delta: array<u32>;
 @group(0) @binding(3) var<storage, read_write> td_dst: array<u32>;
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn offset_tensor(
     @builtin(global_invocation_id) gid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,

@@ -33,7 +33,7 @@ fn every_type_matches_ggml_bytes_on_every_device() {
     let input = fixed_input();
     let shape = [input.len() / 4];
     let t = modelpress::TensorRef::new(DType::F32, &shape, &input).unwrap();
-    for ty in BlockType::ALL {
+    for &ty in BlockType::ALL {
         let want = std::fs::read(format!("{DATA}/{}.bin", ty.name())).unwrap();
         for (name, dev) in devices() {
             let q = quantize(&dev, ty, &t).unwrap();
@@ -78,7 +78,7 @@ fn gpu_equals_cpu_for_every_type_dtype_and_chunking() {
         return;
     }
     let mut rng = Rng::new(seed("ggml_gpu_cpu"));
-    for ty in BlockType::ALL {
+    for &ty in BlockType::ALL {
         // Odd block counts too, for the types done two blocks at a time.
         for blocks in [1usize, 3, 8, 37] {
             let n = blocks * ty.block_values();
@@ -107,7 +107,7 @@ fn dequantized_values_are_within_the_block_step() {
     let n = 16 * 256;
     let x = model_like(&mut rng, n);
     let t = Tensor::from_f32(DType::F32, &[n], &x).unwrap();
-    for ty in BlockType::ALL {
+    for &ty in BlockType::ALL {
         let q = quantize(&Device::Cpu, ty, &t.view()).unwrap();
         let y = dequantize(ty, &q.data, n).unwrap();
         // Levels per block: 2^bits; the error is at most about one step of

@@ -251,7 +251,7 @@ fn prune<'a>(input: &'a str, out: &'a str, more: &[&'a str]) -> Vec<&'a str> {
 }
 
 #[test]
-fn outputs_that_are_contain_or_sit_inside_inputs() {
+fn hostile_outputs_that_are_contain_or_sit_inside_inputs() {
     let sb = Sandbox::new();
     let f = ["--force"];
     let never = "never writes over its inputs";
@@ -427,7 +427,7 @@ fn outputs_that_are_contain_or_sit_inside_inputs() {
 }
 
 #[test]
-fn reports_are_outputs_too() {
+fn hostile_reports_are_outputs_too() {
     let sb = Sandbox::new();
     let r = |path: &'static str| ["--report", path, "--force"];
     refused(
@@ -550,7 +550,7 @@ fn reports_are_outputs_too() {
 }
 
 #[test]
-fn existing_outputs_and_force() {
+fn hostile_existing_outputs_and_force() {
     let sb = Sandbox::new();
     ok_in(&sb, ".", &prune("proj/model", "out", &[]));
     ok_in(
@@ -647,7 +647,7 @@ fn make_fifo(p: &Path) {
 }
 
 #[test]
-fn inputs_that_are_not_regular_files() {
+fn hostile_inputs_that_are_not_regular_files() {
     let sb = Sandbox::new();
     make_fifo(&sb.p("fifo.safetensors"));
     refused(
@@ -736,7 +736,7 @@ fn inputs_that_are_not_regular_files() {
 }
 
 #[test]
-fn stdout_and_stderr_that_fail() {
+fn hostile_stdout_and_stderr_that_fail() {
     let sb = Sandbox::new();
     // A reader that went away: quiet, 141 as after SIGPIPE.
     for args in [
@@ -818,7 +818,7 @@ fn with_file_limit(sb: &Sandbox, args: &[&str], bytes: u64) -> Outcome {
 }
 
 #[test]
-fn writes_that_fail_leave_nothing() {
+fn hostile_writes_that_fail_leave_nothing() {
     let sb = Sandbox::new();
     write_llama_model(&sb.p("medium"), MEDIUM, DType::BF16, 2, 5).unwrap();
     let cases: Vec<Vec<&str>> = vec![
@@ -890,7 +890,7 @@ fn kill(pid: u32, sig: i32) {
 }
 
 #[test]
-fn signals_at_random_moments_leave_only_the_inputs() {
+fn hostile_signals_at_random_moments_leave_only_the_inputs() {
     let sb = Sandbox::new();
     write_llama_model(&sb.p("medium"), MEDIUM, DType::BF16, 3, 9).unwrap();
     let args = prune("medium", "out", &["--device", "cpu", "--report", "r.json"]);
@@ -942,7 +942,7 @@ fn signals_at_random_moments_leave_only_the_inputs() {
 }
 
 #[test]
-fn what_sigkill_leaves_the_next_run_removes() {
+fn hostile_what_sigkill_leaves_the_next_run_removes() {
     let sb = Sandbox::new();
     write_llama_model(&sb.p("medium"), MEDIUM, DType::BF16, 3, 11).unwrap();
     let args = prune("medium", "out", &["--device", "cpu"]);
@@ -977,7 +977,7 @@ fn what_sigkill_leaves_the_next_run_removes() {
 }
 
 #[test]
-fn concurrent_writers_to_one_output() {
+fn hostile_concurrent_writers_to_one_output() {
     let sb = Sandbox::new();
     write_llama_model(&sb.p("medium"), MEDIUM, DType::BF16, 2, 13).unwrap();
     let args = prune("medium", "out", &["--device", "cpu"]);
@@ -1020,7 +1020,7 @@ fn concurrent_writers_to_one_output() {
 }
 
 #[test]
-fn an_output_that_appears_during_the_run_is_not_replaced() {
+fn hostile_an_output_that_appears_during_the_run_is_not_replaced() {
     let sb = Sandbox::new();
     write_llama_model(&sb.p("medium"), MEDIUM, DType::BF16, 2, 17).unwrap();
     for (args, out) in [
@@ -1057,7 +1057,7 @@ fn an_output_that_appears_during_the_run_is_not_replaced() {
 }
 
 #[test]
-fn models_are_compared_whole() {
+fn hostile_models_are_compared_whole() {
     let sb = Sandbox::new();
     let d = sb.dir();
     let mk =
@@ -1147,7 +1147,7 @@ fn models_are_compared_whole() {
 }
 
 #[test]
-fn overflow_to_infinity_is_refused_unless_allowed() {
+fn hostile_overflow_to_infinity_is_refused_unless_allowed() {
     let sb = Sandbox::new();
     let d = sb.dir();
     // 30000·(1 + k/13): finite in f16 alone, over 65504 summed.
@@ -1214,7 +1214,7 @@ fn run_measured(cwd: &Path, args: &[&str]) -> (i32, u64, String) {
 }
 
 #[test]
-fn a_hundred_thousand_tensors() {
+fn hostile_a_hundred_thousand_tensors() {
     let sb = Sandbox::new();
     let n = 100_000;
     let names: Vec<String> = (0..n)

@@ -800,12 +800,12 @@ fn gguf_requantize_and_tensor_type_overrides() {
             "Q8_0"
         } else if t.name.contains("mlp") {
             "Q5_0"
-        } else if src.ty.name == "Q8_0" {
+        } else if src.ty.name() == "Q8_0" {
             "Q4_K"
         } else {
-            src.ty.name
+            src.ty.name()
         };
-        assert_eq!(t.ty.name, want, "{}", t.name);
+        assert_eq!(t.ty.name(), want, "{}", t.name);
         if want == "Q4_K" {
             // Requantized from the values the Q8_0 blocks hold.
             let n = t.numel() as usize;

@@ -872,7 +872,7 @@ fn inspect_gguf(path: &Path, json: bool) -> Result<()> {
             "alignment": f.alignment,
             "metadata": f.metadata.iter().map(|(k, v)| (k.clone(), serde_json::Value::String(v.show()))).collect::<serde_json::Map<_, _>>(),
             "tensors": f.tensors.iter().map(|t| serde_json::json!({
-                "name": t.name, "type": t.ty.name, "shape": t.shape(), "bytes": t.bytes, "offset": t.offset,
+                "name": t.name, "type": t.ty.name(), "shape": t.shape(), "bytes": t.bytes, "offset": t.offset,
             })).collect::<Vec<_>>(),
         });
         modelpress::outln!("{}", serde_json::to_string_pretty(&v).expect("json"))?;
@@ -899,7 +899,7 @@ fn inspect_gguf(path: &Path, json: bool) -> Result<()> {
         modelpress::outln!(
             "{:<48} {:>8} {:>20} {:>10}",
             t.name,
-            t.ty.name,
+            t.ty.name(),
             format!("{:?}", t.shape()),
             human_bytes(t.bytes)
         )?;

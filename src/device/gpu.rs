@@ -227,11 +227,16 @@ impl GpuContext {
         self.max_chunk_bytes().min(DEFAULT_MAX_CHUNK_BYTES)
     }
 
-    /// Workgroups to dispatch for `units` invocations of 256 (kernels loop
+    /// Workgroups to dispatch for `units` invocations of `WG` (kernels loop
     /// with a grid stride, so any count up to the device limit is correct).
     pub(crate) fn workgroups_for(&self, units: u64) -> u32 {
+        self.workgroups_of(units, super::WG)
+    }
+
+    /// Workgroups to dispatch for `units` invocations of `size` each.
+    pub(crate) fn workgroups_of(&self, units: u64, size: u32) -> u32 {
         let max = self.limits.max_compute_workgroups_per_dimension.max(1) as u64;
-        units.div_ceil(256).clamp(1, max) as u32
+        units.div_ceil(size as u64).clamp(1, max) as u32
     }
 
     /// Releases the device's memory now. Every later call on it returns

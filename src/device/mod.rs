@@ -8,11 +8,10 @@
 mod buffers;
 mod gpu;
 mod kernels;
-mod selfcheck;
 
 pub(crate) use buffers::{Chunk, Input, StreamLayout};
 pub use gpu::{list_adapters, AdapterSummary, GpuContext};
-pub(crate) use kernels::Kernel;
+pub(crate) use kernels::{KernelDef, WG};
 
 use crate::error::{Error, Result};
 use std::sync::Arc;

@@ -27,236 +27,7 @@ pub const MAX_NAME: usize = 64;
 const MAX_DIMS: u32 = 4;
 const MAX_ARRAY_DEPTH: usize = 8;
 
-/// A ggml tensor type: its id, name, block size (values) and block bytes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct GgmlType {
-    /// ggml's `enum ggml_type` value.
-    pub id: u32,
-    /// ggml's name ("Q4_K").
-    pub name: &'static str,
-    /// Values per block (1 for plain types).
-    pub block: u64,
-    /// Bytes per block.
-    pub bytes: u64,
-}
-
-/// Every type whose layout is fixed (ggml-common.h); others are refused.
-pub const GGML_TYPES: &[GgmlType] = &[
-    GgmlType {
-        id: 0,
-        name: "F32",
-        block: 1,
-        bytes: 4,
-    },
-    GgmlType {
-        id: 1,
-        name: "F16",
-        block: 1,
-        bytes: 2,
-    },
-    GgmlType {
-        id: 2,
-        name: "Q4_0",
-        block: 32,
-        bytes: 18,
-    },
-    GgmlType {
-        id: 3,
-        name: "Q4_1",
-        block: 32,
-        bytes: 20,
-    },
-    GgmlType {
-        id: 6,
-        name: "Q5_0",
-        block: 32,
-        bytes: 22,
-    },
-    GgmlType {
-        id: 7,
-        name: "Q5_1",
-        block: 32,
-        bytes: 24,
-    },
-    GgmlType {
-        id: 8,
-        name: "Q8_0",
-        block: 32,
-        bytes: 34,
-    },
-    GgmlType {
-        id: 9,
-        name: "Q8_1",
-        block: 32,
-        bytes: 36,
-    },
-    GgmlType {
-        id: 10,
-        name: "Q2_K",
-        block: 256,
-        bytes: 84,
-    },
-    GgmlType {
-        id: 11,
-        name: "Q3_K",
-        block: 256,
-        bytes: 110,
-    },
-    GgmlType {
-        id: 12,
-        name: "Q4_K",
-        block: 256,
-        bytes: 144,
-    },
-    GgmlType {
-        id: 13,
-        name: "Q5_K",
-        block: 256,
-        bytes: 176,
-    },
-    GgmlType {
-        id: 14,
-        name: "Q6_K",
-        block: 256,
-        bytes: 210,
-    },
-    GgmlType {
-        id: 15,
-        name: "Q8_K",
-        block: 256,
-        bytes: 292,
-    },
-    GgmlType {
-        id: 16,
-        name: "IQ2_XXS",
-        block: 256,
-        bytes: 66,
-    },
-    GgmlType {
-        id: 17,
-        name: "IQ2_XS",
-        block: 256,
-        bytes: 74,
-    },
-    GgmlType {
-        id: 18,
-        name: "IQ3_XXS",
-        block: 256,
-        bytes: 98,
-    },
-    GgmlType {
-        id: 19,
-        name: "IQ1_S",
-        block: 256,
-        bytes: 50,
-    },
-    GgmlType {
-        id: 20,
-        name: "IQ4_NL",
-        block: 32,
-        bytes: 18,
-    },
-    GgmlType {
-        id: 21,
-        name: "IQ3_S",
-        block: 256,
-        bytes: 110,
-    },
-    GgmlType {
-        id: 22,
-        name: "IQ2_S",
-        block: 256,
-        bytes: 82,
-    },
-    GgmlType {
-        id: 23,
-        name: "IQ4_XS",
-        block: 256,
-        bytes: 136,
-    },
-    GgmlType {
-        id: 24,
-        name: "I8",
-        block: 1,
-        bytes: 1,
-    },
-    GgmlType {
-        id: 25,
-        name: "I16",
-        block: 1,
-        bytes: 2,
-    },
-    GgmlType {
-        id: 26,
-        name: "I32",
-        block: 1,
-        bytes: 4,
-    },
-    GgmlType {
-        id: 27,
-        name: "I64",
-        block: 1,
-        bytes: 8,
-    },
-    GgmlType {
-        id: 28,
-        name: "F64",
-        block: 1,
-        bytes: 8,
-    },
-    GgmlType {
-        id: 29,
-        name: "IQ1_M",
-        block: 256,
-        bytes: 56,
-    },
-    GgmlType {
-        id: 30,
-        name: "BF16",
-        block: 1,
-        bytes: 2,
-    },
-    GgmlType {
-        id: 34,
-        name: "TQ1_0",
-        block: 256,
-        bytes: 54,
-    },
-    GgmlType {
-        id: 35,
-        name: "TQ2_0",
-        block: 256,
-        bytes: 66,
-    },
-    GgmlType {
-        id: 39,
-        name: "MXFP4",
-        block: 32,
-        bytes: 17,
-    },
-];
-
-impl GgmlType {
-    /// The type with ggml id `id`.
-    pub fn from_id(id: u32) -> Option<GgmlType> {
-        GGML_TYPES.iter().copied().find(|t| t.id == id)
-    }
-
-    /// The type named `name` (any case).
-    pub fn from_name(name: &str) -> Option<GgmlType> {
-        GGML_TYPES
-            .iter()
-            .copied()
-            .find(|t| t.name.eq_ignore_ascii_case(name))
-    }
-
-    /// Bytes of `n` values, or None if n is not a whole number of blocks.
-    pub fn size_of(&self, n: u64) -> Option<u64> {
-        n.is_multiple_of(self.block)
-            .then(|| n / self.block)
-            .and_then(|b| b.checked_mul(self.bytes))
-    }
-}
+pub use super::ggml_types::GgmlType;
 
 /// Key/value metadata in file order.
 pub type Metadata = Vec<(String, Value)>;
@@ -584,10 +355,12 @@ fn parse(path: &Path, b: &[u8]) -> Result<Header> {
             .iter()
             .try_fold(1u64, |a, &d| a.checked_mul(d))
             .ok_or_else(|| at("dimensions overflow".into()))?;
-        if dims.first().is_some_and(|&d0| d0 % ty.block != 0) {
+        if dims.first().is_some_and(|&d0| d0 % ty.block() != 0) {
             return Err(at(format!(
                 "innermost dimension {} is not a multiple of {}'s block of {}",
-                dims[0], ty.name, ty.block
+                dims[0],
+                ty.name(),
+                ty.block()
             )));
         }
         let bytes = ty
@@ -750,7 +523,10 @@ impl GgufWriter {
             let bad = || {
                 Error::input(format!(
                     "tensor '{}': dims {:?} do not fit {} blocks of {}",
-                    t.name, t.dims, t.ty.name, t.ty.block
+                    t.name,
+                    t.dims,
+                    t.ty.name(),
+                    t.ty.block()
                 ))
             };
             let numel = t
@@ -758,7 +534,7 @@ impl GgufWriter {
                 .iter()
                 .try_fold(1u64, |a, &d| a.checked_mul(d))
                 .ok_or_else(bad)?;
-            if t.dims.first().is_some_and(|d| d % t.ty.block != 0) {
+            if t.dims.first().is_some_and(|d| d % t.ty.block() != 0) {
                 return Err(bad());
             }
             let bytes = t.ty.size_of(numel).ok_or_else(bad)?;
@@ -767,7 +543,7 @@ impl GgufWriter {
             for d in &t.dims {
                 head.extend_from_slice(&d.to_le_bytes());
             }
-            head.extend_from_slice(&t.ty.id.to_le_bytes());
+            head.extend_from_slice(&t.ty.id().to_le_bytes());
             head.extend_from_slice(&offset.to_le_bytes());
             offset = offset
                 .checked_add(bytes)

@@ -1,6 +1,7 @@
 //! File formats. A format reads and writes bytes; it knows nothing of
 //! devices or operations.
 
+pub mod ggml_types;
 pub mod gguf;
 pub mod model;
 pub mod output;

@@ -12,11 +12,12 @@
 //!   (the tests state the bound).
 
 use super::codec::{with_codec, Codec};
+use super::kernels::Kernel;
 use super::{
     chunk_elems, chunks, f32_at, finish_special, finite_param, matrix_tiles, params, same_shape,
     term_special, tile_input, u32_at, Tile, CPU_BLOCK,
 };
-use crate::device::{Chunk, Device, Gpu, Input, Kernel, StreamLayout};
+use crate::device::{Chunk, Device, Gpu, Input, StreamLayout};
 use crate::error::{Error, Result};
 use crate::tensor::{Tensor, TensorRef};
 use rayon::prelude::*;
@@ -24,6 +25,20 @@ use std::borrow::Cow;
 
 /// Most models `mix` combines in one call.
 pub const MAX_MIX_INPUTS: usize = 16;
+
+kernel_params!(MixParams {
+    n: u32,
+    k: u32,
+    stride: u32,
+    _pad0: u32,
+});
+
+kernel_params!(RowMixParams {
+    rows: u32,
+    cols: u32,
+    _pad0: u32,
+    _pad1: u32,
+});
 
 /// Σ pᵢ·wᵢ.
 pub fn mix(dev: &Device, inputs: &[TensorRef], weights: &[f32]) -> Result<Tensor> {
@@ -107,7 +122,12 @@ fn mix_gpu(g: &Gpu, inputs: &[TensorRef], weights: &[f32]) -> Result<Tensor> {
     let pipeline = g.ctx.pipeline(Kernel::Mix, dt.shader_code(), 0)?;
     let ranges: Vec<_> = chunks(n, ce).collect();
     let jobs = ranges.iter().map(|r| Chunk {
-        params: params(&[r.len() as u32, k as u32, stride_words as u32, 0]),
+        params: params(&MixParams {
+            n: r.len() as u32,
+            k: k as u32,
+            stride: stride_words as u32,
+            ..Default::default()
+        }),
         inputs: vec![
             Input {
                 parts: inputs
@@ -211,7 +231,11 @@ fn mix_rows_gpu(g: &Gpu, t: &TensorRef, weights: &[f32]) -> Result<(Vec<f32>, Ve
     let jobs = tiles.iter().map(|&tile| {
         let w = tile.c1 - tile.c0;
         Chunk {
-            params: params(&[(tile.r1 - tile.r0) as u32, w as u32, 0, 0]),
+            params: params(&RowMixParams {
+                rows: (tile.r1 - tile.r0) as u32,
+                cols: w as u32,
+                ..Default::default()
+            }),
             inputs: vec![
                 tile_input(t, tile),
                 bytemuck::cast_slice(&weights[tile.r0..tile.r1]).into(),

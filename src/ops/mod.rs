@@ -2,13 +2,37 @@
 //! parameter checks, the CPU reference (the specification) and the GPU
 //! dispatch; the public function picks one by `Device`.
 
+/// Declares a kernel's parameter block: a `#[repr(C)]` struct of 4-byte
+/// fields, field for field the WGSL struct of the same name the kernel
+/// reads at binding 0 (`kernels` tests compare the two). Padding fields
+/// (`_pad0`, ...) are zeroed by `Default`: build one with
+/// `Name { n, tau_bits, ..Default::default() }`.
+macro_rules! kernel_params {
+    ($(#[$m:meta])* $name:ident { $($field:ident: $ty:ty),* $(,)? }) => {
+        $(#[$m])*
+        #[repr(C)]
+        #[derive(Clone, Copy, Debug, Default, bytemuck::Pod, bytemuck::Zeroable)]
+        #[allow(dead_code)] // read by the GPU, through bytemuck
+        pub(crate) struct $name {
+            $(pub(crate) $field: $ty,)*
+        }
+
+        impl $crate::ops::KernelParams for $name {
+            const WGSL: &'static str = stringify!($name);
+            const FIELDS: &'static [&'static str] = &[$(stringify!($field)),*];
+        }
+    };
+}
+
 pub(crate) mod codec;
 pub mod ggml;
+pub(crate) mod kernels;
 pub mod mix;
 pub mod prune;
 pub mod quantize;
 pub mod reduce;
 pub mod select;
+mod selfcheck;
 pub mod transfer;
 
 use crate::device::Gpu;
@@ -167,8 +191,17 @@ pub(crate) fn f32_at(bytes: &[u8], i: usize) -> f32 {
     f32::from_bits(u32_at(bytes, i))
 }
 
-pub(crate) fn params(words: &[u32]) -> Vec<u8> {
-    bytemuck::cast_slice(words).to_vec()
+/// A kernel's parameter block (see `kernel_params!`).
+pub(crate) trait KernelParams: bytemuck::Pod {
+    /// The WGSL struct it mirrors.
+    const WGSL: &'static str;
+    /// Its fields' names, in order.
+    const FIELDS: &'static [&'static str];
+}
+
+/// The bytes of a parameter block, for `Chunk::params`.
+pub(crate) fn params(p: &impl KernelParams) -> Vec<u8> {
+    bytemuck::bytes_of(p).to_vec()
 }
 
 /// Subnormal f32 -> signed zero (see flush_subnormal in common.wgsl).
@@ -251,6 +284,61 @@ pub(crate) fn cpu_map<I: Codec, O: Codec, const C: usize>(
             },
         );
     (out, counts)
+}
+
+/// The GPU twin of `cpu_map`: streams elementwise kernel `kernel` over
+/// `inputs` (tensors of one element count, chunked alike; `codes` are its
+/// `DTYPE`/`DTYPE2`), writing one tensor of `out_dtype` and summing the `C`
+/// u32 counters the kernel keeps in its last binding. `params` gives a
+/// chunk's parameter block from its element count.
+pub(crate) fn gpu_map<P: KernelParams, const C: usize>(
+    g: &Gpu,
+    kernel: kernels::Kernel,
+    codes: (u32, u32),
+    inputs: &[&TensorRef],
+    out_dtype: DType,
+    params: impl Fn(usize) -> P,
+) -> Result<(Tensor, [u64; C])> {
+    let n = inputs.first().map_or(0, |t| t.numel());
+    let sizes: Vec<usize> = inputs.iter().map(|t| t.dtype.size()).collect();
+    let eo = out_dtype.size();
+    let widest = sizes.iter().copied().fold(eo, usize::max);
+    let mut out = Tensor::zeros(out_dtype, inputs.first().map_or(&[][..], |t| t.shape));
+    let ce = chunk_elems(g, n, widest as f64, 0)?;
+    let mut outputs = vec![((ce * eo) as u64, false)];
+    if C > 0 {
+        outputs.push(((4 * C) as u64, true));
+    }
+    let layout = crate::device::StreamLayout {
+        inputs: sizes.iter().map(|s| (ce * s) as u64).collect(),
+        outputs,
+    };
+    let pipeline = g.ctx.pipeline(kernel, codes.0, codes.1)?;
+    let ranges: Vec<_> = chunks(n, ce).collect();
+    let jobs = ranges.iter().map(|r| crate::device::Chunk {
+        params: self::params(&params(r.len())),
+        inputs: inputs
+            .iter()
+            .zip(&sizes)
+            .map(|(t, &s)| (&t.data[r.start * s..r.end * s]).into())
+            .collect(),
+        read: std::iter::once((r.len() * eo) as u64)
+            .chain((C > 0).then_some((4 * C) as u64))
+            .collect(),
+        // Enough invocations for a word of the widest operand each; the
+        // kernels loop with a grid stride and skip what is past the end.
+        workgroups: g.ctx.workgroups_for((r.len() * widest).div_ceil(4) as u64),
+    });
+    let mut counts = [0u64; C];
+    g.ctx.stream(&pipeline, &layout, jobs, |k, outs| {
+        let r = &ranges[k];
+        out.data[r.start * eo..r.end * eo].copy_from_slice(outs[0]);
+        for (i, c) in counts.iter_mut().enumerate() {
+            *c += u32_at(outs[1], i) as u64;
+        }
+        Ok(())
+    })?;
+    Ok((out, counts))
 }
 
 /// Err naming the operation when two shapes differ.

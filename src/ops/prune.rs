@@ -11,9 +11,10 @@
 //!   vector: each element is its own neuron, so the rule is elementwise.
 
 use super::codec::{with_codec, Codec};
+use super::kernels::Kernel;
 use super::reduce::{row_figures, row_stats, RowStats};
-use super::{check_row_len, chunk_elems, chunk_rows, chunks, cpu_map, params, u32_at};
-use crate::device::{Chunk, Device, Gpu, Kernel, StreamLayout};
+use super::{check_row_len, chunk_elems, chunk_rows, chunks, cpu_map, gpu_map, params, u32_at};
+use crate::device::{Chunk, Device, Gpu, StreamLayout};
 use crate::error::{Error, Result};
 use crate::tensor::{Tensor, TensorRef};
 
@@ -112,37 +113,38 @@ fn threshold_cpu(t: &TensorRef, tau_bits: u32) -> (Tensor, PruneStats) {
     )
 }
 
+kernel_params!(ThresholdParams {
+    n: u32,
+    tau_bits: u32,
+    _pad0: u32,
+    _pad1: u32,
+});
+
+kernel_params!(RowParams {
+    n: u32,
+    row_len: u32,
+    col0: u32,
+    by_col: u32,
+});
+
 fn threshold_gpu(g: &Gpu, t: &TensorRef, tau_bits: u32) -> Result<(Tensor, PruneStats)> {
-    let n = t.numel();
-    let es = t.dtype.size();
-    let mut out = Tensor::zeros(t.dtype, t.shape);
-    let mut st = PruneStats {
-        numel: n as u64,
-        pruned: 0,
-        zeros: 0,
+    let (out, [pruned, zeros]) = gpu_map(
+        g,
+        Kernel::Threshold,
+        (t.dtype.shader_code(), 0),
+        &[t],
+        t.dtype,
+        |n| ThresholdParams {
+            n: n as u32,
+            tau_bits,
+            ..Default::default()
+        },
+    )?;
+    let st = PruneStats {
+        numel: t.numel() as u64,
+        pruned,
+        zeros,
     };
-    let ce = chunk_elems(g, n, es as f64, 0)?;
-    let layout = StreamLayout {
-        inputs: vec![(ce * es) as u64],
-        outputs: vec![((ce * es) as u64, false), (8, true)],
-    };
-    let pipeline = g
-        .ctx
-        .pipeline(Kernel::Threshold, t.dtype.shader_code(), 0)?;
-    let ranges: Vec<_> = chunks(n, ce).collect();
-    let jobs = ranges.iter().map(|r| Chunk {
-        params: params(&[r.len() as u32, tau_bits, 0, 0]),
-        inputs: vec![(&t.data[r.start * es..r.end * es]).into()],
-        read: vec![(r.len() * es) as u64, 8],
-        workgroups: g.ctx.workgroups_for((r.len() * es).div_ceil(4) as u64),
-    });
-    g.ctx.stream(&pipeline, &layout, jobs, |k, outs| {
-        let r = &ranges[k];
-        out.data[r.start * es..r.end * es].copy_from_slice(outs[0]);
-        st.pruned += u32_at(outs[1], 0) as u64;
-        st.zeros += u32_at(outs[1], 1) as u64;
-        Ok(())
-    })?;
     Ok((out, st))
 }
 
@@ -442,12 +444,12 @@ fn zero_lines_gpu(g: &Gpu, t: &TensorRef, mask: &[bool], axis: Axis) -> Result<(
                 .into()
         };
         Chunk {
-            params: params(&[
-                r.len() as u32,
-                row_len as u32,
-                cr.col0 as u32,
-                by_col as u32,
-            ]),
+            params: params(&RowParams {
+                n: r.len() as u32,
+                row_len: row_len as u32,
+                col0: cr.col0 as u32,
+                by_col: by_col as u32,
+            }),
             inputs: vec![(&t.data[r.start * es..r.end * es]).into(), lines],
             read: vec![(r.len() * es) as u64, 4],
             workgroups: g.ctx.workgroups_for((r.len() * es).div_ceil(4) as u64),

@@ -15,12 +15,13 @@
 //!   With the round-mode scale fl(1/Q) this is within 1 ulp of q/Q.
 
 use super::codec::{round_even_small, with_codec, Codec};
+use super::kernels::Kernel;
 use super::reduce::{row_stats, tensor_stats};
 use super::{
-    check_row_len, chunk_elems, chunk_rows, chunks, cpu_map, f32_bytes, flush_subnormal, params,
-    row_segments, row_vector_bytes_per_elem, u32_at, CPU_BLOCK,
+    check_row_len, chunk_elems, chunk_rows, chunks, cpu_map, f32_bytes, flush_subnormal, gpu_map,
+    params, row_segments, row_vector_bytes_per_elem, u32_at, CPU_BLOCK,
 };
-use crate::device::{Chunk, Device, Gpu, Kernel, StreamLayout};
+use crate::device::{Chunk, Device, Gpu, StreamLayout};
 use crate::error::{Error, Result};
 use crate::tensor::{DType, QTensor, Tensor, TensorRef};
 use rayon::prelude::*;
@@ -35,6 +36,31 @@ pub struct QuantStats {
 }
 
 pub use crate::tensor::Granularity;
+
+kernel_params!(QuantParams {
+    n: u32,
+    row_len: u32,
+    col0: u32,
+    per_row: u32,
+    qmin: i32,
+    qmax: i32,
+    _pad0: u32,
+    _pad1: u32,
+});
+
+kernel_params!(DequantParams {
+    n: u32,
+    row_len: u32,
+    col0: u32,
+    per_row: u32,
+});
+
+kernel_params!(ConvertParams {
+    n: u32,
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
+});
 
 /// q = round(w·Q) as saturating int8.
 pub fn quantize_round(dev: &Device, t: &TensorRef, q: f32) -> Result<(QTensor, QuantStats)> {
@@ -235,16 +261,15 @@ fn quantize_gpu(
             mults
         };
         Chunk {
-            params: params(&[
-                r.len() as u32,
-                row_len as u32,
-                cr.col0 as u32,
-                per_row as u32,
-                qmin as u32,
-                qmax as u32,
-                0,
-                0,
-            ]),
+            params: params(&QuantParams {
+                n: r.len() as u32,
+                row_len: row_len as u32,
+                col0: cr.col0 as u32,
+                per_row: per_row as u32,
+                qmin,
+                qmax,
+                ..Default::default()
+            }),
             inputs: vec![
                 (&t.data[r.start * es..r.end * es]).into(),
                 f32_bytes(m).into(),
@@ -323,12 +348,12 @@ fn dequantize_gpu(g: &Gpu, q: &QTensor, dtype: DType, row_len: usize) -> Result<
             &q.scales[..]
         };
         Chunk {
-            params: params(&[
-                r.len() as u32,
-                row_len as u32,
-                cr.col0 as u32,
-                q.is_per_row() as u32,
-            ]),
+            params: params(&DequantParams {
+                n: r.len() as u32,
+                row_len: row_len as u32,
+                col0: cr.col0 as u32,
+                per_row: q.is_per_row() as u32,
+            }),
             inputs: vec![(&bytes[r.clone()]).into(), f32_bytes(s).into()],
             read: vec![(r.len() * es) as u64],
             workgroups: g.ctx.workgroups_for((r.len() * es).div_ceil(4) as u64),
@@ -359,28 +384,10 @@ pub fn convert(dev: &Device, t: &TensorRef, dtype: DType) -> Result<Tensor> {
 }
 
 fn convert_gpu(g: &Gpu, t: &TensorRef, dtype: DType) -> Result<Tensor> {
-    let n = t.numel();
-    let (ei, eo) = (t.dtype.size(), dtype.size());
-    let mut out = Tensor::zeros(dtype, t.shape);
-    let ce = chunk_elems(g, n, ei.max(eo) as f64, 0)?;
-    let layout = StreamLayout {
-        inputs: vec![(ce * ei) as u64],
-        outputs: vec![((ce * eo) as u64, false)],
-    };
-    let pipeline = g
-        .ctx
-        .pipeline(Kernel::Convert, t.dtype.shader_code(), dtype.shader_code())?;
-    let ranges: Vec<_> = chunks(n, ce).collect();
-    let jobs = ranges.iter().map(|r| Chunk {
-        params: params(&[r.len() as u32, 0, 0, 0]),
-        inputs: vec![(&t.data[r.start * ei..r.end * ei]).into()],
-        read: vec![(r.len() * eo) as u64],
-        workgroups: g.ctx.workgroups_for((r.len() * eo).div_ceil(4) as u64),
-    });
-    g.ctx.stream(&pipeline, &layout, jobs, |k, outs| {
-        let r = &ranges[k];
-        out.data[r.start * eo..r.end * eo].copy_from_slice(outs[0]);
-        Ok(())
+    let codes = (t.dtype.shader_code(), dtype.shader_code());
+    let (out, []) = gpu_map(g, Kernel::Convert, codes, &[t], dtype, |n| ConvertParams {
+        n: n as u32,
+        ..Default::default()
     })?;
     Ok(out)
 }

@@ -7,11 +7,12 @@
 //! the CPU reference for the rows that land too close to call.
 
 use super::codec::{with_codec, Codec};
+use super::kernels::Kernel;
 use super::{
     check_row_len, chunk_elems, chunk_rows, chunks, f32_at, matrix_tiles, params, tile_input,
     u32_at, Tile, CPU_BLOCK,
 };
-use crate::device::{Chunk, Device, Gpu, Kernel, StreamLayout};
+use crate::device::{Chunk, Device, Gpu, StreamLayout};
 use crate::error::Result;
 use crate::tensor::TensorRef;
 use rayon::prelude::*;
@@ -19,6 +20,31 @@ use rayon::prelude::*;
 /// Elements one workgroup reduces in `row_stats` (a row longer than this is
 /// split into pieces the host adds up).
 const PIECE_LEN: usize = 4096;
+
+kernel_params!(PieceParams {
+    n: u32,
+    row_len: u32,
+    col0: u32,
+    piece_len: u32,
+    pieces: u32,
+    ppr: u32,
+    p0: u32,
+    _pad0: u32,
+});
+
+kernel_params!(StatParams {
+    n: u32,
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
+});
+
+kernel_params!(ColParams {
+    rows: u32,
+    cols: u32,
+    _pad0: u32,
+    _pad1: u32,
+});
 
 /// Per-row figures of a tensor seen as (rows, row length).
 #[derive(Clone, Debug, PartialEq)]
@@ -132,8 +158,11 @@ fn row_stats_gpu(g: &Gpu, t: &TensorRef) -> Result<RowStats> {
         sumabs: vec![0.0; rows],
         max_abs_bits: vec![0; rows],
         approximate: true,
-        // Each thread adds PIECE_LEN/256 terms, then a tree of 8 levels.
-        rel_err: rel_err_of(PIECE_LEN / 256 + 8),
+        // Each thread adds PIECE_LEN/WG terms, then a tree of log2(WG)
+        // levels.
+        rel_err: rel_err_of(
+            PIECE_LEN / crate::device::WG as usize + crate::device::WG.ilog2() as usize,
+        ),
     };
     let n = t.numel();
     if n == 0 {
@@ -168,16 +197,16 @@ fn row_stats_gpu(g: &Gpu, t: &TensorRef) -> Result<RowStats> {
         let last_g = (last / row_len) * ppr + (last % row_len) / PIECE_LEN;
         let pieces = last_g - p0 + 1;
         Chunk {
-            params: params(&[
-                r.len() as u32,
-                row_len as u32,
-                cr.col0 as u32,
-                PIECE_LEN as u32,
-                pieces as u32,
-                ppr as u32,
-                p0 as u32,
-                0,
-            ]),
+            params: params(&PieceParams {
+                n: r.len() as u32,
+                row_len: row_len as u32,
+                col0: cr.col0 as u32,
+                piece_len: PIECE_LEN as u32,
+                pieces: pieces as u32,
+                ppr: ppr as u32,
+                p0: p0 as u32,
+                ..Default::default()
+            }),
             inputs: vec![(&t.data[r.start * es..r.end * es]).into()],
             read: vec![(pieces * 4) as u64; 3],
             workgroups: (pieces as u32).min(g.ctx.limits.max_compute_workgroups_per_dimension),
@@ -277,7 +306,11 @@ fn col_stats_gpu(g: &Gpu, t: &TensorRef) -> Result<RowStats> {
     let jobs = tiles.iter().map(|&tile| {
         let w = tile.c1 - tile.c0;
         Chunk {
-            params: params(&[(tile.r1 - tile.r0) as u32, w as u32, 0, 0]),
+            params: params(&ColParams {
+                rows: (tile.r1 - tile.r0) as u32,
+                cols: w as u32,
+                ..Default::default()
+            }),
             inputs: vec![tile_input(t, tile)],
             read: vec![(w * 4) as u64; 3],
             workgroups: g.ctx.workgroups_for(w as u64),
@@ -357,7 +390,10 @@ fn tensor_stats_gpu(g: &Gpu, t: &TensorRef) -> Result<TensorStats> {
         .ctx
         .pipeline(Kernel::TensorStats, t.dtype.shader_code(), 0)?;
     let jobs = chunks(n, ce).map(|r| Chunk {
-        params: params(&[r.len() as u32, 0, 0, 0]),
+        params: params(&StatParams {
+            n: r.len() as u32,
+            ..Default::default()
+        }),
         inputs: vec![(&t.data[r.start * es..r.end * es]).into()],
         read: vec![12],
         workgroups: g.ctx.workgroups_for(r.len() as u64),

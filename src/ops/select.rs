@@ -12,13 +12,53 @@
 //! the same histograms, so both find the same cut and the same mask.
 
 use super::codec::{with_codec, Codec};
+use super::kernels::Kernel;
 use super::{chunk_elems, chunks, params, u32_at, CPU_BLOCK};
-use crate::device::{Chunk, Device, Gpu, Kernel, StreamLayout};
+use crate::device::{Chunk, Device, Gpu, StreamLayout};
 use crate::error::{Error, Result};
 use crate::tensor::{DType, Tensor, TensorRef};
 use rayon::prelude::*;
 
 const BINS: usize = 1 << 16;
+
+kernel_params!(HistParams {
+    n: u32,
+    level: u32,
+    high: u32,
+    _pad0: u32,
+});
+
+kernel_params!(CutParams {
+    n: u32,
+    cut: u32,
+    _pad0: u32,
+    _pad1: u32,
+});
+
+kernel_params!(NmParams {
+    n: u32,
+    seg_len: u32,
+    m: u32,
+    keep: u32,
+    use_scores: u32,
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
+});
+
+kernel_params!(RowCutParams {
+    n: u32,
+    row_len: u32,
+    k: u32,
+    use_scores: u32,
+});
+
+kernel_params!(RowApplyParams {
+    n: u32,
+    row_len: u32,
+    use_scores: u32,
+    _pad0: u32,
+});
 
 /// Which 16 bits of the key a histogram counts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -156,7 +196,12 @@ fn hist_gpu(g: &Gpu, t: &TensorRef, level: Level) -> Result<Vec<u64>> {
         Level::Low(h) => (1, h),
     };
     let jobs = chunks(n, ce).map(|r| Chunk {
-        params: params(&[r.len() as u32, lv, high, 0]),
+        params: params(&HistParams {
+            n: r.len() as u32,
+            level: lv,
+            high,
+            ..Default::default()
+        }),
         inputs: vec![(&t.data[r.start * es..r.end * es]).into()],
         read: vec![(BINS * 4) as u64],
         workgroups: g.ctx.workgroups_for((r.len() * es).div_ceil(4) as u64),
@@ -327,7 +372,11 @@ fn apply_gpu(g: &Gpu, t: &TensorRef, cut: Cut, equal_here: u64) -> Result<(Tenso
     let mut left = cut.ties;
     let dt = t.dtype;
     let jobs = ranges.iter().map(|r| Chunk {
-        params: params(&[r.len() as u32, cut.key, 0, 0]),
+        params: params(&CutParams {
+            n: r.len() as u32,
+            cut: cut.key,
+            ..Default::default()
+        }),
         inputs: vec![(&t.data[r.start * es..r.end * es]).into()],
         // At most `equal_here` ties are listed; the count says how many are.
         read: vec![
@@ -580,16 +629,14 @@ fn pattern_gpu(g: &Gpu, t: &TensorRef, p: Pattern, scores: Option<&[f32]>) -> Re
             None => &none,
         };
         Chunk {
-            params: params(&[
-                len as u32,
-                seg as u32,
-                p.m,
-                p.n,
-                scores.is_some() as u32,
-                0,
-                0,
-                0,
-            ]),
+            params: params(&NmParams {
+                n: len as u32,
+                seg_len: seg as u32,
+                m: p.m,
+                keep: p.n,
+                use_scores: scores.is_some() as u32,
+                ..Default::default()
+            }),
             inputs: vec![
                 (&t.data[start * es..(start + len) * es]).into(),
                 bytemuck::cast_slice(x).into(),
@@ -682,12 +729,12 @@ fn rows_gpu(g: &Gpu, t: &TensorRef, k: usize, scores: Option<&[f32]>) -> Result<
     };
     let pipeline = g.ctx.pipeline(Kernel::RowCut, t.dtype.shader_code(), 0)?;
     let jobs = plan.iter().map(|&(r0, r1)| Chunk {
-        params: params(&[
-            ((r1 - r0) * row_len) as u32,
-            row_len as u32,
-            k as u32,
+        params: params(&RowCutParams {
+            n: ((r1 - r0) * row_len) as u32,
+            row_len: row_len as u32,
+            k: k as u32,
             use_scores,
-        ]),
+        }),
         inputs: vec![
             (&t.data[r0 * row_len * es..r1 * row_len * es]).into(),
             bytemuck::cast_slice(x).into(),
@@ -729,7 +776,12 @@ fn rows_gpu(g: &Gpu, t: &TensorRef, k: usize, scores: Option<&[f32]>) -> Result<
         })
         .collect();
     let jobs = plan.iter().enumerate().map(|(c, &(r0, r1))| Chunk {
-        params: params(&[((r1 - r0) * row_len) as u32, row_len as u32, use_scores, 0]),
+        params: params(&RowApplyParams {
+            n: ((r1 - r0) * row_len) as u32,
+            row_len: row_len as u32,
+            use_scores,
+            ..Default::default()
+        }),
         inputs: vec![
             (&t.data[r0 * row_len * es..r1 * row_len * es]).into(),
             bytemuck::cast_slice(x).into(),

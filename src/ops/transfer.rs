@@ -10,10 +10,9 @@
 //!   is the canonical quiet NaN.
 
 use super::codec::{with_codec, Codec};
-use super::{
-    chunk_elems, chunks, cpu_map, finish_special, finite_param, params, same_shape, term_special,
-};
-use crate::device::{Chunk, Device, Gpu, Kernel, StreamLayout};
+use super::kernels::Kernel;
+use super::{cpu_map, finish_special, finite_param, gpu_map, same_shape, term_special};
+use crate::device::{Device, Gpu};
 use crate::error::{Error, Result};
 use crate::tensor::{Tensor, TensorRef};
 
@@ -77,48 +76,41 @@ fn offset_tensor_cpu(w: &TensorRef, d: &TensorRef, lambda: f32) -> Tensor {
     .0
 }
 
+kernel_params!(ScalarParams {
+    n: u32,
+    c: f32,
+    _pad0: u32,
+    _pad1: u32,
+});
+
+kernel_params!(TensorParams {
+    n: u32,
+    lambda: f32,
+    _pad0: u32,
+    _pad1: u32,
+});
+
 /// `offset_scalar` (delta None, `v` = c) or `offset_tensor` (`v` = λ).
 fn offset_gpu(g: &Gpu, w: &TensorRef, delta: Option<&TensorRef>, v: f32) -> Result<Tensor> {
-    let n = w.numel();
-    let es = w.dtype.size();
-    let ds = delta.map_or(0, |d| d.dtype.size());
-    let mut out = Tensor::zeros(w.dtype, w.shape);
-    let ce = chunk_elems(g, n, es.max(ds) as f64, 0)?;
-    let mut inputs = vec![(ce * es) as u64];
-    if delta.is_some() {
-        inputs.push((ce * ds) as u64);
-    }
-    let layout = StreamLayout {
-        inputs,
-        outputs: vec![((ce * es) as u64, false)],
-    };
-    let pipeline = match delta {
-        None => g
-            .ctx
-            .pipeline(Kernel::OffsetScalar, w.dtype.shader_code(), 0)?,
-        Some(d) => g.ctx.pipeline(
-            Kernel::OffsetTensor,
-            w.dtype.shader_code(),
-            d.dtype.shader_code(),
-        )?,
-    };
-    let ranges: Vec<_> = chunks(n, ce).collect();
-    let jobs = ranges.iter().map(|r| {
-        let mut inputs = vec![(&w.data[r.start * es..r.end * es]).into()];
-        if let Some(d) = delta {
-            inputs.push((&d.data[r.start * ds..r.end * ds]).into());
+    let code = w.dtype.shader_code();
+    let (out, []) = match delta {
+        None => gpu_map(g, Kernel::OffsetScalar, (code, 0), &[w], w.dtype, |n| {
+            ScalarParams {
+                n: n as u32,
+                c: v,
+                ..Default::default()
+            }
+        })?,
+        Some(d) => {
+            let codes = (code, d.dtype.shader_code());
+            gpu_map(g, Kernel::OffsetTensor, codes, &[w, d], w.dtype, |n| {
+                TensorParams {
+                    n: n as u32,
+                    lambda: v,
+                    ..Default::default()
+                }
+            })?
         }
-        Chunk {
-            params: params(&[r.len() as u32, v.to_bits(), 0, 0]),
-            inputs,
-            read: vec![(r.len() * es) as u64],
-            workgroups: g.ctx.workgroups_for((r.len() * es).div_ceil(4) as u64),
-        }
-    });
-    g.ctx.stream(&pipeline, &layout, jobs, |k, outs| {
-        let r = &ranges[k];
-        out.data[r.start * es..r.end * es].copy_from_slice(outs[0]);
-        Ok(())
-    })?;
+    };
     Ok(out)
 }

@@ -31,7 +31,7 @@ use std::time::Instant;
 
 /// llama.cpp's LLAMA_FTYPE for a whole-file target type.
 fn file_type(t: GgmlType) -> Option<u32> {
-    Some(match t.name {
+    Some(match t.name() {
         "F32" => 0,
         "F16" => 1,
         "BF16" => 32,
@@ -46,7 +46,7 @@ fn ggml_of(d: DType) -> Option<GgmlType> {
 
 /// The float dtype a GGML type converts through, if any.
 fn dtype_of(t: GgmlType) -> Option<DType> {
-    DType::parse(t.name).filter(|d| d.is_kernel_float())
+    DType::parse(t.name()).filter(|d| d.is_kernel_float())
 }
 
 /// One input tensor, from either kind of file.
@@ -218,7 +218,7 @@ fn parse_target(name: &str) -> Result<Target> {
 }
 
 fn pass_through(t: &In, seconds: f64) -> TensorReport {
-    let mut r = TensorReport::pass_through(&t.name, &t.shape, t.ty.name, t.data().len() as u64);
+    let mut r = TensorReport::pass_through(&t.name, &t.shape, t.ty.name(), t.data().len() as u64);
     r.seconds = seconds;
     r
 }
@@ -273,13 +273,13 @@ pub fn write_gguf(
                     let refused = if BlockType::from_ggml(t.ty).is_none() {
                         Some(format!(
                             "is {}, which modelpress cannot read to convert",
-                            t.ty.name
+                            t.ty.name()
                         ))
                     } else if !opt.allow_requantize {
                         Some(format!(
                             "is {}: requantizing is disabled (--allow-requantize enables it; \
                              quality suffers against quantizing from 16 or 32 bits)",
-                            t.ty.name
+                            t.ty.name()
                         ))
                     } else {
                         None
@@ -367,8 +367,8 @@ pub fn write_gguf(
         w.write(&t.name, &data)?;
         t.release();
         let mut r = pass_through(t, 0.0);
-        r.op = ty.name.into();
-        r.dtypes_out = vec![ty.name.into()];
+        r.op = ty.name().into();
+        r.dtypes_out = vec![ty.name().into()];
         r.bytes_out = data.len() as u64;
         r.max_abs_err = Some(stats.max_abs);
         r.rmse = Some(stats.rmse);
@@ -442,7 +442,7 @@ pub fn dequantize_gguf(
             .iter()
             .map(|t| {
                 let ty = if changes(t.ty) { target } else { t.ty };
-                match DType::parse(ty.name) {
+                match DType::parse(ty.name()) {
                     Some(d) => Ok(OutEntry {
                         name: t.name.clone(),
                         dtype: d.name().into(),
@@ -451,7 +451,7 @@ pub fn dequantize_gguf(
                     None => Err(Error::Format {
                         file: input.display().to_string(),
                         tensor: Some(t.name.clone()),
-                        why: format!("type {} has no safetensors dtype", ty.name),
+                        why: format!("type {} has no safetensors dtype", ty.name()),
                     }),
                 }
             })
@@ -492,8 +492,8 @@ pub fn dequantize_gguf(
             data.into()
         };
         if changes(t.ty) && t.ty != target {
-            r.op = format!("{} -> {}", t.ty.name, target.name);
-            r.dtypes_out = vec![target.name.into()];
+            r.op = format!("{} -> {}", t.ty.name(), target.name());
+            r.dtypes_out = vec![target.name().into()];
         }
         r.bytes_out = bytes.len() as u64;
         match &mut w {

@@ -9,99 +9,56 @@ use crate::formats::gguf::{GgmlType, Value};
 use crate::ops::ggml::BlockType;
 use regex::Regex;
 
-/// A llama-quantize file type (LLAMA_FTYPE_*) that modelpress writes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[allow(non_camel_case_types)]
-pub enum Ftype {
-    /// Q4_0 everywhere (LLAMA_FTYPE_MOSTLY_Q4_0).
-    Q4_0,
-    /// Q4_1 everywhere.
-    Q4_1,
-    /// Q5_0 everywhere.
-    Q5_0,
-    /// Q5_1 everywhere.
-    Q5_1,
-    /// Q8_0 everywhere.
-    Q8_0,
-    /// Q2_K with llama-quantize's mix.
-    Q2_K,
-    /// Q3_K, small mix.
-    Q3_K_S,
-    /// Q3_K, medium mix (also `Q3_K`).
-    Q3_K_M,
-    /// Q3_K, large mix.
-    Q3_K_L,
-    /// Q4_K, small mix.
-    Q4_K_S,
-    /// Q4_K, medium mix (also `Q4_K`).
-    Q4_K_M,
-    /// Q5_K, small mix.
-    Q5_K_S,
-    /// Q5_K, medium mix (also `Q5_K`).
-    Q5_K_M,
-    /// Q6_K everywhere.
-    Q6_K,
+macro_rules! ftypes {
+    ($($name:ident = $id:literal, $default:ident $(| $alias:literal)*, $doc:literal;)*) => {
+        /// A llama-quantize file type (LLAMA_FTYPE_*) that modelpress writes.
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        #[allow(non_camel_case_types)]
+        pub enum Ftype {
+            $(#[doc = $doc] $name,)*
+        }
+
+        impl Ftype {
+            /// Parses a `--type` name as llama-quantize does (Q3_K, Q4_K and
+            /// Q5_K are its aliases of Q3_K_M, Q4_K_M and Q5_K_M). Q2_K_S is
+            /// not here: llama-quantize refuses it without an importance
+            /// matrix.
+            pub fn parse(name: &str) -> Option<Ftype> {
+                match name.to_ascii_uppercase().as_str() {
+                    $(stringify!($name) $(| $alias)* => Some(Ftype::$name),)*
+                    _ => None,
+                }
+            }
+
+            /// The LLAMA_FTYPE value written as `general.file_type`.
+            pub fn file_type(self) -> u32 {
+                match self { $(Ftype::$name => $id,)* }
+            }
+
+            /// The type most tensors get.
+            pub fn default_type(self) -> BlockType {
+                match self { $(Ftype::$name => BlockType::$default,)* }
+            }
+        }
+    };
 }
 
-impl Ftype {
-    /// Parses a `--type` name as llama-quantize does (Q3_K, Q4_K and Q5_K
-    /// are its aliases of Q3_K_M, Q4_K_M and Q5_K_M). Q2_K_S is not here:
-    /// llama-quantize refuses it without an importance matrix.
-    pub fn parse(name: &str) -> Option<Ftype> {
-        Some(match name.to_ascii_uppercase().as_str() {
-            "Q4_0" => Ftype::Q4_0,
-            "Q4_1" => Ftype::Q4_1,
-            "Q5_0" => Ftype::Q5_0,
-            "Q5_1" => Ftype::Q5_1,
-            "Q8_0" => Ftype::Q8_0,
-            "Q2_K" => Ftype::Q2_K,
-            "Q3_K_S" => Ftype::Q3_K_S,
-            "Q3_K" | "Q3_K_M" => Ftype::Q3_K_M,
-            "Q3_K_L" => Ftype::Q3_K_L,
-            "Q4_K_S" => Ftype::Q4_K_S,
-            "Q4_K" | "Q4_K_M" => Ftype::Q4_K_M,
-            "Q5_K_S" => Ftype::Q5_K_S,
-            "Q5_K" | "Q5_K_M" => Ftype::Q5_K_M,
-            "Q6_K" => Ftype::Q6_K,
-            _ => return None,
-        })
-    }
-
-    /// The LLAMA_FTYPE value written as `general.file_type`.
-    pub fn file_type(self) -> u32 {
-        match self {
-            Ftype::Q4_0 => 2,
-            Ftype::Q4_1 => 3,
-            Ftype::Q8_0 => 7,
-            Ftype::Q5_0 => 8,
-            Ftype::Q5_1 => 9,
-            Ftype::Q2_K => 10,
-            Ftype::Q3_K_S => 11,
-            Ftype::Q3_K_M => 12,
-            Ftype::Q3_K_L => 13,
-            Ftype::Q4_K_S => 14,
-            Ftype::Q4_K_M => 15,
-            Ftype::Q5_K_S => 16,
-            Ftype::Q5_K_M => 17,
-            Ftype::Q6_K => 18,
-        }
-    }
-
-    /// The type most tensors get.
-    pub fn default_type(self) -> BlockType {
-        match self {
-            Ftype::Q4_0 => BlockType::Q4_0,
-            Ftype::Q4_1 => BlockType::Q4_1,
-            Ftype::Q5_0 => BlockType::Q5_0,
-            Ftype::Q5_1 => BlockType::Q5_1,
-            Ftype::Q8_0 => BlockType::Q8_0,
-            Ftype::Q2_K => BlockType::Q2_K,
-            Ftype::Q3_K_S | Ftype::Q3_K_M | Ftype::Q3_K_L => BlockType::Q3_K,
-            Ftype::Q4_K_S | Ftype::Q4_K_M => BlockType::Q4_K,
-            Ftype::Q5_K_S | Ftype::Q5_K_M => BlockType::Q5_K,
-            Ftype::Q6_K => BlockType::Q6_K,
-        }
-    }
+// name = LLAMA_FTYPE id, the type most tensors get | aliases, what it is.
+ftypes! {
+    Q4_0 = 2, Q4_0, "Q4_0 everywhere (LLAMA_FTYPE_MOSTLY_Q4_0).";
+    Q4_1 = 3, Q4_1, "Q4_1 everywhere.";
+    Q8_0 = 7, Q8_0, "Q8_0 everywhere.";
+    Q5_0 = 8, Q5_0, "Q5_0 everywhere.";
+    Q5_1 = 9, Q5_1, "Q5_1 everywhere.";
+    Q2_K = 10, Q2_K, "Q2_K with llama-quantize's mix.";
+    Q3_K_S = 11, Q3_K, "Q3_K, small mix.";
+    Q3_K_M = 12, Q3_K | "Q3_K", "Q3_K, medium mix (also `Q3_K`).";
+    Q3_K_L = 13, Q3_K, "Q3_K, large mix.";
+    Q4_K_S = 14, Q4_K, "Q4_K, small mix.";
+    Q4_K_M = 15, Q4_K | "Q4_K", "Q4_K, medium mix (also `Q4_K`).";
+    Q5_K_S = 16, Q5_K, "Q5_K, small mix.";
+    Q5_K_M = 17, Q5_K | "Q5_K", "Q5_K, medium mix (also `Q5_K`).";
+    Q6_K = 18, Q6_K, "Q6_K everywhere.";
 }
 
 /// llama-quantize's tensor_allows_quantization (its architecture-specific
@@ -203,7 +160,9 @@ fn use_more_bits(i: i64, n: i64) -> bool {
 /// A GGML type modelpress writes: F32, F16, BF16 or a block type.
 pub fn writable_type(name: &str) -> Result<GgmlType> {
     GgmlType::from_name(name)
-        .filter(|t| BlockType::from_ggml(*t).is_some() || matches!(t.name, "F32" | "F16" | "BF16"))
+        .filter(|t| {
+            BlockType::from_ggml(*t).is_some() || matches!(t.name(), "F32" | "F16" | "BF16")
+        })
         .ok_or_else(|| {
             Error::input(format!(
                 "type {name}: modelpress writes F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, \
@@ -501,7 +460,7 @@ impl Plan {
 /// not a whole number of `t` blocks (F16 when the fallback does not fit
 /// either).
 pub fn fallback(ncols: usize, t: GgmlType) -> GgmlType {
-    if ncols.is_multiple_of(t.block as usize) {
+    if ncols.is_multiple_of(t.block() as usize) {
         return t;
     }
     let f = match BlockType::from_ggml(t) {
@@ -511,7 +470,7 @@ pub fn fallback(ncols: usize, t: GgmlType) -> GgmlType {
         Some(BlockType::Q6_K) => BlockType::Q8_0.ggml(),
         _ => t,
     };
-    if ncols.is_multiple_of(f.block as usize) {
+    if ncols.is_multiple_of(f.block() as usize) {
         f
     } else {
         GgmlType::from_name("F16").unwrap()
@@ -556,7 +515,7 @@ mod tests {
                 } else {
                     vec![64, ncols]
                 };
-                (n.clone(), p.choose(n, &shape, f32t).unwrap().name)
+                (n.clone(), p.choose(n, &shape, f32t).unwrap().name())
             })
             .collect()
     }
@@ -648,7 +607,7 @@ mod tests {
         let want = want.as_array().unwrap();
         assert_eq!(want.len(), tensors.len(), "{ctx} {ft}");
         for ((name, shape), want) in tensors.iter().zip(want) {
-            let got = plan.choose(name, shape, f32t).unwrap().name;
+            let got = plan.choose(name, shape, f32t).unwrap().name();
             assert_eq!(got, want.as_str().unwrap(), "{ctx} {ft}: {name}");
         }
         tensors.len()

@@ -14,101 +14,28 @@
 
 pub mod reference;
 
-use crate::device::{Chunk, Device, Gpu, Kernel, StreamLayout};
+use crate::device::{Chunk, Device, Gpu, StreamLayout};
 use crate::error::{Error, Result};
-use crate::formats::gguf::GgmlType;
-use crate::ops::chunks;
 use crate::ops::codec::{with_codec, Codec};
+use crate::ops::kernels::Kernel;
+use crate::ops::{chunks, params};
 use crate::tensor::TensorRef;
 use rayon::prelude::*;
 
-/// The block types modelpress quantizes to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-#[allow(non_camel_case_types)]
-pub enum BlockType {
-    /// 32 values, 4-bit, one f16 scale.
-    Q4_0,
-    /// 32 values, 4-bit, f16 scale and minimum.
-    Q4_1,
-    /// 32 values, 5-bit, one f16 scale.
-    Q5_0,
-    /// 32 values, 5-bit, f16 scale and minimum.
-    Q5_1,
-    /// 32 values, 8-bit, one f16 scale.
-    Q8_0,
-    /// 256-value super-blocks, 4-bit, 6-bit sub-block scales and minimums.
-    Q4_K,
-    /// 256-value super-blocks, 5-bit.
-    Q5_K,
-    /// 256-value super-blocks, 6-bit, 8-bit sub-block scales.
-    Q6_K,
-    /// 256-value super-blocks, 2-bit.
-    Q2_K,
-    /// 256-value super-blocks, 3-bit.
-    Q3_K,
+pub use crate::formats::ggml_types::BlockType;
+
+/// What the GPU kernel needs of a block type besides the table.
+trait GpuBlock {
+    /// Code of the type in the kernel (`DTYPE2`): its ggml id, which the
+    /// generated `T_*` constants name.
+    fn code(self) -> u32;
+    /// Blocks one GPU invocation writes.
+    fn blocks_per_group(self) -> usize;
 }
 
-impl BlockType {
-    /// In kernel-code order (see `code`).
-    pub const ALL: [BlockType; 10] = [
-        BlockType::Q4_0,
-        BlockType::Q4_1,
-        BlockType::Q5_0,
-        BlockType::Q5_1,
-        BlockType::Q8_0,
-        BlockType::Q4_K,
-        BlockType::Q5_K,
-        BlockType::Q6_K,
-        BlockType::Q2_K,
-        BlockType::Q3_K,
-    ];
-
-    /// ggml's name.
-    pub fn name(self) -> &'static str {
-        match self {
-            BlockType::Q4_0 => "Q4_0",
-            BlockType::Q4_1 => "Q4_1",
-            BlockType::Q5_0 => "Q5_0",
-            BlockType::Q5_1 => "Q5_1",
-            BlockType::Q8_0 => "Q8_0",
-            BlockType::Q4_K => "Q4_K",
-            BlockType::Q5_K => "Q5_K",
-            BlockType::Q6_K => "Q6_K",
-            BlockType::Q2_K => "Q2_K",
-            BlockType::Q3_K => "Q3_K",
-        }
-    }
-
-    /// The type named `name` (any case).
-    pub fn from_name(name: &str) -> Option<BlockType> {
-        Self::ALL
-            .into_iter()
-            .find(|t| t.name().eq_ignore_ascii_case(name))
-    }
-
-    /// Its GGUF type.
-    pub fn ggml(self) -> GgmlType {
-        GgmlType::from_name(self.name()).expect("every block type is in the GGUF table")
-    }
-
-    /// The block type of a GGUF type, if modelpress quantizes to it.
-    pub fn from_ggml(t: GgmlType) -> Option<BlockType> {
-        Self::from_name(t.name)
-    }
-
-    /// Values per block.
-    pub fn block_values(self) -> usize {
-        self.ggml().block as usize
-    }
-
-    /// Bytes per block.
-    pub fn block_bytes(self) -> usize {
-        self.ggml().bytes as usize
-    }
-
-    /// Code of the type in the kernel (its `QTYPE` override).
+impl GpuBlock for BlockType {
     fn code(self) -> u32 {
-        Self::ALL.iter().position(|&t| t == self).unwrap() as u32
+        self.ggml().id()
     }
 
     /// Blocks one GPU invocation writes: enough that they fill whole u32
@@ -193,6 +120,33 @@ fn values(t: &TensorRef, r: std::ops::Range<usize>) -> Vec<f32> {
     with_codec!(t.dtype, C => r.map(|i| C::to_f32(C::read(t.data, i))).collect())
 }
 
+/// Invocations per workgroup of the GGML kernel (`GGML_WG` in the shader).
+const GGML_WG: u32 = 64;
+
+kernel_params!(
+    /// The block geometry comes from the host, so it is stated once.
+    GgmlParams {
+        n_groups: u32,
+        // Always 0: the opaque operand of fmul.
+        zero: u32,
+        block_values: u32,
+        block_bytes: u32,
+        blocks_per_group: u32,
+        _pad0: u32,
+        _pad1: u32,
+        _pad2: u32,
+    }
+);
+
+/// What the GGML shader needs generated in front of it: its workgroup
+/// size and the `T_*` constants of the block types (ggml ids).
+pub(crate) fn wgsl_prelude() -> String {
+    format!(
+        "const GGML_WG: u32 = {GGML_WG}u;\n{}",
+        crate::formats::ggml_types::wgsl_constants()
+    )
+}
+
 /// Per-group flags the kernel writes.
 const FLAG_CPU: u32 = 1;
 const FLAG_NON_FINITE: u32 = 2;
@@ -215,7 +169,7 @@ fn quantize_gpu(g: &Gpu, ty: BlockType, t: &TensorRef, blocks: usize) -> Result<
     let groups_total = blocks.div_ceil(gb);
     let max_wg = g.context().limits().max_compute_workgroups_per_dimension as usize;
     let cg = ((g.chunk_bytes() / per_group_in) as usize)
-        .min(max_wg * 64)
+        .min(max_wg * GGML_WG as usize)
         .clamp(1, groups_total);
     let layout = StreamLayout {
         inputs: vec![cg as u64 * per_group_in],
@@ -227,38 +181,36 @@ fn quantize_gpu(g: &Gpu, ty: BlockType, t: &TensorRef, blocks: usize) -> Result<
     let n = t.numel();
     let ranges: Vec<_> = chunks(groups_total, cg).collect();
     // The last group may hold one block: pad its input with zeros.
-    let padded_tail: Option<Vec<u8>> = (!blocks.is_multiple_of(gb)).then(|| {
-        let r = ranges.last().unwrap();
-        let mut v = t.data[r.start * gv * es..n * es].to_vec();
-        v.resize(r.len() * gv * es, 0);
-        v
-    });
+    let padded_tail: Option<Vec<u8>> =
+        ranges
+            .last()
+            .filter(|_| !blocks.is_multiple_of(gb))
+            .map(|r| {
+                let mut v = t.data[r.start * gv * es..n * es].to_vec();
+                v.resize(r.len() * gv * es, 0);
+                v
+            });
     let jobs = ranges.iter().enumerate().map(|(k, r)| {
-        let input = if k + 1 == ranges.len() && padded_tail.is_some() {
-            padded_tail.as_deref().unwrap().into()
-        } else {
-            (&t.data[r.start * gv * es..r.end * gv * es]).into()
+        let input = match &padded_tail {
+            Some(tail) if k + 1 == ranges.len() => tail.as_slice().into(),
+            _ => (&t.data[r.start * gv * es..r.end * gv * es]).into(),
         };
         Chunk {
-            // GgmlParams: groups, the opaque zero, the block geometry.
-            params: bytemuck::cast_slice(&[
-                r.len() as u32,
-                0u32,
-                bv as u32,
-                bb as u32,
-                gb as u32,
-                0,
-                0,
-                0,
-            ])
-            .to_vec(),
+            params: params(&GgmlParams {
+                n_groups: r.len() as u32,
+                zero: 0,
+                block_values: bv as u32,
+                block_bytes: bb as u32,
+                blocks_per_group: gb as u32,
+                ..Default::default()
+            }),
             inputs: vec![input],
             read: vec![(r.len() * gbytes) as u64, (r.len() * 4) as u64],
-            // One group per invocation (64 per workgroup): on lavapipe,
-            // invocations that looped over several groups wrote wrong bytes
-            // for some of their later groups (unexplained; every group
-            // once is both faster and correct).
-            workgroups: g.ctx.workgroups_for(r.len() as u64 * 4),
+            // One group per invocation: on lavapipe, invocations that
+            // looped over several groups wrote wrong bytes for some of
+            // their later groups (unexplained; every group once is both
+            // faster and correct).
+            workgroups: g.ctx.workgroups_of(r.len() as u64, GGML_WG),
         }
     });
     let mut redo: Vec<usize> = Vec::new();

@@ -11,6 +11,165 @@
 //! truncates, `(uint8_t)` of an int wraps.
 
 use super::BlockType;
+use std::ops::Range;
+
+/// Byte ranges of each block's fields, as ggml-common.h's `block_*` structs
+/// lay them out (`layouts_tile_their_blocks` checks each tiles its block).
+pub(crate) mod layout {
+    use std::ops::Range;
+
+    /// `block_q4_0`: f16 scale, 16 bytes of 4-bit levels.
+    pub mod q4_0 {
+        use super::Range;
+        /// Scale (f16).
+        pub const D: Range<usize> = 0..2;
+        /// Levels, two per byte.
+        pub const QS: Range<usize> = 2..18;
+    }
+    /// `block_q4_1`: f16 scale and minimum, 4-bit levels.
+    pub mod q4_1 {
+        use super::Range;
+        /// Scale (f16).
+        pub const D: Range<usize> = 0..2;
+        /// Minimum (f16).
+        pub const M: Range<usize> = 2..4;
+        /// Levels, two per byte.
+        pub const QS: Range<usize> = 4..20;
+    }
+    /// `block_q5_0`: f16 scale, fifth bits, low nibbles.
+    pub mod q5_0 {
+        use super::Range;
+        /// Scale (f16).
+        pub const D: Range<usize> = 0..2;
+        /// Bit 4 of each level (u32).
+        pub const QH: Range<usize> = 2..6;
+        /// Low nibbles, two per byte.
+        pub const QS: Range<usize> = 6..22;
+    }
+    /// `block_q5_1`: f16 scale and minimum, fifth bits, low nibbles.
+    pub mod q5_1 {
+        use super::Range;
+        /// Scale (f16).
+        pub const D: Range<usize> = 0..2;
+        /// Minimum (f16).
+        pub const M: Range<usize> = 2..4;
+        /// Bit 4 of each level (u32).
+        pub const QH: Range<usize> = 4..8;
+        /// Low nibbles, two per byte.
+        pub const QS: Range<usize> = 8..24;
+    }
+    /// `block_q8_0`: f16 scale, 32 signed bytes.
+    pub mod q8_0 {
+        use super::Range;
+        /// Scale (f16).
+        pub const D: Range<usize> = 0..2;
+        /// Levels (i8).
+        pub const QS: Range<usize> = 2..34;
+    }
+    /// `block_q2_K`: 4-bit scales and minimums, 2-bit levels, f16 d, dmin.
+    pub mod q2_k {
+        use super::Range;
+        /// Scale (low nibble) and minimum (high nibble) per sub-block.
+        pub const SCALES: Range<usize> = 0..16;
+        /// Levels, four per byte.
+        pub const QS: Range<usize> = 16..80;
+        /// Super-block scale (f16).
+        pub const D: Range<usize> = 80..82;
+        /// Super-block scale of the minimums (f16).
+        pub const DMIN: Range<usize> = 82..84;
+    }
+    /// `block_q3_K`: high bits, 2-bit low levels, 6-bit scales, f16 d.
+    pub mod q3_k {
+        use super::Range;
+        /// Bit 2 of each level.
+        pub const HMASK: Range<usize> = 0..32;
+        /// Low two bits, four per byte.
+        pub const QS: Range<usize> = 32..96;
+        /// 6-bit scales, packed.
+        pub const SCALES: Range<usize> = 96..108;
+        /// Super-block scale (f16).
+        pub const D: Range<usize> = 108..110;
+    }
+    /// `block_q4_K`: f16 d and dmin, 6-bit scales and minimums, 4-bit levels.
+    pub mod q4_k {
+        use super::Range;
+        /// Super-block scale (f16).
+        pub const D: Range<usize> = 0..2;
+        /// Super-block scale of the minimums (f16).
+        pub const DMIN: Range<usize> = 2..4;
+        /// 6-bit scales and minimums, packed.
+        pub const SCALES: Range<usize> = 4..16;
+        /// Levels, two per byte.
+        pub const QS: Range<usize> = 16..144;
+    }
+    /// `block_q5_K`: as Q4_K, plus the fifth bits.
+    pub mod q5_k {
+        use super::Range;
+        /// Super-block scale (f16).
+        pub const D: Range<usize> = 0..2;
+        /// Super-block scale of the minimums (f16).
+        pub const DMIN: Range<usize> = 2..4;
+        /// 6-bit scales and minimums, packed.
+        pub const SCALES: Range<usize> = 4..16;
+        /// Bit 4 of each level.
+        pub const QH: Range<usize> = 16..48;
+        /// Low nibbles, two per byte.
+        pub const QS: Range<usize> = 48..176;
+    }
+    /// `block_q6_K`: low nibbles, high bit pairs, 8-bit scales, f16 d.
+    pub mod q6_k {
+        use super::Range;
+        /// Low nibbles, two per byte.
+        pub const QL: Range<usize> = 0..128;
+        /// Bits 4 and 5, four per byte.
+        pub const QH: Range<usize> = 128..192;
+        /// Sub-block scales (i8).
+        pub const SCALES: Range<usize> = 192..208;
+        /// Super-block scale (f16).
+        pub const D: Range<usize> = 208..210;
+    }
+
+    /// Each type's fields, in order (for the tiling test).
+    #[cfg(test)]
+    pub fn all() -> Vec<(super::BlockType, Vec<Range<usize>>)> {
+        use super::BlockType as B;
+        vec![
+            (B::Q4_0, vec![q4_0::D, q4_0::QS]),
+            (B::Q4_1, vec![q4_1::D, q4_1::M, q4_1::QS]),
+            (B::Q5_0, vec![q5_0::D, q5_0::QH, q5_0::QS]),
+            (B::Q5_1, vec![q5_1::D, q5_1::M, q5_1::QH, q5_1::QS]),
+            (B::Q8_0, vec![q8_0::D, q8_0::QS]),
+            (B::Q2_K, vec![q2_k::SCALES, q2_k::QS, q2_k::D, q2_k::DMIN]),
+            (B::Q3_K, vec![q3_k::HMASK, q3_k::QS, q3_k::SCALES, q3_k::D]),
+            (B::Q4_K, vec![q4_k::D, q4_k::DMIN, q4_k::SCALES, q4_k::QS]),
+            (
+                B::Q5_K,
+                vec![q5_k::D, q5_k::DMIN, q5_k::SCALES, q5_k::QH, q5_k::QS],
+            ),
+            (B::Q6_K, vec![q6_k::QL, q6_k::QH, q6_k::SCALES, q6_k::D]),
+        ]
+    }
+}
+
+use layout::*;
+
+/// Disjoint mutable views of a block's fields, given in ascending order.
+fn fields<const N: usize>(y: &mut [u8], ranges: [Range<usize>; N]) -> [&mut [u8]; N] {
+    let mut rest = y;
+    let mut at = 0;
+    ranges.map(|r| {
+        let (_, tail) = std::mem::take(&mut rest).split_at_mut(r.start - at);
+        let (field, tail) = tail.split_at_mut(r.len());
+        rest = tail;
+        at = r.end;
+        field
+    })
+}
+
+/// The f16 at the start of `field`.
+fn f16_of(field: &[u8]) -> f32 {
+    f16_at(field, 0)
+}
 
 /// Values per K-quant super-block.
 pub const QK_K: usize = 256;
@@ -135,16 +294,18 @@ fn q_sym(x: &[f32], y: &mut [u8], five: bool) {
     let (half, top) = if five { (16.0f32, 31) } else { (8.0, 15) };
     let d = signed_absmax(x) / -half;
     let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-    y[0..2].copy_from_slice(&fp16(d));
     let mut l = [0u8; QK];
     for (l, &v) in l.iter_mut().zip(x) {
         *l = (c_int(v * id + (half + 0.5)) as i8).min(top) as u8;
     }
     if five {
-        let (qh, qs) = y[2..22].split_at_mut(4);
+        let [dy, qh, qs] = fields(y, [q5_0::D, q5_0::QH, q5_0::QS]);
+        dy.copy_from_slice(&fp16(d));
         pack_levels(&l, qs, Some(qh));
     } else {
-        pack_levels(&l, &mut y[2..18], None);
+        let [dy, qs] = fields(y, [q4_0::D, q4_0::QS]);
+        dy.copy_from_slice(&fp16(d));
+        pack_levels(&l, qs, None);
     }
 }
 
@@ -154,8 +315,6 @@ fn q_affine(x: &[f32], y: &mut [u8], five: bool) {
     let (min, max) = min_max(x);
     let d = (max - min) / if five { 31.0 } else { 15.0 };
     let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-    y[0..2].copy_from_slice(&fp16(d));
-    y[2..4].copy_from_slice(&fp16(min));
     let mut l = [0u8; QK];
     for (l, &v) in l.iter_mut().zip(x) {
         let q = c_int((v - min) * id + 0.5);
@@ -166,10 +325,15 @@ fn q_affine(x: &[f32], y: &mut [u8], five: bool) {
         };
     }
     if five {
-        let (qh, qs) = y[4..24].split_at_mut(4);
+        let [dy, my, qh, qs] = fields(y, [q5_1::D, q5_1::M, q5_1::QH, q5_1::QS]);
+        dy.copy_from_slice(&fp16(d));
+        my.copy_from_slice(&fp16(min));
         pack_levels(&l, qs, Some(qh));
     } else {
-        pack_levels(&l, &mut y[4..20], None);
+        let [dy, my, qs] = fields(y, [q4_1::D, q4_1::M, q4_1::QS]);
+        dy.copy_from_slice(&fp16(d));
+        my.copy_from_slice(&fp16(min));
+        pack_levels(&l, qs, None);
     }
 }
 
@@ -177,31 +341,34 @@ fn q8_0(x: &[f32], y: &mut [u8]) {
     let amax = x.iter().fold(0.0f32, |a, v| a.max(v.abs()));
     let d = amax / 127.0;
     let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-    y[0..2].copy_from_slice(&fp16(d));
+    let [dy, qs] = fields(y, [q8_0::D, q8_0::QS]);
+    dy.copy_from_slice(&fp16(d));
     for j in 0..QK {
         // C roundf: half away from zero.
-        y[2 + j] = c_int((x[j] * id).round()) as u8;
+        qs[j] = c_int((x[j] * id).round()) as u8;
     }
 }
 
 fn dq4_0(q: &[u8], y: &mut [f32]) {
-    let d = f16_at(q, 0);
+    let (d, qs) = (f16_of(&q[q4_0::D]), &q[q4_0::QS]);
     for j in 0..QK / 2 {
-        y[j] = ((q[2 + j] & 0x0f) as i32 - 8) as f32 * d;
-        y[j + QK / 2] = ((q[2 + j] >> 4) as i32 - 8) as f32 * d;
+        y[j] = ((qs[j] & 0x0f) as i32 - 8) as f32 * d;
+        y[j + QK / 2] = ((qs[j] >> 4) as i32 - 8) as f32 * d;
     }
 }
 
 fn dq4_1(q: &[u8], y: &mut [f32]) {
-    let (d, m) = (f16_at(q, 0), f16_at(q, 2));
+    let (d, m) = (f16_of(&q[q4_1::D]), f16_of(&q[q4_1::M]));
+    let qs = &q[q4_1::QS];
     for j in 0..QK / 2 {
-        y[j] = (q[4 + j] & 0x0f) as f32 * d + m;
-        y[j + QK / 2] = (q[4 + j] >> 4) as f32 * d + m;
+        y[j] = (qs[j] & 0x0f) as f32 * d + m;
+        y[j + QK / 2] = (qs[j] >> 4) as f32 * d + m;
     }
 }
 
-fn high_bits(q: &[u8], at: usize, j: usize) -> (u8, u8) {
-    let qh = u32::from_le_bytes([q[at], q[at + 1], q[at + 2], q[at + 3]]);
+/// Bit 4 of levels j and j + 16 from a Q5 block's `qh` field.
+fn high_bits(qh: &[u8], j: usize) -> (u8, u8) {
+    let qh = u32::from_le_bytes([qh[0], qh[1], qh[2], qh[3]]);
     (
         (((qh >> j) << 4) & 0x10) as u8,
         ((qh >> (j + 12)) & 0x10) as u8,
@@ -209,27 +376,29 @@ fn high_bits(q: &[u8], at: usize, j: usize) -> (u8, u8) {
 }
 
 fn dq5_0(q: &[u8], y: &mut [f32]) {
-    let d = f16_at(q, 0);
+    let d = f16_of(&q[q5_0::D]);
+    let qs = &q[q5_0::QS];
     for j in 0..QK / 2 {
-        let (h0, h1) = high_bits(q, 2, j);
-        y[j] = (((q[6 + j] & 0x0f) | h0) as i32 - 16) as f32 * d;
-        y[j + QK / 2] = (((q[6 + j] >> 4) | h1) as i32 - 16) as f32 * d;
+        let (h0, h1) = high_bits(&q[q5_0::QH], j);
+        y[j] = (((qs[j] & 0x0f) | h0) as i32 - 16) as f32 * d;
+        y[j + QK / 2] = (((qs[j] >> 4) | h1) as i32 - 16) as f32 * d;
     }
 }
 
 fn dq5_1(q: &[u8], y: &mut [f32]) {
-    let (d, m) = (f16_at(q, 0), f16_at(q, 2));
+    let (d, m) = (f16_of(&q[q5_1::D]), f16_of(&q[q5_1::M]));
+    let qs = &q[q5_1::QS];
     for j in 0..QK / 2 {
-        let (h0, h1) = high_bits(q, 4, j);
-        y[j] = ((q[8 + j] & 0x0f) | h0) as f32 * d + m;
-        y[j + QK / 2] = ((q[8 + j] >> 4) | h1) as f32 * d + m;
+        let (h0, h1) = high_bits(&q[q5_1::QH], j);
+        y[j] = ((qs[j] & 0x0f) | h0) as f32 * d + m;
+        y[j + QK / 2] = ((qs[j] >> 4) | h1) as f32 * d + m;
     }
 }
 
 fn dq8_0(q: &[u8], y: &mut [f32]) {
-    let d = f16_at(q, 0);
+    let (d, qs) = (f16_of(&q[q8_0::D]), &q[q8_0::QS]);
     for j in 0..QK {
-        y[j] = (q[2 + j] as i8) as f32 * d;
+        y[j] = (qs[j] as i8) as f32 * d;
     }
 }
 
@@ -356,7 +525,7 @@ pub(crate) fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
 
 /// Q4_K and Q5_K: eight sub-blocks of 32, each an affine fit with 6-bit
 /// scale and min; returns the levels, the scale bytes and d, dmin.
-fn qk_affine(x: &[f32], nmax: i32, rmin: f32, nstep: i32) -> ([u8; QK_K], [u8; 12], [u8; 4]) {
+fn qk_affine(x: &[f32], nmax: i32, rmin: f32, nstep: i32) -> ([u8; QK_K], [u8; 12], [[u8; 2]; 2]) {
     let mut l = [0u8; QK_K];
     let mut laux = [0u8; 32];
     let mut weights = [0f32; 32];
@@ -418,25 +587,29 @@ fn qk_affine(x: &[f32], nmax: i32, rmin: f32, nstep: i32) -> ([u8; QK_K], [u8; 1
         let (s, m) = scale_min_k4(j, &sc);
         relevel_affine(xs, ls, df * s as f32, mf * m as f32, nmax);
     }
-    (l, sc, [dh[0], dh[1], mh[0], mh[1]])
+    (l, sc, [dh, mh])
 }
 
 fn q4_k(x: &[f32], y: &mut [u8]) {
-    let (l, sc, dd) = qk_affine(x, 15, -1.0, 20);
-    y[0..4].copy_from_slice(&dd);
-    y[4..16].copy_from_slice(&sc);
+    let (l, sc, [dh, mh]) = qk_affine(x, 15, -1.0, 20);
+    let [d, dmin, scales, qs] = fields(y, [q4_k::D, q4_k::DMIN, q4_k::SCALES, q4_k::QS]);
+    d.copy_from_slice(&dh);
+    dmin.copy_from_slice(&mh);
+    scales.copy_from_slice(&sc);
     for c in 0..QK_K / 64 {
         for k in 0..32 {
-            y[16 + 32 * c + k] = l[64 * c + k] | (l[64 * c + 32 + k] << 4);
+            qs[32 * c + k] = l[64 * c + k] | (l[64 * c + 32 + k] << 4);
         }
     }
 }
 
 fn q5_k(x: &[f32], y: &mut [u8]) {
-    let (l, sc, dd) = qk_affine(x, 31, -0.5, 15);
-    y[0..4].copy_from_slice(&dd);
-    y[4..16].copy_from_slice(&sc);
-    let (qh, ql) = y[16..176].split_at_mut(32);
+    let (l, sc, [dh, mh]) = qk_affine(x, 31, -0.5, 15);
+    let [d, dmin, scales, qh, ql] =
+        fields(y, [q5_k::D, q5_k::DMIN, q5_k::SCALES, q5_k::QH, q5_k::QS]);
+    d.copy_from_slice(&dh);
+    dmin.copy_from_slice(&mh);
+    scales.copy_from_slice(&sc);
     qh.fill(0);
     for c in 0..QK_K / 64 {
         let (m1, m2) = (1u8 << (2 * c), 2u8 << (2 * c));
@@ -516,18 +689,17 @@ fn q6_k(x: &[f32], y: &mut [u8]) {
     }
     let iscale = -128.0 / max_scale;
     let dh = fp16(1.0 / iscale);
-    y[208..210].copy_from_slice(&dh);
+    let [ql, qh, scales_y, d] = fields(y, [q6_k::QL, q6_k::QH, q6_k::SCALES, q6_k::D]);
+    d.copy_from_slice(&dh);
     let df = f16_at(&dh, 0);
     let mut sc = [0i8; 16];
     for ib in 0..QK_K / 16 {
         sc[ib] = nearest_int(iscale * scales[ib]).min(127) as i8;
-        y[192 + ib] = sc[ib] as u8;
+        scales_y[ib] = sc[ib] as u8;
     }
     for ((xs, ls), &s) in x.chunks_exact(16).zip(l.chunks_exact_mut(16)).zip(&sc) {
         relevel_sym(xs, ls, df * s as f32, 32);
     }
-    let (ql, rest) = y.split_at_mut(128);
-    let qh = &mut rest[..64];
     for h in 0..2 {
         let (lh, qlh, qhh) = (&l[128 * h..], &mut ql[64 * h..], &mut qh[32 * h..]);
         for k in 0..32 {
@@ -577,8 +749,7 @@ fn q2_k(x: &[f32], y: &mut [u8]) {
             max_min = m;
         }
     }
-    let (sc, rest) = y.split_at_mut(16);
-    let (qs, dd) = rest.split_at_mut(64);
+    let [sc, qs, d, dmin] = fields(y, [q2_k::SCALES, q2_k::QS, q2_k::D, q2_k::DMIN]);
     sc.fill(0);
     let mut dh = fp16(0.0);
     if max_scale > 0.0 {
@@ -605,8 +776,8 @@ fn q2_k(x: &[f32], y: &mut [u8]) {
         relevel_affine(xs, ls, df * (s & 0xf) as f32, mf * (s >> 4) as f32, 3);
     }
     pack_2bit(&l, qs);
-    dd[0..2].copy_from_slice(&dh);
-    dd[2..4].copy_from_slice(&mh);
+    d.copy_from_slice(&dh);
+    dmin.copy_from_slice(&mh);
 }
 
 /// ggml's `make_q3_quants` with do_rmse: a symmetric fit of 16 values to
@@ -700,8 +871,7 @@ fn q3_k(x: &[f32], y: &mut [u8]) {
     for (j, (xs, ls)) in x.chunks_exact(16).zip(l.chunks_exact_mut(16)).enumerate() {
         relevel_sym(xs, ls, df * (q3_scale(&sc, j) as i8 - 32) as f32, 4);
     }
-    let (hmask, rest) = y.split_at_mut(32);
-    let (qs, rest) = rest.split_at_mut(64);
+    let [hmask, qs, scales_y, d] = fields(y, [q3_k::HMASK, q3_k::QS, q3_k::SCALES, q3_k::D]);
     hmask.fill(0);
     let mut low = [0u8; QK_K];
     for (j, (&v, lo)) in l.iter().zip(low.iter_mut()).enumerate() {
@@ -713,17 +883,18 @@ fn q3_k(x: &[f32], y: &mut [u8]) {
         }
     }
     pack_2bit(&low, qs);
-    rest[0..12].copy_from_slice(&sc);
-    rest[12..14].copy_from_slice(&dh);
+    scales_y.copy_from_slice(&sc);
+    d.copy_from_slice(&dh);
 }
 
 fn dq2_k(q: &[u8], y: &mut [f32]) {
-    let (d, min) = (f16_at(q, 80), f16_at(q, 82));
+    let (d, min) = (f16_of(&q[q2_k::D]), f16_of(&q[q2_k::DMIN]));
+    let scales = &q[q2_k::SCALES];
     for h in 0..2 {
-        let qs = &q[16 + 32 * h..16 + 32 * h + 32];
+        let qs = &q[q2_k::QS][32 * h..32 * h + 32];
         for s in 0..4 {
             for half in 0..2 {
-                let sc = q[8 * h + 2 * s + half];
+                let sc = scales[8 * h + 2 * s + half];
                 let (dl, ml) = (d * (sc & 0xf) as f32, min * (sc >> 4) as f32);
                 for k in 0..16 {
                     let v = (qs[16 * half + k] >> (2 * s)) & 3;
@@ -735,11 +906,11 @@ fn dq2_k(q: &[u8], y: &mut [f32]) {
 }
 
 fn dq3_k(q: &[u8], y: &mut [f32]) {
-    let d_all = f16_at(q, 108);
-    let hm = &q[0..32];
-    let sc = &q[96..108];
+    let d_all = f16_of(&q[q3_k::D]);
+    let hm = &q[q3_k::HMASK];
+    let sc = &q[q3_k::SCALES];
     for h in 0..2 {
-        let qs = &q[32 + 32 * h..32 + 32 * h + 32];
+        let qs = &q[q3_k::QS][32 * h..32 * h + 32];
         for s in 0..4 {
             let bit = 1u8 << (4 * h + s);
             for half in 0..2 {
@@ -756,14 +927,14 @@ fn dq3_k(q: &[u8], y: &mut [f32]) {
 }
 
 fn dq4_k(q: &[u8], y: &mut [f32]) {
-    let (d, min) = (f16_at(q, 0), f16_at(q, 2));
-    let sc = &q[4..16];
+    let (d, min) = (f16_of(&q[q4_k::D]), f16_of(&q[q4_k::DMIN]));
+    let sc = &q[q4_k::SCALES];
     for c in 0..QK_K / 64 {
         let (s1, m1) = scale_min_k4(2 * c, sc);
         let (s2, m2) = scale_min_k4(2 * c + 1, sc);
         let (d1, m1) = (d * s1 as f32, min * m1 as f32);
         let (d2, m2) = (d * s2 as f32, min * m2 as f32);
-        let qs = &q[16 + 32 * c..16 + 32 * c + 32];
+        let qs = &q[q4_k::QS][32 * c..32 * c + 32];
         for k in 0..32 {
             y[64 * c + k] = d1 * (qs[k] & 0xf) as f32 - m1;
             y[64 * c + 32 + k] = d2 * (qs[k] >> 4) as f32 - m2;
@@ -772,16 +943,16 @@ fn dq4_k(q: &[u8], y: &mut [f32]) {
 }
 
 fn dq5_k(q: &[u8], y: &mut [f32]) {
-    let (d, min) = (f16_at(q, 0), f16_at(q, 2));
-    let sc = &q[4..16];
-    let qh = &q[16..48];
+    let (d, min) = (f16_of(&q[q5_k::D]), f16_of(&q[q5_k::DMIN]));
+    let sc = &q[q5_k::SCALES];
+    let qh = &q[q5_k::QH];
     for c in 0..QK_K / 64 {
         let (s1, m1) = scale_min_k4(2 * c, sc);
         let (s2, m2) = scale_min_k4(2 * c + 1, sc);
         let (d1, m1) = (d * s1 as f32, min * m1 as f32);
         let (d2, m2) = (d * s2 as f32, min * m2 as f32);
         let (u1, u2) = (1u8 << (2 * c), 2u8 << (2 * c));
-        let ql = &q[48 + 32 * c..48 + 32 * c + 32];
+        let ql = &q[q5_k::QS][32 * c..32 * c + 32];
         for k in 0..32 {
             let h1 = if qh[k] & u1 != 0 { 16 } else { 0 };
             let h2 = if qh[k] & u2 != 0 { 16 } else { 0 };
@@ -792,11 +963,11 @@ fn dq5_k(q: &[u8], y: &mut [f32]) {
 }
 
 fn dq6_k(q: &[u8], y: &mut [f32]) {
-    let d = f16_at(q, 208);
+    let d = f16_of(&q[q6_k::D]);
     for h in 0..2 {
-        let ql = &q[64 * h..64 * h + 64];
-        let qh = &q[128 + 32 * h..128 + 32 * h + 32];
-        let sc = &q[192 + 8 * h..192 + 8 * h + 8];
+        let ql = &q[q6_k::QL][64 * h..64 * h + 64];
+        let qh = &q[q6_k::QH][32 * h..32 * h + 32];
+        let sc = &q[q6_k::SCALES][8 * h..8 * h + 8];
         let yh = &mut y[128 * h..128 * h + 128];
         for k in 0..32 {
             let is = k / 16;
@@ -809,6 +980,25 @@ fn dq6_k(q: &[u8], y: &mut [f32]) {
             yh[k + 32] = d * (sc[is + 2] as i8) as f32 * q2;
             yh[k + 64] = d * (sc[is + 4] as i8) as f32 * q3;
             yh[k + 96] = d * (sc[is + 6] as i8) as f32 * q4;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layouts_tile_their_blocks() {
+        let all = layout::all();
+        assert_eq!(all.len(), BlockType::ALL.len());
+        for (ty, fields) in all {
+            let mut at = 0;
+            for f in &fields {
+                assert_eq!(f.start, at, "{ty:?}: fields are contiguous");
+                at = f.end;
+            }
+            assert_eq!(at, ty.block_bytes(), "{ty:?}: fields fill the block");
         }
     }
 }

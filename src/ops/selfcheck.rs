@@ -1,8 +1,17 @@
 //! Running the exact-arithmetic helpers of common.wgsl on a device, so tests
 //! (and users doubting an adapter) can compare them with the CPU.
 
-use super::{Chunk, Gpu, Kernel, StreamLayout};
+use super::kernels::Kernel;
+use super::params;
+use crate::device::{Chunk, Gpu, StreamLayout};
 use crate::error::Result;
+
+kernel_params!(CheckParams {
+    n: u32,
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
+});
 
 impl Gpu {
     /// a / b for each pair of f32 bit patterns, by `div_rn` on the device.
@@ -21,7 +30,10 @@ impl Gpu {
         };
         let pipeline = self.ctx.pipeline(Kernel::DivCheck, 0, 0)?;
         let jobs = flat.chunks(2 * per_chunk).map(|c| Chunk {
-            params: bytemuck::cast_slice(&[(c.len() / 2) as u32, 0u32, 0, 0]).to_vec(),
+            params: params(&CheckParams {
+                n: (c.len() / 2) as u32,
+                ..Default::default()
+            }),
             inputs: vec![bytemuck::cast_slice(c).into()],
             read: vec![(c.len() * 2) as u64],
             workgroups: self.ctx.workgroups_for((c.len() / 2) as u64),
@@ -30,7 +42,7 @@ impl Gpu {
             out.extend(
                 outs[0]
                     .chunks_exact(4)
-                    .map(|b| u32::from_le_bytes(b.try_into().unwrap())),
+                    .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])),
             );
             Ok(())
         })?;
