@@ -79,8 +79,8 @@ pub fn run(dev: &Device, seed: u64, keep: Option<&Path>) -> Result<()> {
         modelpress::outln!(
             "{:<34} {:>10} {:>10} {:>8.2}% {:>10.3e} {:>10.3e} {:>8.2}",
             label,
-            super::human_bytes(t.bytes_in),
-            super::human_bytes(t.bytes_out),
+            super::format::human_bytes(t.bytes_in),
+            super::format::human_bytes(t.bytes_out),
             100.0 * t.zeros_touched as f64 / t.weights_touched.max(1) as f64,
             mx,
             rmse,

@@ -12,6 +12,7 @@
 //! reference instead. The number of such blocks is reported; on real
 //! weights it is zero.
 
+mod layout;
 pub mod reference;
 
 use crate::device::{Chunk, Device, Gpu, StreamLayout};
