@@ -6,6 +6,7 @@
 pub mod gguf;
 pub mod merge;
 pub mod neurons;
+pub mod op;
 pub mod pipeline;
 pub mod prune;
 pub mod quantize;
@@ -13,7 +14,8 @@ pub mod report;
 
 pub use merge::{Mix, Transfer};
 pub use neurons::RemoveNeurons;
-pub use pipeline::{run, Applied, JobOptions, Selection, Src, TensorOp};
+pub use op::{Applied, Selection, Src, TensorOp};
+pub use pipeline::{run, JobOptions, Progress};
 pub use prune::{Lines, PatternPrune, Prune, ScoresFile, Sparsity};
 pub use quantize::{Dequantize, QuantScheme, Quantize};
 pub use report::{Report, TensorReport};

@@ -6,183 +6,19 @@
 //! processed, and the next tensor starts while earlier results are still
 //! being written only while the bytes in flight stay within twice the
 //! largest tensor, so peak memory follows the largest tensor, not the model.
+pub use super::op::{Applied, Selection, Src, TensorOp};
 
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::formats::model::{Model, ModelWriter};
 use crate::formats::output::{self, Staged};
 use crate::formats::plan;
-use crate::formats::safetensors::{Entry, Metadata, OutEntry, SafetensorsFile, SafetensorsWriter};
+use crate::formats::safetensors::{Entry, OutEntry, SafetensorsWriter};
 use crate::jobs::report::{diff, Report, TensorReport};
-use crate::tensor::{Tensor, TensorRef};
-use regex::Regex;
 use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Condvar, Mutex};
 use std::time::Instant;
-
-/// One input tensor as an operation sees it: its header entry and bytes.
-#[derive(Clone, Copy)]
-pub struct Src<'a> {
-    /// The file holding it.
-    pub file: &'a SafetensorsFile,
-    /// Its header entry.
-    pub entry: &'a Entry,
-}
-
-impl<'a> Src<'a> {
-    /// Its bytes, mapped from the file.
-    pub fn data(&self) -> &'a [u8] {
-        self.file.data(self.entry)
-    }
-
-    /// The tensor as the kernels take it.
-    pub fn tensor(&self) -> Result<TensorRef<'a>> {
-        self.file.tensor(self.entry).ok_or_else(|| {
-            Error::Unsupported(format!(
-                "dtype {} (the kernels take F32, F16 and BF16)",
-                self.entry.dtype
-            ))
-        })
-    }
-}
-
-/// What an operation produced for one tensor.
-pub struct Applied {
-    /// Bytes of each tensor `TensorOp::outputs` declared, in order.
-    pub outputs: Vec<Vec<u8>>,
-    /// A float tensor meant to approximate the input, for the error
-    /// figures (the output itself, or its dequantization).
-    pub approx: Option<Tensor>,
-    /// A few words for the report ("12 of 24 zero").
-    pub note: Option<String>,
-}
-
-impl Applied {
-    /// A float tensor that is both the output and what approximates the
-    /// input (prune, transfer, mix).
-    pub fn float(t: Tensor) -> Applied {
-        Applied {
-            outputs: vec![t.data.clone()],
-            approx: Some(t),
-            note: None,
-        }
-    }
-}
-
-/// An operation over whole models.
-pub trait TensorOp: Sync {
-    /// "prune |w| < 0.01", for reports.
-    fn describe(&self) -> String;
-
-    /// Whether the operation touches `e` when the user names no --include:
-    /// by default float tensors of rank ≥ 2 (norms and biases pass through).
-    fn default_select(&self, e: &Entry) -> bool {
-        e.kernel_dtype().is_some() && e.shape.len() >= 2
-    }
-
-    /// The output tensors written for a touched input tensor.
-    fn outputs(&self, e: &Entry) -> Result<Vec<OutEntry>> {
-        Ok(vec![OutEntry {
-            name: e.name.clone(),
-            dtype: e.dtype.clone(),
-            shape: e.shape.clone(),
-        }])
-    }
-
-    /// The output shard's metadata, given the input's and the tensors this
-    /// shard has touched.
-    fn shard_metadata(&self, input: Option<&Metadata>, _touched: &[&Entry]) -> Option<Metadata> {
-        input.cloned()
-    }
-
-    /// New contents for a copied file of a model directory (config.json
-    /// after neurons were removed), or None to copy it as it is.
-    fn rewrite_file(&self, _name: &str, _bytes: &[u8]) -> Result<Option<Vec<u8>>> {
-        Ok(None)
-    }
-
-    /// Checks, before anything is written, that the operation can run on
-    /// `e` (for example that a scores file has its activation norms).
-    fn prepare(&self, _e: &Entry) -> Result<()> {
-        Ok(())
-    }
-
-    /// Files the operation reads besides the models (a scores file), which
-    /// no output may overwrite.
-    fn input_paths(&self) -> Vec<PathBuf> {
-        Vec::new()
-    }
-
-    /// Whether a touched tensor of model k > 0 may have another float dtype
-    /// than model 0's (a delta in f32 for a bf16 model).
-    fn mixed_dtypes(&self) -> bool {
-        false
-    }
-
-    /// Computes the outputs of one tensor; `srcs[k]` is the tensor of the
-    /// same name in model k.
-    fn apply(&self, dev: &Device, srcs: &[Src], models: &[Model]) -> Result<Applied>;
-}
-
-/// Which tensors a job touches. Each operation has a default set (float
-/// tensors of rank ≥ 2 for most: norms and biases pass through);
-/// `--include` and `--exclude` regexes over names only narrow it, so that
-/// `--include '^encoder\.'` never reaches a LayerNorm. `any_rank`
-/// (`--any-rank`) widens the default to float tensors of every rank, for
-/// users who mean to change norms and biases too.
-#[derive(Default)]
-pub struct Selection {
-    /// A touched tensor's name matches one of these (all when empty).
-    pub include: Vec<Regex>,
-    /// A touched tensor's name matches none of these.
-    pub exclude: Vec<Regex>,
-    /// Add float tensors of rank 0 and 1 to the default set.
-    pub any_rank: bool,
-}
-
-impl Selection {
-    /// Compiles the regexes; a bad one is an error naming it.
-    pub fn new(include: &[String], exclude: &[String], any_rank: bool) -> Result<Selection> {
-        let compile = |v: &[String]| {
-            v.iter()
-                .map(|p| Regex::new(p).map_err(|e| Error::input(format!("bad regex '{p}': {e}"))))
-                .collect::<Result<Vec<_>>>()
-        };
-        Ok(Selection {
-            include: compile(include)?,
-            exclude: compile(exclude)?,
-            any_rank,
-        })
-    }
-
-    /// Whether `op` touches `e` under this selection.
-    pub fn chosen(&self, op: &dyn TensorOp, e: &Entry) -> bool {
-        let default = op.default_select(e) || (self.any_rank && e.kernel_dtype().is_some());
-        default
-            && (self.include.is_empty() || self.include.iter().any(|r| r.is_match(&e.name)))
-            && !self.exclude.iter().any(|r| r.is_match(&e.name))
-    }
-
-    /// An `--include` pattern that selects nothing in `model` is a mistake
-    /// (a typo, or a tensor outside the default set): an error naming it.
-    pub fn check_includes(&self, op: &dyn TensorOp, model: &Model) -> Result<()> {
-        for r in &self.include {
-            if !model
-                .entries()
-                .any(|(_, e)| r.is_match(&e.name) && self.chosen(op, e))
-            {
-                return Err(Error::input(format!(
-                    "{}: --include '{r}' matches no tensor this job touches (by default \
-                     float tensors of rank ≥ 2; --any-rank adds norms and biases)",
-                    model.path.display()
-                )));
-            }
-        }
-        Ok(())
-    }
-}
-
 /// How a job runs: device, selection, what it may do to its outputs.
 pub struct JobOptions {
     /// Where the kernels run.
