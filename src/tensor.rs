@@ -261,6 +261,56 @@ pub(crate) fn matrix_view(shape: &[usize]) -> (usize, usize) {
     }
 }
 
+/// Large byte buffers kept for reuse. Writing a large tensor into a fresh
+/// allocation faults in (and zeroes) every page; a buffer that was written
+/// before is already mapped. Whole-model jobs give their outputs back
+/// (`recycle`) once written, and the next output takes one.
+static POOL: std::sync::Mutex<Vec<Vec<u8>>> = std::sync::Mutex::new(Vec::new());
+/// Smaller buffers are not worth keeping.
+const POOL_MIN: usize = 1 << 20;
+/// At most this many are kept (they stay within what a job had in flight).
+const POOL_BUFFERS: usize = 3;
+
+/// A buffer of `len` bytes whose contents are unspecified (recycled bytes
+/// or zeros): for outputs of which every byte is written.
+pub(crate) fn buffer_for_overwrite(len: usize) -> Vec<u8> {
+    if len >= POOL_MIN {
+        let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
+        let best = (0..pool.len())
+            .filter(|&i| pool[i].capacity() >= len)
+            .min_by_key(|&i| pool[i].capacity());
+        if let Some(i) = best {
+            let mut v = pool.swap_remove(i);
+            drop(pool);
+            v.truncate(len);
+            v.resize(len, 0);
+            return v;
+        }
+    }
+    vec![0; len]
+}
+
+/// Gives a buffer back for reuse by later outputs (large ones only; the
+/// rest are freed).
+pub fn recycle(buf: Vec<u8>) {
+    if buf.capacity() < POOL_MIN {
+        return;
+    }
+    let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
+    if pool.len() < POOL_BUFFERS {
+        pool.push(buf);
+    } else if let Some(small) = pool.iter_mut().min_by_key(|b| b.capacity()) {
+        if small.capacity() < buf.capacity() {
+            *small = buf;
+        }
+    }
+}
+
+/// Frees the buffers kept for reuse (a job calls it when it ends).
+pub fn release_buffers() {
+    POOL.lock().unwrap_or_else(|e| e.into_inner()).clear();
+}
+
 /// An owned tensor: what operations return.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Tensor {
@@ -273,6 +323,16 @@ pub struct Tensor {
 }
 
 impl Tensor {
+    /// A tensor whose bytes are unspecified, for an output of which every
+    /// byte is written (it may reuse a recycled buffer).
+    pub(crate) fn for_overwrite(dtype: DType, shape: &[usize]) -> Tensor {
+        Tensor {
+            dtype,
+            shape: shape.to_vec(),
+            data: buffer_for_overwrite(numel(shape) * dtype.size()),
+        }
+    }
+
     /// Zero-filled tensor.
     pub fn zeros(dtype: DType, shape: &[usize]) -> Tensor {
         Tensor {

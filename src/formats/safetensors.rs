@@ -175,6 +175,18 @@ impl SafetensorsFile {
         })
     }
 
+    /// Makes `e`'s pages resident now (MADV_POPULATE_READ, one call for
+    /// the whole tensor, where the system has it), so that reading is
+    /// measured apart from computing.
+    pub fn populate(&self, e: &Entry) {
+        #[cfg(target_os = "linux")]
+        let _ = self.map.advise_range(
+            Advice::PopulateRead,
+            self.data_start + e.range.start,
+            e.range.len(),
+        );
+    }
+
     /// Asks the kernel to read `e`'s pages ahead.
     pub fn prefetch(&self, e: &Entry) {
         let _ = self.map.advise_range(

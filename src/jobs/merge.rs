@@ -33,8 +33,8 @@ impl TensorOp for Transfer {
             Some(x) => transfer::Delta::Scalar(x),
             None => transfer::Delta::Tensor(srcs[1].tensor()?),
         };
-        let out = transfer::transfer(dev, &w, delta, self.lambda)?;
-        let mut a = Applied::float(out);
+        let (out, diff) = transfer::transfer_diff(dev, &w, delta, self.lambda)?;
+        let mut a = Applied::with_diff(out, diff);
         if self.offset.is_none() {
             // The change is the point; report it, not as an error.
             a.note = Some("max_abs_err/rmse measure the change applied".into());
@@ -60,8 +60,8 @@ impl TensorOp for Mix {
             .iter()
             .map(|s| s.tensor())
             .collect::<Result<Vec<_>>>()?;
-        let out = mix::mix(dev, &ts, &self.weights)?;
-        let mut a = Applied::float(out);
+        let (out, diff) = mix::mix_diff(dev, &ts, &self.weights)?;
+        let mut a = Applied::with_diff(out, diff);
         a.note = Some("max_abs_err/rmse are against the first model".into());
         Ok(a)
     }

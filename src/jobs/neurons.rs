@@ -298,6 +298,7 @@ impl TensorOp for RemoveNeurons {
         Ok(Applied {
             outputs: vec![out],
             approx: None,
+            diff: None,
             note: Some(format!("{:?} -> {:?}", e.shape, self.outputs(e)?[0].shape)),
         })
     }

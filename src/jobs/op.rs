@@ -6,6 +6,7 @@ use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::formats::model::Model;
 use crate::formats::safetensors::{Entry, Metadata, OutEntry, SafetensorsFile};
+use crate::ops::diff::Diff;
 use crate::tensor::{Tensor, TensorRef};
 use regex::Regex;
 use std::path::PathBuf;
@@ -43,17 +44,32 @@ pub struct Applied {
     /// A float tensor meant to approximate the input, for the error
     /// figures (the output itself, or its dequantization).
     pub approx: Option<Tensor>,
+    /// The output against `srcs[0]` (and the other inputs' non-finite
+    /// values), from the operation's own pass: when given, the pipeline
+    /// needs no pass of its own for the report, and ignores `approx`.
+    pub diff: Option<Diff>,
     /// A few words for the report ("12 of 24 zero").
     pub note: Option<String>,
 }
 
 impl Applied {
     /// A float tensor that is both the output and what approximates the
-    /// input (prune, transfer, mix).
+    /// input; the pipeline compares the two in a pass of its own.
     pub fn float(t: Tensor) -> Applied {
         Applied {
             outputs: vec![t.data.clone()],
             approx: Some(t),
+            diff: None,
+            note: None,
+        }
+    }
+
+    /// A float output with the figures its operation computed in passing.
+    pub fn with_diff(t: Tensor, diff: Diff) -> Applied {
+        Applied {
+            outputs: vec![t.data],
+            approx: None,
+            diff: Some(diff),
             note: None,
         }
     }

@@ -14,7 +14,8 @@ use crate::formats::model::{Model, ModelWriter};
 use crate::formats::output::{self, Staged};
 use crate::formats::plan;
 use crate::formats::safetensors::{Entry, OutEntry, SafetensorsWriter};
-use crate::jobs::report::{diff, Report, TensorReport};
+use crate::jobs::report::{Report, Stages, TensorReport};
+use crate::ops::diff::diff;
 use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Condvar, Mutex};
@@ -129,14 +130,16 @@ enum Msg<'a> {
 /// Writes what it receives; after a failure it keeps draining (returning
 /// budget) so that the producer never waits on it, and reports the first
 /// error.
+/// Returns the finished shards and the seconds spent writing and syncing.
 fn writer_thread(
     rx: mpsc::Receiver<Msg>,
     budget: &Budget,
     progress: &dyn Progress,
-) -> Result<Vec<Staged>> {
+) -> Result<(Vec<Staged>, f64, f64)> {
     let mut current: Option<SafetensorsWriter> = None;
     let mut first_error: Option<Error> = None;
     let mut finished = Vec::new();
+    let (mut write_s, mut sync_s) = (0.0, 0.0);
     for msg in rx {
         let r = match msg {
             Msg::Shard(w) => {
@@ -149,20 +152,29 @@ fn writer_thread(
                 release,
                 budget: b,
             } => {
+                let t = Instant::now();
                 let r = match (&first_error, current.as_mut()) {
                     (None, Some(w)) => w.write(&name, &data),
                     _ => Ok(()),
                 };
+                write_s += t.elapsed().as_secs_f64();
                 if let Some(src) = release {
                     src.file.release(src.entry);
                     progress.advance(src.entry.bytes() as u64);
                 }
-                drop(data);
+                if let Cow::Owned(v) = data {
+                    crate::tensor::recycle(v);
+                }
                 budget.give(b);
                 r
             }
             Msg::EndShard => match (&first_error, current.take()) {
-                (None, Some(w)) => w.finish_staged().map(|s| finished.push(s)),
+                (None, Some(w)) => {
+                    let t = Instant::now();
+                    let r = w.finish_staged().map(|s| finished.push(s));
+                    sync_s += t.elapsed().as_secs_f64();
+                    r
+                }
                 _ => Ok(()),
             },
         };
@@ -173,7 +185,7 @@ fn writer_thread(
             }
         }
     }
-    first_error.map_or(Ok(finished), Err)
+    first_error.map_or(Ok((finished, write_s, sync_s)), Err)
 }
 
 fn differ(file: &Path, tensor: &str, why: String) -> Error {
@@ -289,7 +301,8 @@ pub fn run(op: &dyn TensorOp, models: &[Model], out: &Path, opts: &JobOptions) -
         totals: Default::default(),
     };
     let mut writer = ModelWriter::new(&dests[0], base.is_dir)?;
-    let shards = std::thread::scope(|scope| -> Result<Vec<Staged>> {
+    let mut stages = Stages::default();
+    let (shards, write_s, sync_s) = std::thread::scope(|scope| -> Result<_> {
         let (tx, rx) = mpsc::sync_channel::<Msg>(4);
         let budget = &budget;
         let handle = scope.spawn(move || writer_thread(rx, budget, progress));
@@ -345,7 +358,15 @@ pub fn run(op: &dyn TensorOp, models: &[Model], out: &Path, opts: &JobOptions) -
                         }
                         continue;
                     }
-                    let r = process(op, opts, models, src, budget, &tx, progress)
+                    let flow = Flow {
+                        op,
+                        opts,
+                        models,
+                        budget,
+                        tx: &tx,
+                        progress,
+                    };
+                    let r = process(&flow, src, &mut stages)
                         .map_err(|err| err.at(&shard.path, &e.name))?;
                     match r {
                         Some(r) => report.tensors.push(r),
@@ -366,29 +387,50 @@ pub fn run(op: &dyn TensorOp, models: &[Model], out: &Path, opts: &JobOptions) -
         written
     })?;
     progress.finish();
+    stages.write = write_s;
+    stages.sync = sync_s;
+    let t = Instant::now();
     for s in shards {
         writer.shard_done(s)?;
     }
     let mut staged = vec![writer.finish(base, &|name, bytes| op.rewrite_file(name, bytes))?];
+    stages.commit = t.elapsed().as_secs_f64();
+    report.totals.stages = stages;
     report.finish_totals(started.elapsed().as_secs_f64());
     if let Some(dest) = dests.get(1) {
         staged.push(report.stage(dest)?);
     }
+    crate::tensor::release_buffers();
     output::commit(staged, opts.force)?;
     Ok(report)
+}
+
+/// The job a tensor belongs to, and where its results go.
+#[derive(Clone, Copy)]
+struct Flow<'a, 'r> {
+    op: &'r dyn TensorOp,
+    opts: &'r JobOptions,
+    models: &'a [Model],
+    budget: &'r Budget,
+    tx: &'r mpsc::SyncSender<Msg<'a>>,
+    progress: &'r dyn Progress,
 }
 
 /// One touched tensor: compute, check, report, and hand to the writer.
 /// Returns None when the writer has stopped (its error wins).
 fn process<'a>(
-    op: &dyn TensorOp,
-    opts: &JobOptions,
-    models: &'a [Model],
+    f: &Flow<'a, '_>,
     src: Src<'a>,
-    budget: &Budget,
-    tx: &mpsc::SyncSender<Msg<'a>>,
-    progress: &dyn Progress,
+    stages: &mut Stages,
 ) -> Result<Option<TensorReport>> {
+    let Flow {
+        op,
+        opts,
+        models,
+        budget,
+        tx,
+        progress,
+    } = *f;
     let e = src.entry;
     let mut srcs = vec![src];
     for m in &models[1..] {
@@ -404,12 +446,20 @@ fn process<'a>(
     let outs = op.outputs(e)?;
     let out_bytes: u64 = outs.iter().map(|o| o.bytes().unwrap_or(0) as u64).sum();
     let in_bytes: u64 = srcs.iter().map(|s| s.entry.bytes() as u64).sum();
+    let t0 = Instant::now();
     if !budget.take(in_bytes + out_bytes) {
         return Ok(None);
     }
+    stages.wait += t0.elapsed().as_secs_f64();
+    let t0 = Instant::now();
+    for s in &srcs {
+        s.file.populate(s.entry);
+    }
+    stages.read += t0.elapsed().as_secs_f64();
     let t0 = Instant::now();
     let applied = op.apply(&opts.device, &srcs, models);
     let seconds = t0.elapsed().as_secs_f64();
+    stages.kernel += seconds;
     let applied = match applied {
         Ok(a) if a.outputs.len() == outs.len() => a,
         Ok(a) => {
@@ -439,12 +489,20 @@ fn process<'a>(
         budget.give(in_bytes + out_bytes);
         Err(err)
     };
-    let mut nonfinite_out = 0;
-    if let (Ok(input), Some(approx)) = (
-        src.tensor(),
-        applied.approx.as_ref().filter(|a| a.shape == e.shape),
-    ) {
-        let d = diff(&input, &approx.view());
+    // The figures: from the operation's own pass, or a pass of their own.
+    let fused = applied.diff.is_some();
+    let mut d = applied.diff;
+    if d.is_none() {
+        if let (Ok(input), Some(approx)) = (
+            src.tensor(),
+            applied.approx.as_ref().filter(|a| a.shape == e.shape),
+        ) {
+            let t = Instant::now();
+            d = Some(diff(&input, &approx.view()));
+            stages.stats += t.elapsed().as_secs_f64();
+        }
+    }
+    if let Some(d) = &d {
         if d.nonfinite_in > 0 && !opts.allow_nonfinite {
             return refuse(Error::input(format!(
                 "{} non-finite weights (NaN or inf); pass --allow-nonfinite to process them anyway",
@@ -458,27 +516,39 @@ fn process<'a>(
             0.0
         });
         r.max_abs_err = Some(d.max_abs);
-        r.rmse = Some(d.rmse);
-        r.removed_l2_rel = Some(d.rel_l2);
+        r.rmse = Some(d.rmse());
+        r.removed_l2_rel = Some(d.rel_l2());
         r.nonfinite_in = d.nonfinite_in;
-        nonfinite_out = d.nonfinite_out;
     }
-    // The other models' inputs (and the first's, when nothing approximates
-    // it) are checked for NaN and inf too.
-    let unchecked = if applied.approx.is_some() { 1 } else { 0 };
-    for s in &srcs[unchecked..] {
+    // Inputs the figures do not cover are checked for NaN and inf: the
+    // other models' when the operation did not count them, the first's
+    // when nothing approximates it.
+    let covered = match &d {
+        Some(_) if fused => srcs.len(),
+        Some(_) => 1,
+        None => 0,
+    };
+    let mut nonfinite_other = d.map_or(0, |d| d.nonfinite_other);
+    let t = Instant::now();
+    for s in &srcs[covered..] {
         if let Ok(t) = s.tensor() {
-            let nf = crate::ops::reduce::tensor_stats(&Device::Cpu, &t)?.nonfinite;
-            if nf > 0 && !opts.allow_nonfinite {
-                return refuse(Error::input(format!(
-                    "{nf} non-finite weights (NaN or inf) in {}; pass --allow-nonfinite to process them anyway",
-                    s.file.path.display()
-                )));
-            }
-            r.nonfinite_in += nf;
+            nonfinite_other += crate::ops::reduce::tensor_stats(&Device::Cpu, &t)?.nonfinite;
         }
     }
+    stages.stats += t.elapsed().as_secs_f64();
+    if nonfinite_other > 0 && !opts.allow_nonfinite {
+        let others: Vec<String> = srcs[1.min(srcs.len())..]
+            .iter()
+            .map(|s| s.file.path.display().to_string())
+            .collect();
+        return refuse(Error::input(format!(
+            "{nonfinite_other} non-finite weights (NaN or inf) in {}; pass --allow-nonfinite to process them anyway",
+            if others.is_empty() { "the input".to_string() } else { others.join(", ") }
+        )));
+    }
+    r.nonfinite_in += nonfinite_other;
     // Finite inputs whose result is not: a sum or a conversion overflowed.
+    let nonfinite_out = d.map_or(0, |d| d.nonfinite_out);
     r.nonfinite_out = nonfinite_out;
     if nonfinite_out > 0 && !opts.allow_nonfinite {
         return refuse(Error::input(format!(
@@ -495,7 +565,9 @@ fn process<'a>(
     progress.advance(e.bytes() as u64);
     for (o, data) in outs.into_iter().zip(applied.outputs) {
         let bytes = data.len() as u64;
+        let t = Instant::now();
         budget.take(bytes);
+        stages.wait += t.elapsed().as_secs_f64();
         let msg = Msg::Tensor {
             name: o.name,
             data: Cow::Owned(data),

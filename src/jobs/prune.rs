@@ -31,7 +31,10 @@ impl TensorOp for Prune {
     fn apply(&self, dev: &Device, srcs: &[Src], _: &[Model]) -> Result<Applied> {
         let t = srcs[0].tensor()?;
         Ok(match self {
-            Prune::Threshold(tau) => Applied::float(prune::threshold(dev, &t, *tau)?.0),
+            Prune::Threshold(tau) => {
+                let (out, st) = prune::threshold(dev, &t, *tau)?;
+                Applied::with_diff(out, st.diff)
+            }
             Prune::Rows(tau, norm) => {
                 let (out, st) = prune::prune_neurons(dev, &t, *tau, *norm)?;
                 let mut a = Applied::float(out);
@@ -257,7 +260,7 @@ impl TensorOp for Sparsity {
                 r
             }
         };
-        let mut a = Applied::float(out);
+        let mut a = Applied::with_diff(out, st.diff);
         a.note = Some(format!("{} of {} zero", st.zeros, st.numel));
         Ok(a)
     }

@@ -119,11 +119,11 @@ impl TensorOp for Quantize {
     fn apply(&self, dev: &Device, srcs: &[Src], _: &[Model]) -> Result<Applied> {
         let t = srcs[0].tensor()?;
         let (q, st) = self.quantize(dev, &t)?;
-        let back = quantize::dequantize(dev, &q, t.dtype)?;
         let note =
             (st.clipped + st.nan > 0).then(|| format!("{} clipped, {} NaN", st.clipped, st.nan));
         if self.dequantize {
-            let mut a = Applied::float(back);
+            let back = quantize::dequantize(dev, &q, t.dtype)?;
+            let mut a = Applied::with_diff(back, st.diff);
             a.note = note;
             return Ok(a);
         }
@@ -132,7 +132,8 @@ impl TensorOp for Quantize {
                 bytemuck::cast_slice(&q.q).to_vec(),
                 bytemuck::cast_slice(&q.scales).to_vec(),
             ],
-            approx: Some(back),
+            approx: None,
+            diff: Some(st.diff),
             note,
         })
     }
@@ -228,6 +229,7 @@ impl TensorOp for Dequantize {
             return Ok(Applied {
                 outputs: vec![],
                 approx: None,
+                diff: None,
                 note: Some("scale consumed".into()),
             });
         };
@@ -270,6 +272,7 @@ impl TensorOp for Dequantize {
         Ok(Applied {
             outputs: vec![out.data],
             approx: None,
+            diff: None,
             note: None,
         })
     }

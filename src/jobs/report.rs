@@ -1,8 +1,6 @@
 //! What a whole-model job did, per tensor and in total: written as JSON by
 //! `--report FILE` and summarized on the terminal.
 
-use crate::tensor::TensorRef;
-use rayon::prelude::*;
 use serde::Serialize;
 
 /// What a job did to one tensor.
@@ -102,6 +100,32 @@ pub struct Totals {
     pub seconds: f64,
     /// (bytes in + bytes out) / seconds, in GB/s.
     pub gb_per_s: f64,
+    /// Where the time went (whole-model jobs).
+    pub stages: Stages,
+}
+
+/// Where a job's time went, in seconds summed over its tensors. The writer
+/// runs beside the computation, so the stages overlap and their sum can
+/// exceed the wall time.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct Stages {
+    /// Making the inputs resident (page faults on the memory maps).
+    pub read: f64,
+    /// The operations themselves, report figures they compute in passing
+    /// included.
+    pub kernel: f64,
+    /// Report figures that cost a pass of their own (operations that do not
+    /// compute them in passing, and non-finite checks of inputs they did
+    /// not cover).
+    pub stats: f64,
+    /// The computation waiting for the writer (the in-flight budget full).
+    pub wait: f64,
+    /// Writing tensors into the output files (the writer thread).
+    pub write: f64,
+    /// Flushing and syncing the output files.
+    pub sync: f64,
+    /// Copying other files, the index and the report, and the renames.
+    pub commit: f64,
 }
 
 /// What a whole-model job did: `--report FILE` writes it as JSON.
@@ -170,83 +194,5 @@ impl Report {
             errs.iter()
                 .fold((0f64, 0f64), |a, b| (a.0.max(b.0), a.1.max(b.1))),
         )
-    }
-}
-
-/// Figures of `approx` against `input` (same shape): max |diff|, RMSE,
-/// zeros in `approx`, non-finite values in `input`. Non-finite positions
-/// are left out of the error.
-pub struct Diff {
-    /// Largest |approx − input|.
-    pub max_abs: f64,
-    /// √mean((approx − input)²).
-    pub rmse: f64,
-    /// ‖approx − input‖₂ / ‖input‖₂ (0 for an all-zero input).
-    pub rel_l2: f64,
-    /// Zeros in `approx`.
-    pub zeros: u64,
-    /// Non-finite values in `input`.
-    pub nonfinite_in: u64,
-    /// Non-finite values in `approx`.
-    pub nonfinite_out: u64,
-}
-
-impl Diff {
-    /// The signal-to-noise ratio in dB.
-    pub fn snr_db(&self) -> f64 {
-        crate::ops::reduce::snr_db(self.rel_l2)
-    }
-}
-
-/// Compares `approx` with `input` (same shape) in one parallel pass.
-pub fn diff(input: &TensorRef, approx: &TensorRef) -> Diff {
-    let n = input.numel();
-    let block = 1 << 16;
-    let parts: Vec<(f64, f64, u64, u64, f64, u64)> = (0..n.div_ceil(block))
-        .into_par_iter()
-        .map(|b| {
-            let (mut mx, mut sq, mut z, mut nf, mut norm) = (0f64, 0f64, 0u64, 0u64, 0f64);
-            let mut nf_out = 0u64;
-            for i in b * block..((b + 1) * block).min(n) {
-                let x = input.dtype.raw_to_f32(input.dtype.read_raw(input.data, i));
-                let y = approx
-                    .dtype
-                    .raw_to_f32(approx.dtype.read_raw(approx.data, i));
-                z += (y == 0.0) as u64;
-                nf_out += !y.is_finite() as u64;
-                if !x.is_finite() {
-                    nf += 1;
-                    continue;
-                }
-                let d = (y as f64 - x as f64).abs();
-                norm += (x as f64) * (x as f64);
-                if d.is_finite() {
-                    mx = mx.max(d);
-                    sq += d * d;
-                }
-            }
-            (mx, sq, z, nf, norm, nf_out)
-        })
-        .collect();
-    let (mx, sq, z, nf, norm, nf_out) =
-        parts
-            .into_iter()
-            .fold((0f64, 0f64, 0u64, 0u64, 0f64, 0u64), |a, b| {
-                (
-                    a.0.max(b.0),
-                    a.1 + b.1,
-                    a.2 + b.2,
-                    a.3 + b.3,
-                    a.4 + b.4,
-                    a.5 + b.5,
-                )
-            });
-    Diff {
-        max_abs: mx,
-        rmse: if n > 0 { (sq / n as f64).sqrt() } else { 0.0 },
-        rel_l2: if norm > 0.0 { (sq / norm).sqrt() } else { 0.0 },
-        zeros: z,
-        nonfinite_in: nf,
-        nonfinite_out: nf_out,
     }
 }

@@ -12,10 +12,11 @@
 //!   (the tests state the bound).
 
 use super::codec::{with_codec, Codec};
+use super::diff::Diff;
 use super::kernels::Kernel;
 use super::{
-    chunk_elems, chunks, f32_at, finish_special, finite_param, matrix_tiles, params, same_shape,
-    term_special, tile_input, u32_at, Tile, CPU_BLOCK,
+    chunk_diff, chunk_elems, chunks, f32_at, finish_special, finite_param, matrix_tiles, params,
+    same_shape, term_special, tile_input, u32_at, Tile, CPU_BLOCK,
 };
 use crate::device::{Chunk, Device, Gpu, Input, StreamLayout};
 use crate::error::{Error, Result};
@@ -42,6 +43,12 @@ kernel_params!(RowMixParams {
 
 /// Σ pᵢ·wᵢ.
 pub fn mix(dev: &Device, inputs: &[TensorRef], weights: &[f32]) -> Result<Tensor> {
+    mix_diff(dev, inputs, weights).map(|(t, _)| t)
+}
+
+/// `mix`, with the result's `Diff` against the first input (and the other
+/// inputs' non-finite values) from the same pass.
+pub fn mix_diff(dev: &Device, inputs: &[TensorRef], weights: &[f32]) -> Result<(Tensor, Diff)> {
     if !(2..=MAX_MIX_INPUTS).contains(&inputs.len()) {
         return Err(Error::input(format!(
             "mix takes 2 to {MAX_MIX_INPUTS} tensors, got {}",
@@ -79,17 +86,18 @@ pub fn mix(dev: &Device, inputs: &[TensorRef], weights: &[f32]) -> Result<Tensor
 /// The reference: per element, terms left to right from the first. Inputs
 /// are the outer loop over a block of f32 accumulators, which keeps that
 /// order per element and lets each pass vectorize.
-fn mix_cpu(inputs: &[TensorRef], weights: &[f32]) -> Tensor {
+fn mix_cpu(inputs: &[TensorRef], weights: &[f32]) -> (Tensor, Diff) {
     let dt = inputs[0].dtype;
-    let mut out = Tensor::zeros(dt, inputs[0].shape);
-    with_codec!(dt, C => out.data
+    let mut out = Tensor::for_overwrite(dt, inputs[0].shape);
+    let parts: Vec<Diff> = with_codec!(dt, C => out.data
     .par_chunks_mut(CPU_BLOCK * C::SIZE)
     .enumerate()
-    .for_each(|(b, ob)| {
+    .map(|(b, ob)| {
         let start = b * CPU_BLOCK;
         let len = ob.len() / C::SIZE;
         let mut acc = vec![0f32; len];
         let mut state = vec![0u32; len];
+        let mut d = Diff::default();
         for (i, (t, &p)) in inputs.iter().zip(weights).enumerate() {
             for j in 0..len {
                 let xb = C::to_f32(C::read(t.data, start + j)).to_bits();
@@ -97,16 +105,22 @@ fn mix_cpu(inputs: &[TensorRef], weights: &[f32]) -> Tensor {
                 state[j] |= s;
                 let term = p * if s != 0 { 0.0 } else { f32::from_bits(xb) };
                 acc[j] = if i == 0 { term } else { acc[j] + term };
+                if i > 0 {
+                    d.other(f32::from_bits(xb));
+                }
             }
         }
         for j in 0..len {
             C::write(ob, j, C::from_f32(f32::from_bits(finish_special(state[j], acc[j]))));
         }
-    }));
-    out
+        d.add_block::<C, C>(&inputs[0].data[start * C::SIZE..(start + len) * C::SIZE], ob);
+        d
+    })
+    .collect());
+    (out, Diff::sum(parts))
 }
 
-fn mix_gpu(g: &Gpu, inputs: &[TensorRef], weights: &[f32]) -> Result<Tensor> {
+fn mix_gpu(g: &Gpu, inputs: &[TensorRef], weights: &[f32]) -> Result<(Tensor, Diff)> {
     let dt = inputs[0].dtype;
     let es = dt.size();
     let k = inputs.len();
@@ -146,12 +160,16 @@ fn mix_gpu(g: &Gpu, inputs: &[TensorRef], weights: &[f32]) -> Result<Tensor> {
         read: vec![(r.len() * es) as u64],
         workgroups: g.ctx.workgroups_for((r.len() * es).div_ceil(4) as u64),
     });
+    let refs: Vec<&TensorRef> = inputs.iter().collect();
+    let mut d = Diff::default();
     g.ctx.stream(&pipeline, &layout, jobs, |c, outs| {
         let r = &ranges[c];
-        out.data[r.start * es..r.end * es].copy_from_slice(outs[0]);
+        let chunk = &mut out.data[r.start * es..r.end * es];
+        chunk.copy_from_slice(outs[0]);
+        d = d.merge(chunk_diff(&refs, r.clone(), dt, chunk));
         Ok(())
     })?;
-    Ok(out)
+    Ok((out, d))
 }
 
 /// Σᵢ pᵢ·`W[i, :]` over the rows of a tensor seen as `(shape[0], rest)`; the

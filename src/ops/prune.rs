@@ -11,6 +11,7 @@
 //!   vector: each element is its own neuron, so the rule is elementwise.
 
 use super::codec::{with_codec, Codec};
+use super::diff::Diff;
 use super::kernels::Kernel;
 use super::reduce::{row_figures, row_stats, RowStats};
 use super::{check_row_len, chunk_elems, chunk_rows, chunks, cpu_map, gpu_map, params, u32_at};
@@ -19,7 +20,7 @@ use crate::error::{Error, Result};
 use crate::tensor::{Tensor, TensorRef};
 
 /// What a threshold prune did.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct PruneStats {
     /// Elements.
     pub numel: u64,
@@ -27,6 +28,8 @@ pub struct PruneStats {
     pub pruned: u64,
     /// Zeros in the output (pruned or already zero).
     pub zeros: u64,
+    /// The output against the input, from the same pass.
+    pub diff: Diff,
 }
 
 impl PruneStats {
@@ -97,7 +100,7 @@ pub fn threshold(dev: &Device, t: &TensorRef, tau: f32) -> Result<(Tensor, Prune
 }
 
 fn threshold_cpu(t: &TensorRef, tau_bits: u32) -> (Tensor, PruneStats) {
-    let (out, [pruned, zeros]) = with_codec!(t.dtype, C => cpu_map::<C, C, 2>(t, t.dtype, |_, raw| {
+    let (out, [pruned, zeros], diff) = with_codec!(t.dtype, C => cpu_map::<C, C, 2>(t, t.dtype, move |_, raw| {
         let a = C::to_f32(raw).to_bits() & 0x7fff_ffff;
         let cut = a < tau_bits;
         (if cut { 0 } else { raw }, [cut as u64, (cut || a == 0) as u64])
@@ -109,6 +112,7 @@ fn threshold_cpu(t: &TensorRef, tau_bits: u32) -> (Tensor, PruneStats) {
             numel,
             pruned,
             zeros,
+            diff,
         },
     )
 }
@@ -128,7 +132,7 @@ kernel_params!(RowParams {
 });
 
 fn threshold_gpu(g: &Gpu, t: &TensorRef, tau_bits: u32) -> Result<(Tensor, PruneStats)> {
-    let (out, [pruned, zeros]) = gpu_map(
+    let (out, [pruned, zeros], diff) = gpu_map(
         g,
         Kernel::Threshold,
         (t.dtype.shader_code(), 0),
@@ -144,6 +148,7 @@ fn threshold_gpu(g: &Gpu, t: &TensorRef, tau_bits: u32) -> Result<(Tensor, Prune
         numel: t.numel() as u64,
         pruned,
         zeros,
+        diff,
     };
     Ok((out, st))
 }
@@ -388,7 +393,7 @@ fn zero_lines(dev: &Device, t: &TensorRef, mask: &[bool], axis: Axis) -> Result<
     };
     match dev {
         Device::Cpu => {
-            let (out, [zeros]) = with_codec!(t.dtype, C => cpu_map::<C, C, 1>(t, t.dtype, |i, raw| {
+            let (out, [zeros], _) = with_codec!(t.dtype, C => cpu_map::<C, C, 1>(t, t.dtype, |i, raw| {
                 let kept = if mask[line_of(i)] { 0 } else { raw };
                 (kept, [(C::to_f32(kept).to_bits() & 0x7fff_ffff == 0) as u64])
             }));

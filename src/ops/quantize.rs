@@ -15,6 +15,7 @@
 //!   With the round-mode scale fl(1/Q) this is within 1 ulp of q/Q.
 
 use super::codec::{round_even_small, with_codec, Codec};
+use super::diff::Diff;
 use super::kernels::Kernel;
 use super::reduce::{row_stats, tensor_stats};
 use super::{
@@ -27,12 +28,16 @@ use crate::tensor::{DType, QTensor, Tensor, TensorRef};
 use rayon::prelude::*;
 
 /// What a quantization did.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct QuantStats {
     /// Values beyond the int8 range (±inf included), saturated.
     pub clipped: u64,
     /// NaN values, written as 0.
     pub nan: u64,
+    /// The round trip (q·scale in the input's dtype, as `dequantize`
+    /// writes it) against the input: fused into the quantizing pass on the
+    /// CPU, one host pass over the input and q after a GPU.
+    pub diff: Diff,
 }
 
 pub use crate::tensor::Granularity;
@@ -70,12 +75,13 @@ pub fn quantize_round(dev: &Device, t: &TensorRef, q: f32) -> Result<(QTensor, Q
             "quantization factor Q must be finite and > 0, got {q}"
         )));
     }
-    let (qs, st) = quantize_with(dev, t, &[q], false, -128, 127)?;
+    let scales = [1.0 / q];
+    let (qs, st) = quantize_with(dev, t, &[q], &scales, false, -128, 127)?;
     Ok((
         QTensor {
             shape: t.shape.to_vec(),
             q: qs,
-            scales: vec![1.0 / q],
+            scales: scales.to_vec(),
             granularity: Granularity::PerTensor,
         },
         st,
@@ -124,7 +130,7 @@ pub fn quantize_absmax(
         }
     };
     let per_row = gran == Granularity::PerRow;
-    let (qs, st) = quantize_with(dev, t, &mults, per_row, -127, 127)?;
+    let (qs, st) = quantize_with(dev, t, &mults, &scales, per_row, -127, 127)?;
     Ok((
         QTensor {
             shape: t.shape.to_vec(),
@@ -172,23 +178,41 @@ fn quantize_one(bits: u32, m: f32, qmin: i32, qmax: i32) -> (i8, QuantStats) {
     (q as i8, st)
 }
 
+/// `mults` quantize, `scales` dequantize (one each, or one per row).
 fn quantize_with(
     dev: &Device,
     t: &TensorRef,
     mults: &[f32],
+    scales: &[f32],
     per_row: bool,
     qmin: i32,
     qmax: i32,
 ) -> Result<(Vec<i8>, QuantStats)> {
     match dev {
-        Device::Cpu => Ok(quantize_cpu(t, mults, per_row, qmin, qmax)),
-        Device::Gpu(g) => quantize_gpu(g, t, mults, per_row, qmin, qmax),
+        Device::Cpu => Ok(quantize_cpu(t, mults, scales, per_row, qmin, qmax)),
+        Device::Gpu(g) => {
+            let (q, mut st) = quantize_gpu(g, t, mults, per_row, qmin, qmax)?;
+            st.diff = int8_diff(t, &q, scales, per_row);
+            Ok((q, st))
+        }
     }
+}
+
+/// Statistics of blocks, summed in block order (the figures repeat).
+fn sum_stats(parts: Vec<QuantStats>) -> QuantStats {
+    parts
+        .into_iter()
+        .fold(QuantStats::default(), |a, b| QuantStats {
+            clipped: a.clipped + b.clipped,
+            nan: a.nan + b.nan,
+            diff: a.diff.merge(b.diff),
+        })
 }
 
 fn quantize_cpu(
     t: &TensorRef,
     mults: &[f32],
+    scales: &[f32],
     per_row: bool,
     qmin: i32,
     qmax: i32,
@@ -196,28 +220,52 @@ fn quantize_cpu(
     let (_, row_len) = t.rows();
     let seg_len = if per_row { row_len } else { usize::MAX };
     let mut q = vec![0i8; t.numel()];
-    let st = with_codec!(t.dtype, C => q
+    let parts = with_codec!(t.dtype, C => q
     .par_chunks_mut(CPU_BLOCK)
     .enumerate()
     .map(|(b, qb)| {
         let mut st = QuantStats::default();
         let start = b * CPU_BLOCK;
         for (row, seg) in row_segments(start..start + qb.len(), seg_len) {
-            let m = mults[if per_row { row } else { 0 }];
+            let k = if per_row { row } else { 0 };
+            let (m, s) = (mults[k], scales[k]);
             for i in seg {
-                let (v, s) = quantize_one(C::to_f32(C::read(t.data, i)).to_bits(), m, qmin, qmax);
+                let x = C::to_f32(C::read(t.data, i));
+                let (v, qs) = quantize_one(x.to_bits(), m, qmin, qmax);
                 qb[i - start] = v;
-                st.clipped += s.clipped;
-                st.nan += s.nan;
+                st.clipped += qs.clipped;
+                st.nan += qs.nan;
+                st.diff.add(x, C::to_f32(C::from_f32(v as f32 * s)));
             }
         }
         st
     })
-    .reduce(QuantStats::default, |a, b| QuantStats {
-        clipped: a.clipped + b.clipped,
-        nan: a.nan + b.nan,
-    }));
-    (q, st)
+    .collect());
+    (q, sum_stats(parts))
+}
+
+/// The `Diff` of the round trip q·scale (rounded to the input's dtype)
+/// against the input: one pass, for quantizers that ran elsewhere.
+fn int8_diff(t: &TensorRef, q: &[i8], scales: &[f32], per_row: bool) -> Diff {
+    let (_, row_len) = t.rows();
+    let seg_len = if per_row { row_len } else { usize::MAX };
+    let parts: Vec<Diff> = with_codec!(t.dtype, C => q
+    .par_chunks(CPU_BLOCK)
+    .enumerate()
+    .map(|(b, qb)| {
+        let mut d = Diff::default();
+        let start = b * CPU_BLOCK;
+        for (row, seg) in row_segments(start..start + qb.len(), seg_len) {
+            let s = scales[if per_row { row } else { 0 }];
+            for i in seg {
+                let y = C::to_f32(C::from_f32(qb[i - start] as f32 * s));
+                d.add(C::to_f32(C::read(t.data, i)), y);
+            }
+        }
+        d
+    })
+    .collect());
+    Diff::sum(parts)
 }
 
 fn quantize_gpu(
@@ -370,24 +418,30 @@ fn dequantize_gpu(g: &Gpu, q: &QTensor, dtype: DType, row_len: usize) -> Result<
 /// The tensor in another float dtype, rounding to nearest even (exactly as
 /// the `half` crate converts).
 pub fn convert(dev: &Device, t: &TensorRef, dtype: DType) -> Result<Tensor> {
+    convert_diff(dev, t, dtype).map(|(t, _)| t)
+}
+
+/// `convert`, with the rounding's `Diff` from the same pass.
+pub fn convert_diff(dev: &Device, t: &TensorRef, dtype: DType) -> Result<(Tensor, Diff)> {
     t.check_float("convert")?;
     dtype.require_float("convert")?;
     if dtype == t.dtype {
-        return Ok(t.to_owned());
+        return Ok((t.to_owned(), super::diff::diff(t, t)));
     }
     match dev {
         Device::Cpu => Ok(with_codec!(t.dtype, I => with_codec!(dtype, O => {
-            cpu_map::<I, O, 0>(t, dtype, |_, raw| (O::from_f32(I::to_f32(raw)), [])).0
+            let (out, [], d) =
+                cpu_map::<I, O, 0>(t, dtype, |_, raw| (O::from_f32(I::to_f32(raw)), []));
+            (out, d)
         }))),
-        Device::Gpu(g) => convert_gpu(g, t, dtype),
+        Device::Gpu(g) => {
+            let codes = (t.dtype.shader_code(), dtype.shader_code());
+            let (out, [], d) =
+                gpu_map(g, Kernel::Convert, codes, &[t], dtype, |n| ConvertParams {
+                    n: n as u32,
+                    ..Default::default()
+                })?;
+            Ok((out, d))
+        }
     }
-}
-
-fn convert_gpu(g: &Gpu, t: &TensorRef, dtype: DType) -> Result<Tensor> {
-    let codes = (t.dtype.shader_code(), dtype.shader_code());
-    let (out, []) = gpu_map(g, Kernel::Convert, codes, &[t], dtype, |n| ConvertParams {
-        n: n as u32,
-        ..Default::default()
-    })?;
-    Ok(out)
 }

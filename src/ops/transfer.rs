@@ -10,6 +10,7 @@
 //!   is the canonical quiet NaN.
 
 use super::codec::{with_codec, Codec};
+use super::diff::Diff;
 use super::kernels::Kernel;
 use super::{cpu_map, finish_special, finite_param, gpu_map, same_shape, term_special};
 use crate::device::{Device, Gpu};
@@ -27,6 +28,17 @@ pub enum Delta<'a> {
 
 /// w + λ·Δ.
 pub fn transfer(dev: &Device, w: &TensorRef, delta: Delta, lambda: f32) -> Result<Tensor> {
+    transfer_diff(dev, w, delta, lambda).map(|(t, _)| t)
+}
+
+/// `transfer`, with the result's `Diff` against w (and Δ's non-finite
+/// values) from the same pass.
+pub fn transfer_diff(
+    dev: &Device,
+    w: &TensorRef,
+    delta: Delta,
+    lambda: f32,
+) -> Result<(Tensor, Diff)> {
     w.check_float("transfer")?;
     finite_param("λ", lambda)?;
     match delta {
@@ -54,26 +66,28 @@ pub fn transfer(dev: &Device, w: &TensorRef, delta: Delta, lambda: f32) -> Resul
     }
 }
 
-fn offset_scalar_cpu(w: &TensorRef, c: f32) -> Tensor {
-    with_codec!(w.dtype, C => cpu_map::<C, C, 0>(w, w.dtype, |_, raw| {
+fn offset_scalar_cpu(w: &TensorRef, c: f32) -> (Tensor, Diff) {
+    let (out, [], d) = with_codec!(w.dtype, C => cpu_map::<C, C, 0>(w, w.dtype, move |_, raw| {
         let xb = C::to_f32(raw).to_bits();
         let st = term_special(1.0, xb);
         let x = if st != 0 { 0.0 } else { f32::from_bits(xb) };
         (C::from_f32(f32::from_bits(finish_special(st, x + c))), [])
-    }))
-    .0
+    }));
+    (out, d)
 }
 
-fn offset_tensor_cpu(w: &TensorRef, d: &TensorRef, lambda: f32) -> Tensor {
-    with_codec!(w.dtype, C => with_codec!(d.dtype, D => cpu_map::<C, C, 0>(w, w.dtype, |i, raw| {
+fn offset_tensor_cpu(w: &TensorRef, d: &TensorRef, lambda: f32) -> (Tensor, Diff) {
+    let (out, [bad_delta], mut diff) = with_codec!(w.dtype, C => with_codec!(d.dtype, D => cpu_map::<C, C, 1>(w, w.dtype, move |i, raw| {
         let xb = C::to_f32(raw).to_bits();
         let db = D::to_f32(D::read(d.data, i)).to_bits();
         let (sx, sd) = (term_special(1.0, xb), term_special(lambda, db));
         let x = if sx != 0 { 0.0 } else { f32::from_bits(xb) };
         let dv = if sd != 0 { 0.0 } else { f32::from_bits(db) };
-        (C::from_f32(f32::from_bits(finish_special(sx | sd, x + lambda * dv))), [])
-    })))
-    .0
+        let bad = (db & 0x7fff_ffff >= 0x7f80_0000) as u64;
+        (C::from_f32(f32::from_bits(finish_special(sx | sd, x + lambda * dv))), [bad])
+    })));
+    diff.nonfinite_other = bad_delta;
+    (out, diff)
 }
 
 kernel_params!(ScalarParams {
@@ -91,9 +105,9 @@ kernel_params!(TensorParams {
 });
 
 /// `offset_scalar` (delta None, `v` = c) or `offset_tensor` (`v` = λ).
-fn offset_gpu(g: &Gpu, w: &TensorRef, delta: Option<&TensorRef>, v: f32) -> Result<Tensor> {
+fn offset_gpu(g: &Gpu, w: &TensorRef, delta: Option<&TensorRef>, v: f32) -> Result<(Tensor, Diff)> {
     let code = w.dtype.shader_code();
-    let (out, []) = match delta {
+    let (out, [], d) = match delta {
         None => gpu_map(g, Kernel::OffsetScalar, (code, 0), &[w], w.dtype, |n| {
             ScalarParams {
                 n: n as u32,
@@ -112,5 +126,5 @@ fn offset_gpu(g: &Gpu, w: &TensorRef, delta: Option<&TensorRef>, v: f32) -> Resu
             })?
         }
     };
-    Ok(out)
+    Ok((out, d))
 }

@@ -196,3 +196,37 @@ pub fn dir_bytes(dir: &std::path::Path) -> Vec<Vec<u8>> {
     v.sort();
     v.iter().map(|f| std::fs::read(f).unwrap()).collect()
 }
+
+/// Two sets of report figures (two devices, or fused and separate): counts
+/// equal, sums equal up to their summation order (f32 within blocks, f64
+/// across: relative 1e-5).
+pub fn assert_diff_close(
+    a: &modelpress::ops::diff::Diff,
+    b: &modelpress::ops::diff::Diff,
+    ctx: &str,
+) {
+    assert_eq!(
+        (
+            a.elements,
+            a.zeros,
+            a.nonfinite_in,
+            a.nonfinite_out,
+            a.nonfinite_other
+        ),
+        (
+            b.elements,
+            b.zeros,
+            b.nonfinite_in,
+            b.nonfinite_out,
+            b.nonfinite_other
+        ),
+        "{ctx}: counts"
+    );
+    assert_eq!(a.max_abs, b.max_abs, "{ctx}: max |Δ|");
+    for (x, y, what) in [(a.sum_sq, b.sum_sq, "Σ Δ²"), (a.sum_x2, b.sum_x2, "Σ x²")] {
+        assert!(
+            (x - y).abs() <= 1e-5 * x.abs().max(y.abs()),
+            "{ctx}: {what} {x} vs {y}"
+        );
+    }
+}

@@ -355,11 +355,10 @@ pub fn write_gguf(
             (q.data, st, note)
         } else {
             let d = dtype_of(ty).expect("F16 is the only other output type");
-            let c = quantize::convert(dev, &view, d).map_err(|e| e.at(input, &t.name))?;
-            let d = crate::jobs::report::diff(&view, &c.view());
+            let (c, d) = quantize::convert_diff(dev, &view, d).map_err(|e| e.at(input, &t.name))?;
             let st = ggml::ErrorStats {
                 max_abs: d.max_abs,
-                rmse: d.rmse,
+                rmse: d.rmse(),
                 snr_db: d.snr_db(),
             };
             (c.data, st, None)

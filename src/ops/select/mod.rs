@@ -24,6 +24,7 @@ use super::kernels::Kernel;
 use super::{chunk_elems, chunks, params, u32_at, CPU_BLOCK};
 use crate::device::{Chunk, Device, Gpu, StreamLayout};
 use crate::error::{Error, Result};
+use crate::ops::diff::Diff;
 use crate::tensor::{DType, Tensor, TensorRef};
 use rayon::prelude::*;
 
@@ -250,7 +251,7 @@ pub fn find_cut(
 }
 
 /// What applying a cut did.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct CutStats {
     /// Elements.
     pub numel: u64,
@@ -258,6 +259,9 @@ pub struct CutStats {
     pub zeros: u64,
     /// Weights equal to the cut that were pruned (taken from the budget).
     pub ties_pruned: u64,
+    /// The output against the input: from the pruning pass on the CPU, from
+    /// each chunk as it comes back from a GPU.
+    pub diff: Diff,
 }
 
 /// Zeroes keys below `cut.key` and the first `cut.ties` keys equal to it in
@@ -279,56 +283,72 @@ pub fn apply_cut(
 
 fn apply_cpu(t: &TensorRef, cut: Cut) -> (Tensor, CutStats) {
     let n = t.numel();
-    // Ties per block, then the budget each block may spend, in order.
-    let ties: Vec<u64> = with_codec!(t.dtype, C => (0..n.div_ceil(CPU_BLOCK))
-        .into_par_iter()
-        .map(|b| {
-            (b * CPU_BLOCK..((b + 1) * CPU_BLOCK).min(n))
-                .filter(|&i| key(C::to_f32(C::read(t.data, i))) == cut.key)
-                .count() as u64
-        })
-        .collect());
-    let mut left = cut.ties;
-    let allowance: Vec<u64> = ties
-        .iter()
-        .map(|&c| {
-            let a = c.min(left);
-            left -= a;
-            a
-        })
-        .collect();
-    let (out, [zeros]) = with_codec!(t.dtype, C => {
-        let mut out = Tensor::zeros(t.dtype, t.shape);
-        let zeros: u64 = out
+    // One parallel pass: keys below the cut become zero, keys equal to it
+    // are kept and listed (block offsets); then the first `cut.ties` of
+    // them in flat order are zeroed.
+    type Part = (u64, Vec<u32>, Diff);
+    let (mut out, parts): (Tensor, Vec<Part>) = with_codec!(t.dtype, C => {
+        let mut out = Tensor::for_overwrite(t.dtype, t.shape);
+        let parts = out
             .data
             .par_chunks_mut(CPU_BLOCK * C::SIZE)
             .enumerate()
             .map(|(b, ob)| {
-                let mut budget = allowance[b];
-                let mut z = 0;
+                let (mut z, mut ties, mut d) = (0u64, Vec::new(), Diff::default());
                 for j in 0..ob.len() / C::SIZE {
                     let raw = C::read(t.data, b * CPU_BLOCK + j);
-                    let k = key(C::to_f32(raw));
-                    let prune = k < cut.key || (k == cut.key && budget > 0);
-                    if k == cut.key && budget > 0 {
-                        budget -= 1;
+                    let x = C::to_f32(raw);
+                    let k = key(x);
+                    let prune = k < cut.key;
+                    if k == cut.key {
+                        ties.push(j as u32);
                     }
                     C::write(ob, j, if prune { 0 } else { raw });
                     z += (prune || k == 0) as u64;
                 }
-                z
+                let start = b * CPU_BLOCK * C::SIZE;
+                d.add_block::<C, C>(&t.data[start..start + ob.len()], ob);
+                (z, ties, d)
             })
-            .sum();
-        (out, [zeros])
+            .collect();
+        (out, parts)
     });
+    let mut left = cut.ties;
+    let (mut zeros, mut d) = (0u64, Diff::default());
+    for (b, (z, ties, dp)) in parts.into_iter().enumerate() {
+        zeros += z;
+        d = d.merge(dp);
+        let take = (ties.len() as u64).min(left) as usize;
+        for &j in &ties[..take] {
+            t.dtype
+                .write_raw(&mut out.data, b * CPU_BLOCK + j as usize, 0);
+        }
+        left -= take as u64;
+    }
+    let pruned = cut.ties - left;
+    cut_taken(&mut d, &mut zeros, cut, pruned);
     (
         out,
         CutStats {
             numel: n as u64,
             zeros,
-            ties_pruned: cut.ties - left,
+            ties_pruned: pruned,
+            diff: d,
         },
     )
+}
+
+/// Accounts for `pruned` weights equal to the cut that became zero after
+/// the figures counted them as kept.
+fn cut_taken(d: &mut Diff, zeros: &mut u64, cut: Cut, pruned: u64) {
+    if cut.key == 0 || pruned == 0 {
+        return;
+    }
+    let v = f32::from_bits(cut.key) as f64;
+    *zeros += pruned;
+    d.zeros += pruned;
+    d.max_abs = d.max_abs.max(v);
+    d.sum_sq += pruned as f64 * v * v;
 }
 
 fn apply_gpu(g: &Gpu, t: &TensorRef, cut: Cut, equal_here: u64) -> Result<(Tensor, CutStats)> {
@@ -339,6 +359,7 @@ fn apply_gpu(g: &Gpu, t: &TensorRef, cut: Cut, equal_here: u64) -> Result<(Tenso
         numel: n as u64,
         zeros: 0,
         ties_pruned: 0,
+        diff: Diff::default(),
     };
     // Input, output, and a tie list that may hold every element.
     let ce = chunk_elems(g, n, 4.0f64.max(es as f64), 0)?;
@@ -389,6 +410,19 @@ fn apply_gpu(g: &Gpu, t: &TensorRef, cut: Cut, equal_here: u64) -> Result<(Tenso
         let taken = (ties.len() as u64).min(left);
         left -= taken;
         st.ties_pruned += taken;
+        let input = TensorRef {
+            dtype: dt,
+            shape: &[],
+            data: &t.data[r.start * es..r.end * es],
+        };
+        let output = TensorRef {
+            dtype: dt,
+            shape: &[],
+            data: o,
+        };
+        st.diff = st
+            .diff
+            .merge(crate::ops::diff::diff_elements(&input, &output, r.len()));
         Ok(())
     })?;
     Ok((out, st))

@@ -1,0 +1,186 @@
+//! How an operation's output differs from its input: the figures a job's
+//! report gives (max |Δ|, RMSE, relative L2, zeros, non-finite values),
+//! accumulated element by element inside the operation's own pass, so that
+//! the report costs no pass over the tensors of its own. `diff` is the
+//! standalone pass for operations that cannot fuse it.
+
+use super::codec::{with_codec, Codec};
+use super::CPU_BLOCK;
+use crate::tensor::TensorRef;
+use rayon::prelude::*;
+
+/// Figures of an output `y` against its input `x` (same shape).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Diff {
+    /// Elements compared.
+    pub elements: u64,
+    /// max |y − x| over the pairs with a finite x and a finite difference.
+    pub max_abs: f64,
+    /// Σ (y − x)² over the same pairs.
+    pub sum_sq: f64,
+    /// Σ x² over the finite x.
+    pub sum_x2: f64,
+    /// Zeros in y.
+    pub zeros: u64,
+    /// NaN and infinite values in x.
+    pub nonfinite_in: u64,
+    /// NaN and infinite values in y.
+    pub nonfinite_out: u64,
+    /// NaN and infinite values in the operation's other inputs (a delta, the
+    /// other models of a mix).
+    pub nonfinite_other: u64,
+}
+
+impl Diff {
+    /// Adds the pair (x, y): f64 arithmetic, non-finite x left out of the
+    /// error.
+    #[inline(always)]
+    pub fn add(&mut self, x: f32, y: f32) {
+        self.elements += 1;
+        self.zeros += (y == 0.0) as u64;
+        self.nonfinite_out += !y.is_finite() as u64;
+        if !x.is_finite() {
+            self.nonfinite_in += 1;
+            return;
+        }
+        let x = x as f64;
+        let d = (y as f64 - x).abs();
+        self.sum_x2 += x * x;
+        if d.is_finite() {
+            self.max_abs = self.max_abs.max(d);
+            self.sum_sq += d * d;
+        }
+    }
+
+    /// Adds a block of pairs: `x` and `y` hold the same number of elements
+    /// in codecs `I` and `O`. Eight f32 lanes keep the loop vectorizable;
+    /// the block's sums join the f64 totals once (a block is at most
+    /// `CPU_BLOCK` elements, so each lane sums a few thousand terms).
+    #[inline]
+    pub(crate) fn add_block<I: Codec, O: Codec>(&mut self, x: &[u8], y: &[u8]) {
+        const L: usize = 8;
+        let n = (x.len() / I::SIZE).min(y.len() / O::SIZE);
+        let (mut sq, mut x2, mut mx) = ([0f32; L], [0f32; L], [0f32; L]);
+        let (mut z, mut nfi, mut nfo) = ([0u32; L], [0u32; L], [0u32; L]);
+        let whole = n / L * L;
+        for (xc, yc) in x[..whole * I::SIZE]
+            .chunks_exact(I::SIZE * L)
+            .zip(y[..whole * O::SIZE].chunks_exact(O::SIZE * L))
+        {
+            for l in 0..L {
+                let xv = I::to_f32(I::read(xc, l));
+                let yv = O::to_f32(O::read(yc, l));
+                let (xfin, yfin) = (xv.is_finite(), yv.is_finite());
+                let d = (yv - xv).abs();
+                let dd = if xfin && d.is_finite() { d } else { 0.0 };
+                mx[l] = if dd > mx[l] { dd } else { mx[l] };
+                sq[l] += dd * dd;
+                x2[l] += if xfin { xv * xv } else { 0.0 };
+                z[l] += (yv == 0.0) as u32;
+                nfi[l] += !xfin as u32;
+                nfo[l] += !yfin as u32;
+            }
+        }
+        for l in 0..L {
+            self.max_abs = self.max_abs.max(mx[l] as f64);
+            self.sum_sq += sq[l] as f64;
+            self.sum_x2 += x2[l] as f64;
+            self.zeros += z[l] as u64;
+            self.nonfinite_in += nfi[l] as u64;
+            self.nonfinite_out += nfo[l] as u64;
+        }
+        self.elements += whole as u64;
+        for i in whole..n {
+            self.add(I::to_f32(I::read(x, i)), O::to_f32(O::read(y, i)));
+        }
+    }
+
+    /// Counts a value of another input.
+    #[inline(always)]
+    pub fn other(&mut self, v: f32) {
+        self.nonfinite_other += !v.is_finite() as u64;
+    }
+
+    /// Both sets of figures together (for parts of one tensor, in order).
+    pub fn merge(self, o: Diff) -> Diff {
+        Diff {
+            elements: self.elements + o.elements,
+            max_abs: self.max_abs.max(o.max_abs),
+            sum_sq: self.sum_sq + o.sum_sq,
+            sum_x2: self.sum_x2 + o.sum_x2,
+            zeros: self.zeros + o.zeros,
+            nonfinite_in: self.nonfinite_in + o.nonfinite_in,
+            nonfinite_out: self.nonfinite_out + o.nonfinite_out,
+            nonfinite_other: self.nonfinite_other + o.nonfinite_other,
+        }
+    }
+
+    /// Figures of parts in order (deterministic sums).
+    pub fn sum(parts: impl IntoIterator<Item = Diff>) -> Diff {
+        parts.into_iter().fold(Diff::default(), Diff::merge)
+    }
+
+    /// √mean((y − x)²) over every element.
+    pub fn rmse(&self) -> f64 {
+        if self.elements > 0 {
+            (self.sum_sq / self.elements as f64).sqrt()
+        } else {
+            0.0
+        }
+    }
+
+    /// ‖y − x‖₂ / ‖x‖₂ (0 for an all-zero input).
+    pub fn rel_l2(&self) -> f64 {
+        if self.sum_x2 > 0.0 {
+            (self.sum_sq / self.sum_x2).sqrt()
+        } else {
+            0.0
+        }
+    }
+
+    /// The signal-to-noise ratio in dB.
+    pub fn snr_db(&self) -> f64 {
+        super::reduce::snr_db(self.rel_l2())
+    }
+}
+
+/// `approx` against `input` (same shape, float dtypes) in one parallel pass
+/// on the CPU: for operations whose own pass cannot give the figures.
+/// Other dtypes give empty figures.
+pub fn diff(input: &TensorRef, approx: &TensorRef) -> Diff {
+    diff_elements(input, approx, input.numel().min(approx.numel()))
+}
+
+/// `diff` over the first `n` elements of the two byte buffers.
+pub(crate) fn diff_elements(input: &TensorRef, approx: &TensorRef, n: usize) -> Diff {
+    if !(input.dtype.is_kernel_float() && approx.dtype.is_kernel_float()) {
+        return Diff::default();
+    }
+    with_codec!(input.dtype, I => with_codec!(approx.dtype, A => {
+        let parts: Vec<Diff> = (0..n.div_ceil(CPU_BLOCK))
+            .into_par_iter()
+            .map(|b| {
+                let r = b * CPU_BLOCK..((b + 1) * CPU_BLOCK).min(n);
+                let mut d = Diff::default();
+                d.add_block::<I, A>(
+                    &input.data[r.start * I::SIZE..r.end * I::SIZE],
+                    &approx.data[r.start * A::SIZE..r.end * A::SIZE],
+                );
+                d
+            })
+            .collect();
+        Diff::sum(parts)
+    }))
+}
+
+/// NaN and infinite values among the elements of `bytes` (a float dtype;
+/// others have none).
+pub(crate) fn count_nonfinite(dtype: crate::tensor::DType, bytes: &[u8]) -> u64 {
+    if !dtype.is_kernel_float() {
+        return 0;
+    }
+    let n = bytes.len() / dtype.size();
+    with_codec!(dtype, C => (0..n)
+        .map(|i| !C::to_f32(C::read(bytes, i)).is_finite() as u64)
+        .sum())
+}
