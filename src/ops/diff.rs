@@ -58,40 +58,40 @@ impl Diff {
     /// `CPU_BLOCK` elements, so each lane sums a few thousand terms).
     #[inline]
     pub(crate) fn add_block<I: Codec, O: Codec>(&mut self, x: &[u8], y: &[u8]) {
-        const L: usize = 8;
         let n = (x.len() / I::SIZE).min(y.len() / O::SIZE);
-        let (mut sq, mut x2, mut mx) = ([0f32; L], [0f32; L], [0f32; L]);
-        let (mut z, mut nfi, mut nfo) = ([0u32; L], [0u32; L], [0u32; L]);
-        let whole = n / L * L;
+        let whole = n / LANES * LANES;
+        let mut lanes = Lanes::default();
         for (xc, yc) in x[..whole * I::SIZE]
-            .chunks_exact(I::SIZE * L)
-            .zip(y[..whole * O::SIZE].chunks_exact(O::SIZE * L))
+            .chunks_exact(I::SIZE * LANES)
+            .zip(y[..whole * O::SIZE].chunks_exact(O::SIZE * LANES))
         {
-            for l in 0..L {
-                let xv = I::to_f32(I::read(xc, l));
-                let yv = O::to_f32(O::read(yc, l));
-                let (xfin, yfin) = (xv.is_finite(), yv.is_finite());
-                let d = (yv - xv).abs();
-                let dd = if xfin && d.is_finite() { d } else { 0.0 };
-                mx[l] = if dd > mx[l] { dd } else { mx[l] };
-                sq[l] += dd * dd;
-                x2[l] += if xfin { xv * xv } else { 0.0 };
-                z[l] += (yv == 0.0) as u32;
-                nfi[l] += !xfin as u32;
-                nfo[l] += !yfin as u32;
+            for l in 0..LANES {
+                lanes.add(l, I::to_f32(I::read(xc, l)), O::to_f32(O::read(yc, l)));
             }
         }
-        for l in 0..L {
-            self.max_abs = self.max_abs.max(mx[l] as f64);
-            self.sum_sq += sq[l] as f64;
-            self.sum_x2 += x2[l] as f64;
-            self.zeros += z[l] as u64;
-            self.nonfinite_in += nfi[l] as u64;
-            self.nonfinite_out += nfo[l] as u64;
-        }
-        self.elements += whole as u64;
+        lanes.into_diff(self, whole);
         for i in whole..n {
             self.add(I::to_f32(I::read(x, i)), O::to_f32(O::read(y, i)));
+        }
+    }
+
+    /// `add_block` over decoded values.
+    #[inline]
+    pub(crate) fn add_f32s(&mut self, x: &[f32], y: &[f32]) {
+        let n = x.len().min(y.len());
+        let whole = n / LANES * LANES;
+        let mut lanes = Lanes::default();
+        for (xc, yc) in x[..whole]
+            .chunks_exact(LANES)
+            .zip(y[..whole].chunks_exact(LANES))
+        {
+            for l in 0..LANES {
+                lanes.add(l, xc[l], yc[l]);
+            }
+        }
+        lanes.into_diff(self, whole);
+        for i in whole..n {
+            self.add(x[i], y[i]);
         }
     }
 
@@ -144,6 +144,50 @@ impl Diff {
     }
 }
 
+/// Lanes of the block accumulator.
+const LANES: usize = 8;
+
+/// Per-lane f32 sums of a block (see `Diff::add_block`).
+#[derive(Default)]
+struct Lanes {
+    sq: [f32; LANES],
+    x2: [f32; LANES],
+    mx: [f32; LANES],
+    zeros: [u32; LANES],
+    nonfinite_in: [u32; LANES],
+    nonfinite_out: [u32; LANES],
+}
+
+impl Lanes {
+    /// The pair (x, y) in lane `l`: `Diff::add`'s rules, in f32 and without
+    /// branches.
+    #[inline(always)]
+    fn add(&mut self, l: usize, x: f32, y: f32) {
+        let (xfin, yfin) = (x.is_finite(), y.is_finite());
+        let d = (y - x).abs();
+        let dd = if xfin && d.is_finite() { d } else { 0.0 };
+        self.mx[l] = if dd > self.mx[l] { dd } else { self.mx[l] };
+        self.sq[l] += dd * dd;
+        self.x2[l] += if xfin { x * x } else { 0.0 };
+        self.zeros[l] += (y == 0.0) as u32;
+        self.nonfinite_in[l] += !xfin as u32;
+        self.nonfinite_out[l] += !yfin as u32;
+    }
+
+    /// Adds the lanes' sums over `n` pairs to `d`.
+    fn into_diff(self, d: &mut Diff, n: usize) {
+        for l in 0..LANES {
+            d.max_abs = d.max_abs.max(self.mx[l] as f64);
+            d.sum_sq += self.sq[l] as f64;
+            d.sum_x2 += self.x2[l] as f64;
+            d.zeros += self.zeros[l] as u64;
+            d.nonfinite_in += self.nonfinite_in[l] as u64;
+            d.nonfinite_out += self.nonfinite_out[l] as u64;
+        }
+        d.elements += n as u64;
+    }
+}
+
 /// `approx` against `input` (same shape, float dtypes) in one parallel pass
 /// on the CPU: for operations whose own pass cannot give the figures.
 /// Other dtypes give empty figures.
@@ -159,7 +203,7 @@ pub(crate) fn diff_elements(input: &TensorRef, approx: &TensorRef, n: usize) -> 
     with_codec!(input.dtype, I => with_codec!(approx.dtype, A => {
         let parts: Vec<Diff> = (0..n.div_ceil(CPU_BLOCK))
             .into_par_iter()
-            .map(|b| {
+            .map(|b| fast!({
                 let r = b * CPU_BLOCK..((b + 1) * CPU_BLOCK).min(n);
                 let mut d = Diff::default();
                 d.add_block::<I, A>(
@@ -167,7 +211,7 @@ pub(crate) fn diff_elements(input: &TensorRef, approx: &TensorRef, n: usize) -> 
                     &approx.data[r.start * A::SIZE..r.end * A::SIZE],
                 );
                 d
-            })
+            }))
             .collect();
         Diff::sum(parts)
     }))

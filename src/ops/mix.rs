@@ -92,7 +92,7 @@ fn mix_cpu(inputs: &[TensorRef], weights: &[f32]) -> (Tensor, Diff) {
     let parts: Vec<Diff> = with_codec!(dt, C => out.data
     .par_chunks_mut(CPU_BLOCK * C::SIZE)
     .enumerate()
-    .map(|(b, ob)| {
+    .map(|(b, ob)| fast!({
         let start = b * CPU_BLOCK;
         let len = ob.len() / C::SIZE;
         let mut acc = vec![0f32; len];
@@ -115,7 +115,7 @@ fn mix_cpu(inputs: &[TensorRef], weights: &[f32]) -> (Tensor, Diff) {
         }
         d.add_block::<C, C>(&inputs[0].data[start * C::SIZE..(start + len) * C::SIZE], ob);
         d
-    })
+    }))
     .collect());
     (out, Diff::sum(parts))
 }

@@ -24,6 +24,20 @@ macro_rules! kernel_params {
     };
 }
 
+/// Evaluates `$body` compiled for AVX2 where the CPU has it (the closure
+/// is inlined into a function built with that feature, so its loops may
+/// vectorize eight floats wide), else as it is. The results are the same
+/// bits either way: Rust neither fuses nor reorders float operations, and
+/// the lanes of every sum are explicit.
+macro_rules! fast {
+    ($body:expr) => {
+        $crate::ops::simd::run(
+            #[inline(always)]
+            || $body,
+        )
+    };
+}
+
 pub(crate) mod codec;
 pub mod diff;
 pub mod ggml;
@@ -34,6 +48,7 @@ pub mod quantize;
 pub mod reduce;
 pub mod select;
 mod selfcheck;
+pub(crate) mod simd;
 pub mod transfer;
 
 use crate::device::Gpu;
@@ -266,33 +281,35 @@ pub(crate) fn cpu_map<I: Codec, O: Codec, const C: usize>(
         .zip(src.data.par_chunks(CPU_BLOCK * I::SIZE))
         .enumerate()
         .map(|(b, (ob, ib))| {
-            let mut c = [0u64; C];
-            // In runs of SUB elements: decode, apply, encode, each a tight
-            // loop over a small array that the compiler can vectorize.
-            const SUB: usize = 512;
-            let (mut xs, mut ys) = ([0u32; SUB], [0u32; SUB]);
-            let runs = ib.chunks(SUB * I::SIZE).zip(ob.chunks_mut(SUB * O::SIZE));
-            for (r, (xr, yr)) in runs.enumerate() {
-                let m = xr.len() / I::SIZE;
-                for (k, x) in xs[..m].iter_mut().enumerate() {
-                    *x = I::read(xr, k);
-                }
-                let base = b * CPU_BLOCK + r * SUB;
-                for (k, (x, y)) in xs[..m].iter().zip(&mut ys[..m]).enumerate() {
-                    let (raw, n) = f(base + k, *x);
-                    *y = raw;
-                    for (a, b) in c.iter_mut().zip(n) {
-                        *a += b;
+            fast!({
+                let mut c = [0u64; C];
+                // In runs of SUB elements: decode, apply, encode, each a tight
+                // loop over a small array that the compiler can vectorize.
+                const SUB: usize = 512;
+                let (mut xs, mut ys) = ([0u32; SUB], [0u32; SUB]);
+                let runs = ib.chunks(SUB * I::SIZE).zip(ob.chunks_mut(SUB * O::SIZE));
+                for (r, (xr, yr)) in runs.enumerate() {
+                    let m = xr.len() / I::SIZE;
+                    for (k, x) in xs[..m].iter_mut().enumerate() {
+                        *x = I::read(xr, k);
+                    }
+                    let base = b * CPU_BLOCK + r * SUB;
+                    for (k, (x, y)) in xs[..m].iter().zip(&mut ys[..m]).enumerate() {
+                        let (raw, n) = f(base + k, *x);
+                        *y = raw;
+                        for (a, b) in c.iter_mut().zip(n) {
+                            *a += b;
+                        }
+                    }
+                    for (k, y) in ys[..m].iter().enumerate() {
+                        O::write(yr, k, *y);
                     }
                 }
-                for (k, y) in ys[..m].iter().enumerate() {
-                    O::write(yr, k, *y);
-                }
-            }
-            // The block is still in cache: the figures cost no pass.
-            let mut d = diff::Diff::default();
-            d.add_block::<I, O>(ib, ob);
-            (c, d)
+                // The block is still in cache: the figures cost no pass.
+                let mut d = diff::Diff::default();
+                d.add_block::<I, O>(ib, ob);
+                (c, d)
+            })
         })
         .collect();
     // Summed in block order, so that the figures repeat exactly.

@@ -116,6 +116,30 @@ pub fn row_stats(dev: &Device, t: &TensorRef) -> Result<RowStats> {
     }
 }
 
+/// The bits of max |w| of each row (`max_abs_bits` of `row_stats`, without
+/// the sums: one integer max per element, which the CPU vectorizes).
+pub fn row_max_abs_bits(dev: &Device, t: &TensorRef) -> Result<Vec<u32>> {
+    t.check_float("row statistics")?;
+    match dev {
+        Device::Gpu(g) => Ok(row_stats_gpu(g, t)?.max_abs_bits),
+        Device::Cpu => {
+            let (rows, row_len) = t.rows();
+            let es = t.dtype.size();
+            if t.numel() == 0 {
+                return Ok(vec![0; rows]);
+            }
+            Ok(with_codec!(t.dtype, C => t.data
+                .par_chunks(row_len * es)
+                .map(|row| fast!({
+                    row.chunks_exact(C::SIZE)
+                        .map(|x| C::to_f32(C::read(x, 0)).to_bits() & 0x7fff_ffff)
+                        .fold(0, u32::max)
+                }))
+                .collect()))
+        }
+    }
+}
+
 /// The CPU reference for one row: sequential f64 sums, exact max.
 pub(crate) fn row_figures(t: &TensorRef, r: usize) -> (f64, f64, u32) {
     let (_, row_len) = t.rows();
@@ -255,7 +279,7 @@ fn col_stats_cpu(t: &TensorRef) -> RowStats {
     let block = 4096;
     let parts: Vec<Vec<(f64, f64, u32)>> = with_codec!(t.dtype, C => (0..cols.div_ceil(block))
         .into_par_iter()
-        .map(|b| {
+        .map(|b| fast!({
             let cs = b * block..((b + 1) * block).min(cols);
             let mut acc = vec![(0f64, 0f64, 0u32); cs.len()];
             for r in 0..rows {
@@ -268,7 +292,7 @@ fn col_stats_cpu(t: &TensorRef) -> RowStats {
                 }
             }
             acc
-        })
+        }))
         .collect());
     let figs: Vec<_> = parts.into_iter().flatten().collect();
     RowStats {
@@ -343,18 +367,20 @@ fn tensor_stats_cpu(t: &TensorRef) -> TensorStats {
     (0..blocks)
         .into_par_iter()
         .map(|b| {
-            let mut s = TensorStats {
-                max_abs_bits: 0,
-                nonfinite: 0,
-                zeros: 0,
-            };
-            with_codec!(t.dtype, C => for i in b * CPU_BLOCK..((b + 1) * CPU_BLOCK).min(n) {
-                let a = C::to_f32(C::read(t.data, i)).to_bits() & 0x7fff_ffff;
-                s.max_abs_bits = s.max_abs_bits.max(a);
-                s.nonfinite += (a >= 0x7f80_0000) as u64;
-                s.zeros += (a == 0) as u64;
-            });
-            s
+            fast!({
+                let mut s = TensorStats {
+                    max_abs_bits: 0,
+                    nonfinite: 0,
+                    zeros: 0,
+                };
+                with_codec!(t.dtype, C => for i in b * CPU_BLOCK..((b + 1) * CPU_BLOCK).min(n) {
+                    let a = C::to_f32(C::read(t.data, i)).to_bits() & 0x7fff_ffff;
+                    s.max_abs_bits = s.max_abs_bits.max(a);
+                    s.nonfinite += (a >= 0x7f80_0000) as u64;
+                    s.zeros += (a == 0) as u64;
+                });
+                s
+            })
         })
         .reduce(
             || TensorStats {

@@ -144,7 +144,7 @@ fn hist_cpu(t: &TensorRef, level: Level) -> Vec<u64> {
     .into_par_iter()
     .fold(
         || vec![0u64; BINS],
-        |mut h, b| {
+        |mut h, b| fast!({
             for i in b * CPU_BLOCK..((b + 1) * CPU_BLOCK).min(n) {
                 let k = key(C::to_f32(C::read(t.data, i)));
                 match level {
@@ -154,7 +154,7 @@ fn hist_cpu(t: &TensorRef, level: Level) -> Vec<u64> {
                 }
             }
             h
-        },
+        }),
     )
     .reduce(
         || vec![0u64; BINS],
@@ -283,48 +283,71 @@ pub fn apply_cut(
 
 fn apply_cpu(t: &TensorRef, cut: Cut) -> (Tensor, CutStats) {
     let n = t.numel();
-    // One parallel pass: keys below the cut become zero, keys equal to it
-    // are kept and listed (block offsets); then the first `cut.ties` of
-    // them in flat order are zeroed.
-    type Part = (u64, Vec<u32>, Diff);
+    // Pass 1, parallel and branch-free: keys below the cut become zero,
+    // keys equal to it are kept and counted per block.
+    type Part = (u64, u64, Diff);
+    let es = t.dtype.size();
     let (mut out, parts): (Tensor, Vec<Part>) = with_codec!(t.dtype, C => {
         let mut out = Tensor::for_overwrite(t.dtype, t.shape);
         let parts = out
             .data
             .par_chunks_mut(CPU_BLOCK * C::SIZE)
-            .enumerate()
-            .map(|(b, ob)| {
-                let (mut z, mut ties, mut d) = (0u64, Vec::new(), Diff::default());
-                for j in 0..ob.len() / C::SIZE {
-                    let raw = C::read(t.data, b * CPU_BLOCK + j);
-                    let x = C::to_f32(raw);
-                    let k = key(x);
+            .zip(t.data.par_chunks(CPU_BLOCK * C::SIZE))
+            .map(|(ob, ib)| fast!({
+                let (mut z, mut ties) = (0u64, 0u64);
+                for (x, y) in ib.chunks_exact(C::SIZE).zip(ob.chunks_exact_mut(C::SIZE)) {
+                    let raw = C::read(x, 0);
+                    let k = key(C::to_f32(raw));
                     let prune = k < cut.key;
-                    if k == cut.key {
-                        ties.push(j as u32);
-                    }
-                    C::write(ob, j, if prune { 0 } else { raw });
+                    ties += (k == cut.key) as u64;
+                    C::write(y, 0, if prune { 0 } else { raw });
                     z += (prune || k == 0) as u64;
                 }
-                let start = b * CPU_BLOCK * C::SIZE;
-                d.add_block::<C, C>(&t.data[start..start + ob.len()], ob);
+                let mut d = Diff::default();
+                d.add_block::<C, C>(ib, ob);
                 (z, ties, d)
-            })
+            }))
             .collect();
         (out, parts)
     });
+    // The first `cut.ties` ties in flat order: each block's share.
     let mut left = cut.ties;
     let (mut zeros, mut d) = (0u64, Diff::default());
-    for (b, (z, ties, dp)) in parts.into_iter().enumerate() {
+    let mut share = Vec::with_capacity(parts.len());
+    for (z, ties, dp) in parts {
         zeros += z;
         d = d.merge(dp);
-        let take = (ties.len() as u64).min(left) as usize;
-        for &j in &ties[..take] {
-            t.dtype
-                .write_raw(&mut out.data, b * CPU_BLOCK + j as usize, 0);
-        }
-        left -= take as u64;
+        let take = ties.min(left);
+        share.push((take, ties));
+        left -= take;
     }
+    // Pass 2, parallel, over the blocks with ties to prune: all of them
+    // (branch-free) or the first ones (the one block where the budget ends).
+    with_codec!(t.dtype, C => out
+    .data
+    .par_chunks_mut(CPU_BLOCK * es)
+    .zip(&share)
+    .filter(|(_, &(take, _))| take > 0)
+    .for_each(|(ob, &(take, ties))| fast!({
+        if take == ties {
+            for y in ob.chunks_exact_mut(C::SIZE) {
+                let raw = C::read(y, 0);
+                let tie = key(C::to_f32(raw)) == cut.key;
+                C::write(y, 0, if tie { 0 } else { raw });
+            }
+        } else {
+            let mut left = take;
+            for y in ob.chunks_exact_mut(C::SIZE) {
+                if left == 0 {
+                    break;
+                }
+                if key(C::to_f32(C::read(y, 0))) == cut.key {
+                    C::write(y, 0, 0);
+                    left -= 1;
+                }
+            }
+        }
+    })));
     let pruned = cut.ties - left;
     cut_taken(&mut d, &mut zeros, cut, pruned);
     (
