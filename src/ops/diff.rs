@@ -56,7 +56,7 @@ impl Diff {
     /// in codecs `I` and `O`. Eight f32 lanes keep the loop vectorizable;
     /// the block's sums join the f64 totals once (a block is at most
     /// `CPU_BLOCK` elements, so each lane sums a few thousand terms).
-    #[inline]
+    #[inline(never)]
     pub(crate) fn add_block<I: Codec, O: Codec>(&mut self, x: &[u8], y: &[u8]) {
         let n = (x.len() / I::SIZE).min(y.len() / O::SIZE);
         let whole = n / LANES * LANES;
@@ -76,7 +76,7 @@ impl Diff {
     }
 
     /// `add_block` over decoded values.
-    #[inline]
+    #[inline(never)]
     pub(crate) fn add_f32s(&mut self, x: &[f32], y: &[f32]) {
         let n = x.len().min(y.len());
         let whole = n / LANES * LANES;
@@ -163,15 +163,18 @@ impl Lanes {
     /// branches.
     #[inline(always)]
     fn add(&mut self, l: usize, x: f32, y: f32) {
-        let (xfin, yfin) = (x.is_finite(), y.is_finite());
+        // Masks instead of branches, so that the lanes vectorize.
+        let finite = |v: f32| ((v.to_bits() & 0x7fff_ffff) < 0x7f80_0000) as u32;
+        let keep = |v: f32, ok: u32| f32::from_bits(v.to_bits() & 0u32.wrapping_sub(ok));
+        let (xfin, yfin) = (finite(x), finite(y));
         let d = (y - x).abs();
-        let dd = if xfin && d.is_finite() { d } else { 0.0 };
+        let dd = keep(d, xfin & finite(d));
         self.mx[l] = if dd > self.mx[l] { dd } else { self.mx[l] };
         self.sq[l] += dd * dd;
-        self.x2[l] += if xfin { x * x } else { 0.0 };
+        self.x2[l] += keep(x * x, xfin);
         self.zeros[l] += (y == 0.0) as u32;
-        self.nonfinite_in[l] += !xfin as u32;
-        self.nonfinite_out[l] += !yfin as u32;
+        self.nonfinite_in[l] += 1 - xfin;
+        self.nonfinite_out[l] += 1 - yfin;
     }
 
     /// Adds the lanes' sums over `n` pairs to `d`.

@@ -26,7 +26,9 @@ use crate::ops::ggml::{self, BlockType};
 use crate::ops::quantize;
 use crate::tensor::{DType, TensorRef};
 use rules::{Ftype, Overrides, Plan};
+use std::borrow::Cow;
 use std::path::{Path, PathBuf};
+use std::sync::mpsc;
 use std::time::Instant;
 
 /// llama.cpp's LLAMA_FTYPE for a whole-file target type.
@@ -223,6 +225,49 @@ fn pass_through(t: &In, seconds: f64) -> TensorReport {
     r
 }
 
+/// A tensor's output on its way to the writer thread, with the input whose
+/// pages to release once it is written.
+type Out<'a> = (String, Cow<'a, [u8]>, &'a In<'a>);
+
+/// Hands one output to the writer thread (an error there ends the job).
+fn send<'a>(tx: &mpsc::SyncSender<Out<'a>>, t: &'a In<'a>, data: Cow<'a, [u8]>) -> Result<()> {
+    tx.send((t.name.clone(), data, t))
+        .map_err(|_| Error::input("the writer stopped"))
+}
+
+/// Runs `produce`, which sends the outputs in file order, while a thread of
+/// its own writes them with `write`: the disk works while the next tensor
+/// is computed. The channel holds none: one tensor is written while the
+/// next is computed, so memory stays within two tensors. Returns the
+/// writer, ready to finish, or the first error (the writer's wins).
+fn write_behind<'a, W: Send>(
+    mut w: W,
+    write: fn(&mut W, &str, &[u8]) -> Result<()>,
+    produce: impl FnOnce(&mpsc::SyncSender<Out<'a>>) -> Result<()>,
+) -> Result<W> {
+    std::thread::scope(|scope| {
+        let (tx, rx) = mpsc::sync_channel::<Out<'a>>(0);
+        let writer = scope.spawn(move || -> Result<W> {
+            for (name, data, t) in rx {
+                write(&mut w, &name, &data)?;
+                drop(data);
+                t.release();
+            }
+            Ok(w)
+        });
+        let produced = produce(&tx);
+        drop(tx);
+        let written = writer
+            .join()
+            .unwrap_or_else(|_| Err(Error::input("the writer thread panicked")));
+        match (written, produced) {
+            (Err(e), _) => Err(e),
+            (Ok(_), Err(e)) => Err(e),
+            (Ok(w), Ok(())) => Ok(w),
+        }
+    })
+}
+
 /// How `quantize --type` writes a GGUF file.
 #[derive(Default)]
 pub struct GgufOptions {
@@ -315,7 +360,7 @@ pub fn write_gguf(
             ty,
         })
         .collect();
-    let mut w = GgufWriter::create(&dests[0], &metadata, outs)?;
+    let w = GgufWriter::create(&dests[0], &metadata, outs)?;
     let mut report = Report {
         command: "quantize".into(),
         device: dev.name(),
@@ -324,58 +369,56 @@ pub fn write_gguf(
         tensors: Vec::with_capacity(inputs.len()),
         totals: Default::default(),
     };
-    for (t, &ty) in inputs.iter().zip(&types) {
-        let t0 = Instant::now();
-        if ty == t.ty {
-            w.write(&t.name, t.data())?;
-            t.release();
-            report
-                .tensors
-                .push(pass_through(t, t0.elapsed().as_secs_f64()));
-            continue;
-        }
-        // A block-type input (--allow-requantize) is dequantized first, as
-        // llama-quantize does.
-        let requant: Vec<f32>;
-        let (src_dtype, src) = match dtype_of(t.ty) {
-            Some(d) => (d, t.data()),
-            None => {
-                let bt = BlockType::from_ggml(t.ty).expect("checked above");
-                let n = t.shape.iter().product();
-                requant = ggml::dequantize(bt, t.data(), n).map_err(|e| e.at(input, &t.name))?;
-                (DType::F32, bytemuck::cast_slice(&requant))
+    let w = write_behind(w, GgufWriter::write, |tx| {
+        for (t, &ty) in inputs.iter().zip(&types) {
+            let t0 = Instant::now();
+            if ty == t.ty {
+                send(tx, t, Cow::Borrowed(t.data()))?;
+                report
+                    .tensors
+                    .push(pass_through(t, t0.elapsed().as_secs_f64()));
+                continue;
             }
-        };
-        let view = TensorRef::new(src_dtype, &t.shape, src).map_err(|e| e.at(input, &t.name))?;
-        let (data, stats, note) = if let Some(bt) = BlockType::from_ggml(ty) {
-            let q = ggml::quantize(dev, bt, &view).map_err(|e| e.at(input, &t.name))?;
-            let st = ggml::error_stats(bt, &q.data, &view)?;
-            let note = (q.cpu_blocks > 0)
-                .then(|| format!("{} blocks quantized by the CPU reference", q.cpu_blocks));
-            (q.data, st, note)
-        } else {
-            let d = dtype_of(ty).expect("F16 is the only other output type");
-            let (c, d) = quantize::convert_diff(dev, &view, d).map_err(|e| e.at(input, &t.name))?;
-            let st = ggml::ErrorStats {
-                max_abs: d.max_abs,
-                rmse: d.rmse(),
-                snr_db: d.snr_db(),
+            // A block-type input (--allow-requantize) is dequantized first, as
+            // llama-quantize does.
+            let requant: Vec<f32>;
+            let (src_dtype, src) = match dtype_of(t.ty) {
+                Some(d) => (d, t.data()),
+                None => {
+                    let bt = BlockType::from_ggml(t.ty).expect("checked above");
+                    let n = t.shape.iter().product();
+                    requant =
+                        ggml::dequantize(bt, t.data(), n).map_err(|e| e.at(input, &t.name))?;
+                    (DType::F32, bytemuck::cast_slice(&requant))
+                }
             };
-            (c.data, st, None)
-        };
-        w.write(&t.name, &data)?;
-        t.release();
-        let mut r = pass_through(t, 0.0);
-        r.op = ty.name().into();
-        r.dtypes_out = vec![ty.name().into()];
-        r.bytes_out = data.len() as u64;
-        r.max_abs_err = Some(stats.max_abs);
-        r.rmse = Some(stats.rmse);
-        r.snr_db = Some(stats.snr_db);
-        r.note = note;
-        r.seconds = t0.elapsed().as_secs_f64();
-        report.tensors.push(r);
-    }
+            let view =
+                TensorRef::new(src_dtype, &t.shape, src).map_err(|e| e.at(input, &t.name))?;
+            let (data, stats, note) = if let Some(bt) = BlockType::from_ggml(ty) {
+                let q = ggml::quantize(dev, bt, &view).map_err(|e| e.at(input, &t.name))?;
+                let note = (q.cpu_blocks > 0)
+                    .then(|| format!("{} blocks quantized by the CPU reference", q.cpu_blocks));
+                (q.data, q.diff, note)
+            } else {
+                let d = dtype_of(ty).expect("F16 is the only other output type");
+                let (c, d) =
+                    quantize::convert_diff(dev, &view, d).map_err(|e| e.at(input, &t.name))?;
+                (c.data, d, None)
+            };
+            let mut r = pass_through(t, 0.0);
+            r.op = ty.name().into();
+            r.dtypes_out = vec![ty.name().into()];
+            r.bytes_out = data.len() as u64;
+            r.max_abs_err = Some(stats.max_abs);
+            r.rmse = Some(stats.rmse());
+            r.snr_db = Some(stats.snr_db());
+            r.note = note;
+            r.seconds = t0.elapsed().as_secs_f64();
+            report.tensors.push(r);
+            send(tx, t, Cow::Owned(data))?;
+        }
+        Ok(())
+    })?;
     let file = w.finish_staged()?;
     report.finish_totals(start.elapsed().as_secs_f64());
     dest.commit(&dests, file, &report)?;

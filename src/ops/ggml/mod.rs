@@ -18,6 +18,7 @@ pub mod reference;
 use crate::device::{Chunk, Device, Gpu, StreamLayout};
 use crate::error::{Error, Result};
 use crate::ops::codec::{with_codec, Codec};
+use crate::ops::diff::Diff;
 use crate::ops::kernels::Kernel;
 use crate::ops::{chunks, params};
 use crate::tensor::TensorRef;
@@ -57,6 +58,8 @@ pub struct Quantized {
     pub data: Vec<u8>,
     /// Blocks the GPU handed to the CPU reference.
     pub cpu_blocks: usize,
+    /// The dequantized blocks against the input (the quantization error).
+    pub diff: Diff,
 }
 
 /// Blocks one CPU task quantizes.
@@ -95,30 +98,41 @@ pub fn quantize(dev: &Device, ty: BlockType, t: &TensorRef) -> Result<Quantized>
 fn quantize_cpu(ty: BlockType, t: &TensorRef, blocks: usize) -> Result<Quantized> {
     let (bv, bb) = (ty.block_values(), ty.block_bytes());
     let mut data = vec![0u8; blocks * bb];
-    let ok = data
+    // Each task's blocks are dequantized again while in cache, for the
+    // error figures.
+    let parts: Vec<Option<Diff>> = data
         .par_chunks_mut(CPU_TASK_BLOCKS * bb)
         .enumerate()
-        .all(|(k, out)| {
-            let first = k * CPU_TASK_BLOCKS * bv;
-            let x = values(t, first..first + out.len() / bb * bv);
-            if !x.iter().all(|v| v.is_finite()) {
-                return false;
-            }
-            reference::quantize_blocks(ty, &x, out);
-            true
-        });
-    if !ok {
-        return Err(non_finite(ty));
-    }
+        .map(|(k, out)| {
+            fast!({
+                let first = k * CPU_TASK_BLOCKS * bv;
+                let x = values(t, first..first + out.len() / bb * bv);
+                if !x.iter().all(|v| v.is_finite()) {
+                    return None;
+                }
+                reference::quantize_blocks(ty, &x, out);
+                let mut y = vec![0f32; x.len()];
+                reference::dequantize_blocks(ty, out, &mut y);
+                let mut d = Diff::default();
+                d.add_f32s(&x, &y);
+                Some(d)
+            })
+        })
+        .collect();
+    let parts: Option<Vec<Diff>> = parts.into_iter().collect();
+    let diff = Diff::sum(parts.ok_or_else(|| non_finite(ty))?);
     Ok(Quantized {
         data,
         cpu_blocks: 0,
+        diff,
     })
 }
 
 /// Elements `r` of `t` as f32 (exact for every float dtype).
 fn values(t: &TensorRef, r: std::ops::Range<usize>) -> Vec<f32> {
-    with_codec!(t.dtype, C => r.map(|i| C::to_f32(C::read(t.data, i))).collect())
+    let es = t.dtype.size();
+    let bytes = &t.data[r.start * es..r.end * es];
+    with_codec!(t.dtype, C => bytes.chunks_exact(C::SIZE).map(|x| C::to_f32(C::read(x, 0))).collect())
 }
 
 /// Invocations per workgroup of the GGML kernel (`GGML_WG` in the shader).
@@ -162,6 +176,7 @@ fn quantize_gpu(g: &Gpu, ty: BlockType, t: &TensorRef, blocks: usize) -> Result<
         return Ok(Quantized {
             data,
             cpu_blocks: 0,
+            diff: Diff::default(),
         });
     }
     // Groups per chunk: the input binding (the largest) within the chunk
@@ -242,7 +257,13 @@ fn quantize_gpu(g: &Gpu, ty: BlockType, t: &TensorRef, blocks: usize) -> Result<
         reference::quantize_blocks(ty, &x, &mut data[b0 * bb..b1 * bb]);
         cpu_blocks += b1 - b0;
     }
-    Ok(Quantized { data, cpu_blocks })
+    // The figures: one host pass over the input and the blocks.
+    let diff = error_stats(ty, &data, t)?;
+    Ok(Quantized {
+        data,
+        cpu_blocks,
+        diff,
+    })
 }
 
 /// Dequantizes `n` values of `ty` blocks to f32 (ggml's dequantize_row_*).
@@ -262,43 +283,10 @@ pub fn dequantize(ty: BlockType, q: &[u8], n: usize) -> Result<Vec<f32>> {
     Ok(y)
 }
 
-/// How far dequantized values are from the originals.
-#[derive(Clone, Copy, Debug)]
-pub struct ErrorStats {
-    /// Largest |y − x|.
-    pub max_abs: f64,
-    /// √mean((y − x)²).
-    pub rmse: f64,
-    /// 10·log10(Σx² / Σ(y − x)²); infinite when the values are exact.
-    pub snr_db: f64,
-}
-
-impl ErrorStats {
-    fn from_sums(max_abs: f64, err2: f64, sig2: f64, n: usize) -> ErrorStats {
-        ErrorStats {
-            max_abs,
-            rmse: if n > 0 { (err2 / n as f64).sqrt() } else { 0.0 },
-            snr_db: crate::ops::reduce::snr_db(if sig2 > 0.0 {
-                (err2 / sig2).sqrt()
-            } else {
-                0.0
-            }),
-        }
-    }
-}
-
-fn sums(x: &[f32], y: &[f32]) -> (f64, f64, f64) {
-    x.iter()
-        .zip(y)
-        .fold((0f64, 0f64, 0f64), |(m, e, s), (&a, &b)| {
-            let d = (b as f64 - a as f64).abs();
-            (m.max(d), e + d * d, s + a as f64 * a as f64)
-        })
-}
-
 /// The error of blocks `q` of `ty` against the tensor they quantize,
-/// dequantized a few blocks at a time (no full-size copy).
-pub fn error_stats(ty: BlockType, q: &[u8], t: &TensorRef) -> Result<ErrorStats> {
+/// dequantized a few blocks at a time (no full-size copy): for blocks made
+/// elsewhere (`quantize` gives its own in passing).
+pub fn error_stats(ty: BlockType, q: &[u8], t: &TensorRef) -> Result<Diff> {
     let (bv, bb) = (ty.block_values(), ty.block_bytes());
     let n = t.numel();
     if q.len() != n / bv * bb || !n.is_multiple_of(bv) {
@@ -308,19 +296,20 @@ pub fn error_stats(ty: BlockType, q: &[u8], t: &TensorRef) -> Result<ErrorStats>
             ty.name()
         )));
     }
-    let (mx, e2, s2) = q
+    let parts: Vec<Diff> = q
         .par_chunks(CPU_TASK_BLOCKS * bb)
         .enumerate()
         .map(|(k, qc)| {
-            let first = k * CPU_TASK_BLOCKS * bv;
-            let x = values(t, first..first + qc.len() / bb * bv);
-            let mut y = vec![0f32; x.len()];
-            reference::dequantize_blocks(ty, qc, &mut y);
-            sums(&x, &y)
+            fast!({
+                let first = k * CPU_TASK_BLOCKS * bv;
+                let x = values(t, first..first + qc.len() / bb * bv);
+                let mut y = vec![0f32; x.len()];
+                reference::dequantize_blocks(ty, qc, &mut y);
+                let mut d = Diff::default();
+                d.add_f32s(&x, &y);
+                d
+            })
         })
-        .reduce(
-            || (0.0, 0.0, 0.0),
-            |a, b| (a.0.max(b.0), a.1 + b.1, a.2 + b.2),
-        );
-    Ok(ErrorStats::from_sums(mx, e2, s2, n))
+        .collect();
+    Ok(Diff::sum(parts))
 }

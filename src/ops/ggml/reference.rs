@@ -16,6 +16,7 @@ use std::ops::Range;
 use super::layout::*;
 
 /// Disjoint mutable views of a block's fields, given in ascending order.
+#[inline(always)]
 fn fields<const N: usize>(y: &mut [u8], ranges: [Range<usize>; N]) -> [&mut [u8]; N] {
     let mut rest = y;
     let mut at = 0;
@@ -29,6 +30,7 @@ fn fields<const N: usize>(y: &mut [u8], ranges: [Range<usize>; N]) -> [&mut [u8]
 }
 
 /// The f16 at the start of `field`.
+#[inline(always)]
 fn f16_of(field: &[u8]) -> f32 {
     f16_at(field, 0)
 }
@@ -44,6 +46,7 @@ pub(crate) fn fp16(x: f32) -> [u8; 2] {
     half::f16::from_f32(x).to_bits().to_le_bytes()
 }
 
+#[inline(always)]
 fn f16_at(b: &[u8], at: usize) -> f32 {
     half::f16::from_bits(u16::from_le_bytes([b[at], b[at + 1]])).to_f32()
 }
@@ -60,7 +63,7 @@ pub fn nearest_int(f: f32) -> i32 {
 /// C's float → int conversion as x86-64 compiles it (cvttss2si): truncation,
 /// and 0x80000000 for NaN and out-of-range values, which the legacy
 /// quantizers meet when 1/d overflows (blocks of subnormal weights).
-#[inline]
+#[inline(always)]
 fn c_int(v: f32) -> i32 {
     if v.is_nan() || !(-2147483648.0..2147483648.0).contains(&v) {
         i32::MIN
@@ -69,7 +72,28 @@ fn c_int(v: f32) -> i32 {
     }
 }
 
+/// C's `roundf` (halves away from zero). Below 2^22 in magnitude, by the
+/// integer part and the fraction (both exact), which needs no libm call and
+/// vectorizes; beyond, `f32::round`.
+#[inline(always)]
+fn roundf(v: f32) -> f32 {
+    if v.abs() < 4194304.0 {
+        let t = v as i32 as f32;
+        let f = v - t;
+        t + if f >= 0.5 {
+            1.0
+        } else if f <= -0.5 {
+            -1.0
+        } else {
+            0.0
+        }
+    } else {
+        v.round()
+    }
+}
+
 /// Quantizes whole blocks of `x` into `out` (`out.len()` = blocks × bytes).
+#[inline(always)]
 pub fn quantize_blocks(ty: BlockType, x: &[f32], out: &mut [u8]) {
     let (n, b) = (ty.block_values(), ty.block_bytes());
     debug_assert_eq!(x.len() / n * b, out.len());
@@ -90,6 +114,7 @@ pub fn quantize_blocks(ty: BlockType, x: &[f32], out: &mut [u8]) {
 }
 
 /// Dequantizes whole blocks of `q` into `y`.
+#[inline(always)]
 pub fn dequantize_blocks(ty: BlockType, q: &[u8], y: &mut [f32]) {
     let (n, b) = (ty.block_values(), ty.block_bytes());
     for (qb, yb) in q.chunks_exact(b).zip(y.chunks_exact_mut(n)) {
@@ -110,6 +135,7 @@ pub fn dequantize_blocks(ty: BlockType, q: &[u8], y: &mut [f32]) {
 
 /// The signed value of largest magnitude, the first one on ties (how every
 /// symmetric quantizer of ggml picks its block's or sub-block's extreme).
+#[inline(always)]
 fn signed_absmax(x: &[f32]) -> f32 {
     let (mut amax, mut max) = (0.0f32, 0.0f32);
     for &v in x {
@@ -123,6 +149,7 @@ fn signed_absmax(x: &[f32]) -> f32 {
 
 // ---- legacy 32-value blocks -------------------------------------------------
 
+#[inline(always)]
 fn min_max(x: &[f32]) -> (f32, f32) {
     let (mut min, mut max) = (f32::MAX, -f32::MAX);
     for &v in x {
@@ -139,6 +166,7 @@ fn min_max(x: &[f32]) -> (f32, f32) {
 /// Packs 32 levels as the legacy types store them: element j in the low
 /// nibble of byte j, element j+16 in the high one; for the 5-bit types,
 /// bit 4 of element j in bit j of the little-endian u32 `qh`.
+#[inline(always)]
 fn pack_levels(l: &[u8; QK], qs: &mut [u8], qh: Option<&mut [u8]>) {
     let mut h = 0u32;
     for j in 0..QK / 2 {
@@ -152,6 +180,7 @@ fn pack_levels(l: &[u8; QK], qs: &mut [u8], qh: Option<&mut [u8]>) {
 }
 
 /// Q4_0 and Q5_0: d = max / −8 (−16), level = MIN(15 (31), (int8_t)(x/d + 8.5 (16.5))).
+#[inline(always)]
 fn q_sym(x: &[f32], y: &mut [u8], five: bool) {
     let (half, top) = if five { (16.0f32, 31) } else { (8.0, 15) };
     let d = signed_absmax(x) / -half;
@@ -173,6 +202,7 @@ fn q_sym(x: &[f32], y: &mut [u8], five: bool) {
 
 /// Q4_1 and Q5_1: d = (max − min)/15 (31), m = min, level =
 /// (int8_t)((x − min)/d + 0.5) clamped to 15 for Q4_1 (Q5_1: (uint8_t), no clamp).
+#[inline(always)]
 fn q_affine(x: &[f32], y: &mut [u8], five: bool) {
     let (min, max) = min_max(x);
     let d = (max - min) / if five { 31.0 } else { 15.0 };
@@ -199,18 +229,39 @@ fn q_affine(x: &[f32], y: &mut [u8], five: bool) {
     }
 }
 
+#[inline(always)]
 fn q8_0(x: &[f32], y: &mut [u8]) {
     let amax = x.iter().fold(0.0f32, |a, v| a.max(v.abs()));
     let d = amax / 127.0;
     let id = if d != 0.0 { 1.0 / d } else { 0.0 };
     let [dy, qs] = fields(y, [q8_0::D, q8_0::QS]);
     dy.copy_from_slice(&fp16(d));
-    for j in 0..QK {
-        // C roundf: half away from zero.
-        qs[j] = c_int((x[j] * id).round()) as u8;
+    if id.is_finite() {
+        // |x·id| ≤ 127 (plus rounding): roundf's integer path, without
+        // range checks, which vectorizes; the same bytes as below.
+        for (q, &v) in qs.iter_mut().zip(x) {
+            let v = v * id;
+            // SAFETY: |v| < 2^22, so the conversion is exact.
+            let t = unsafe { v.to_int_unchecked::<i32>() } as f32;
+            let f = v - t;
+            let r = t + if f >= 0.5 {
+                1.0
+            } else if f <= -0.5 {
+                -1.0
+            } else {
+                0.0
+            };
+            // SAFETY: as above.
+            *q = unsafe { r.to_int_unchecked::<i32>() } as u8;
+        }
+    } else {
+        for j in 0..QK {
+            qs[j] = c_int(roundf(x[j] * id)) as u8;
+        }
     }
 }
 
+#[inline(always)]
 fn dq4_0(q: &[u8], y: &mut [f32]) {
     let (d, qs) = (f16_of(&q[q4_0::D]), &q[q4_0::QS]);
     for j in 0..QK / 2 {
@@ -219,6 +270,7 @@ fn dq4_0(q: &[u8], y: &mut [f32]) {
     }
 }
 
+#[inline(always)]
 fn dq4_1(q: &[u8], y: &mut [f32]) {
     let (d, m) = (f16_of(&q[q4_1::D]), f16_of(&q[q4_1::M]));
     let qs = &q[q4_1::QS];
@@ -229,6 +281,7 @@ fn dq4_1(q: &[u8], y: &mut [f32]) {
 }
 
 /// Bit 4 of levels j and j + 16 from a Q5 block's `qh` field.
+#[inline(always)]
 fn high_bits(qh: &[u8], j: usize) -> (u8, u8) {
     let qh = u32::from_le_bytes([qh[0], qh[1], qh[2], qh[3]]);
     (
@@ -237,6 +290,7 @@ fn high_bits(qh: &[u8], j: usize) -> (u8, u8) {
     )
 }
 
+#[inline(always)]
 fn dq5_0(q: &[u8], y: &mut [f32]) {
     let d = f16_of(&q[q5_0::D]);
     let qs = &q[q5_0::QS];
@@ -247,6 +301,7 @@ fn dq5_0(q: &[u8], y: &mut [f32]) {
     }
 }
 
+#[inline(always)]
 fn dq5_1(q: &[u8], y: &mut [f32]) {
     let (d, m) = (f16_of(&q[q5_1::D]), f16_of(&q[q5_1::M]));
     let qs = &q[q5_1::QS];
@@ -257,6 +312,7 @@ fn dq5_1(q: &[u8], y: &mut [f32]) {
     }
 }
 
+#[inline(always)]
 fn dq8_0(q: &[u8], y: &mut [f32]) {
     let (d, qs) = (f16_of(&q[q8_0::D]), &q[q8_0::QS]);
     for j in 0..QK {
