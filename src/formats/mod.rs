@@ -47,6 +47,16 @@ pub fn read_input(path: &Path) -> Result<Vec<u8>> {
     Ok(v)
 }
 
+/// Makes the pages of `map[start..start + len]` resident now
+/// (MADV_POPULATE_READ, one call, where the system has it), so that
+/// reading is measured apart from computing.
+pub fn populate_pages(map: &memmap2::Mmap, start: usize, len: usize) {
+    #[cfg(target_os = "linux")]
+    let _ = map.advise_range(memmap2::Advice::PopulateRead, start, len);
+    #[cfg(not(target_os = "linux"))]
+    let _ = (map, start, len);
+}
+
 /// Drops the pages of `map[start..start + len]` from this process (they stay
 /// in the page cache and are read again if touched), so that resident
 /// memory does not grow with the model as its tensors stream through.

@@ -179,12 +179,7 @@ impl SafetensorsFile {
     /// the whole tensor, where the system has it), so that reading is
     /// measured apart from computing.
     pub fn populate(&self, e: &Entry) {
-        #[cfg(target_os = "linux")]
-        let _ = self.map.advise_range(
-            Advice::PopulateRead,
-            self.data_start + e.range.start,
-            e.range.len(),
-        );
+        super::populate_pages(&self.map, self.data_start + e.range.start, e.range.len());
     }
 
     /// Asks the kernel to read `e`'s pages ahead.

@@ -192,6 +192,15 @@ impl GgufFile {
         &self.map[s..s + t.bytes as usize]
     }
 
+    /// Makes `t`'s pages resident now (see `populate_pages`).
+    pub fn populate(&self, t: &GgufTensor) {
+        super::populate_pages(
+            &self.map,
+            (self.data_start + t.offset) as usize,
+            t.bytes as usize,
+        );
+    }
+
     /// Drops `t`'s pages from this process (see `release_pages`).
     pub fn release(&self, t: &GgufTensor) {
         super::release_pages(

@@ -21,7 +21,7 @@ use crate::formats::plan::{self, OutputKind};
 use crate::formats::safetensors::{Entry, OutEntry, SafetensorsFile, SafetensorsWriter};
 pub mod rules;
 
-use crate::jobs::report::{Report, TensorReport};
+use crate::jobs::report::{Report, Stages, TensorReport};
 use crate::ops::ggml::{self, BlockType};
 use crate::ops::quantize;
 use crate::tensor::{DType, TensorRef};
@@ -71,6 +71,14 @@ impl<'a> In<'a> {
         match self.pages {
             Pages::Gguf(f, t) => f.data(t),
             Pages::Safetensors(f, e) => f.data(e),
+        }
+    }
+
+    /// Makes the tensor's pages resident (reading, timed apart).
+    fn populate(&self) {
+        match self.pages {
+            Pages::Gguf(f, t) => f.populate(t),
+            Pages::Safetensors(f, e) => f.populate(e),
         }
     }
 
@@ -240,22 +248,27 @@ fn send<'a>(tx: &mpsc::SyncSender<Out<'a>>, t: &'a In<'a>, data: Cow<'a, [u8]>) 
 /// is computed. The channel holds none: one tensor is written while the
 /// next is computed, so memory stays within two tensors. Returns the
 /// writer, ready to finish, or the first error (the writer's wins).
+/// The seconds spent writing go to `stages.write`.
 fn write_behind<'a, W: Send>(
     mut w: W,
     write: fn(&mut W, &str, &[u8]) -> Result<()>,
-    produce: impl FnOnce(&mpsc::SyncSender<Out<'a>>) -> Result<()>,
+    stages: &mut Stages,
+    produce: impl FnOnce(&mpsc::SyncSender<Out<'a>>, &mut Stages) -> Result<()>,
 ) -> Result<W> {
     std::thread::scope(|scope| {
         let (tx, rx) = mpsc::sync_channel::<Out<'a>>(0);
-        let writer = scope.spawn(move || -> Result<W> {
+        let writer = scope.spawn(move || -> Result<(W, f64)> {
+            let mut seconds = 0.0;
             for (name, data, t) in rx {
+                let t0 = Instant::now();
                 write(&mut w, &name, &data)?;
+                seconds += t0.elapsed().as_secs_f64();
                 drop(data);
                 t.release();
             }
-            Ok(w)
+            Ok((w, seconds))
         });
-        let produced = produce(&tx);
+        let produced = produce(&tx, stages);
         drop(tx);
         let written = writer
             .join()
@@ -263,7 +276,10 @@ fn write_behind<'a, W: Send>(
         match (written, produced) {
             (Err(e), _) => Err(e),
             (Ok(_), Err(e)) => Err(e),
-            (Ok(w), Ok(())) => Ok(w),
+            (Ok((w, seconds)), Ok(())) => {
+                stages.write += seconds;
+                Ok(w)
+            }
         }
     })
 }
@@ -369,7 +385,8 @@ pub fn write_gguf(
         tensors: Vec::with_capacity(inputs.len()),
         totals: Default::default(),
     };
-    let w = write_behind(w, GgufWriter::write, |tx| {
+    let mut stages = Stages::default();
+    let w = write_behind(w, GgufWriter::write, &mut stages, |tx, stages| {
         for (t, &ty) in inputs.iter().zip(&types) {
             let t0 = Instant::now();
             if ty == t.ty {
@@ -394,6 +411,10 @@ pub fn write_gguf(
             };
             let view =
                 TensorRef::new(src_dtype, &t.shape, src).map_err(|e| e.at(input, &t.name))?;
+            let tr = Instant::now();
+            t.populate();
+            stages.read += tr.elapsed().as_secs_f64();
+            let tk = Instant::now();
             let (data, stats, note) = if let Some(bt) = BlockType::from_ggml(ty) {
                 let q = ggml::quantize(dev, bt, &view).map_err(|e| e.at(input, &t.name))?;
                 let note = (q.cpu_blocks > 0)
@@ -405,6 +426,7 @@ pub fn write_gguf(
                     quantize::convert_diff(dev, &view, d).map_err(|e| e.at(input, &t.name))?;
                 (c.data, d, None)
             };
+            stages.kernel += tk.elapsed().as_secs_f64();
             let mut r = pass_through(t, 0.0);
             r.op = ty.name().into();
             r.dtypes_out = vec![ty.name().into()];
@@ -415,11 +437,16 @@ pub fn write_gguf(
             r.note = note;
             r.seconds = t0.elapsed().as_secs_f64();
             report.tensors.push(r);
+            let tw = Instant::now();
             send(tx, t, Cow::Owned(data))?;
+            stages.wait += tw.elapsed().as_secs_f64();
         }
         Ok(())
     })?;
+    let ts = Instant::now();
     let file = w.finish_staged()?;
+    stages.sync = ts.elapsed().as_secs_f64();
+    report.totals.stages = stages;
     report.finish_totals(start.elapsed().as_secs_f64());
     dest.commit(&dests, file, &report)?;
     Ok(report)
