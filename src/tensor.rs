@@ -269,7 +269,7 @@ static POOL: std::sync::Mutex<Vec<Vec<u8>>> = std::sync::Mutex::new(Vec::new());
 /// Smaller buffers are not worth keeping.
 const POOL_MIN: usize = 1 << 20;
 /// At most this many are kept (they stay within what a job had in flight).
-const POOL_BUFFERS: usize = 3;
+const POOL_BUFFERS: usize = 2;
 
 /// A buffer of `len` bytes whose contents are unspecified (recycled bytes
 /// or zeros): for outputs of which every byte is written.
@@ -333,13 +333,12 @@ impl Tensor {
         }
     }
 
-    /// Zero-filled tensor.
+    /// Zero-filled tensor (in a recycled buffer when there is one: zeroing
+    /// mapped memory costs less than faulting in fresh pages).
     pub fn zeros(dtype: DType, shape: &[usize]) -> Tensor {
-        Tensor {
-            dtype,
-            shape: shape.to_vec(),
-            data: vec![0; numel(shape) * dtype.size()],
-        }
+        let mut t = Tensor::for_overwrite(dtype, shape);
+        t.data.fill(0);
+        t
     }
 
     /// Encodes f32 values in `dtype` (rounding to nearest even).
