@@ -3,6 +3,7 @@
 
 mod common;
 use common::*;
+use modelpress::ops::diff::diff;
 use modelpress::prune::{self, NeuronNorm};
 use modelpress::tools::sample::Rng;
 use modelpress::{DType, Device, Error};
@@ -221,7 +222,14 @@ fn neurons_match_reference_and_gpu() {
                     }
                     let (c, cs) = prune::prune_neurons(&Device::Cpu, &t.view(), tau, norm).unwrap();
                     assert_identical(&out, &c, &ctx);
-                    assert_eq!(st, cs, "{ctx}");
+                    assert_eq!(
+                        (st.numel, &st.zeroed, st.zeros),
+                        (cs.numel, &cs.zeroed, cs.zeros),
+                        "{ctx}"
+                    );
+                    // Figures from the zeroing pass: as a pass of their own.
+                    assert_diff_close(&st.diff, &diff(&t.view(), &out.view()), &ctx);
+                    assert_eq!(st.zeros, st.diff.zeros, "{ctx}");
                 }
             }
         }
@@ -332,7 +340,7 @@ fn structured_fractions_match_the_reference_on_every_device() {
                         for s in [0.0, 0.25, 0.5, 1.0] {
                             let ctx =
                                 format!("{name} {dtype} [{rows}, {cols}] {axis:?} {norm:?} s={s}");
-                            let (out, mask, zeros) =
+                            let (out, mask, d) =
                                 prune::prune_lines(dev, &t.view(), axis, s, norm).unwrap();
                             assert_eq!(mask, lines_brute_force(&t, axis, s, norm), "{ctx}");
                             let o = out.raw_bits();
@@ -345,11 +353,7 @@ fn structured_fractions_match_the_reference_on_every_device() {
                                 };
                                 assert_eq!(a, if mask[l] { 0 } else { b }, "{ctx} element {e}");
                             }
-                            assert_eq!(
-                                zeros as usize,
-                                out.to_f32_vec().iter().filter(|x| **x == 0.0).count(),
-                                "{ctx}"
-                            );
+                            assert_diff_close(&d, &diff(&t.view(), &out.view()), &ctx);
                         }
                     }
                 }

@@ -4,6 +4,7 @@
 
 mod common;
 use common::*;
+use modelpress::ops::diff::diff;
 use modelpress::select::{self, count_for, key};
 use modelpress::tools::sample::Rng;
 use modelpress::{DType, Device, Error, Tensor};
@@ -240,10 +241,12 @@ fn nm_patterns_keep_the_n_largest_of_every_m() {
                     }
                     let t = tensor(dtype, &[rows, cols], &tied(&mut rng, rows * cols));
                     let ctx = format!("{name} {dtype} {nk}:{m} [{rows}, {cols}]");
-                    let got =
+                    let (got, d) =
                         select::prune_pattern(&dev, &t.view(), Pattern { n: nk, m }, false, None)
                             .unwrap();
                     assert_identical(&got, &nm_brute_force(&t, nk as usize, m as usize), &ctx);
+                    // The figures from the pruning pass equal a pass of their own.
+                    assert_diff_close(&d, &diff(&t.view(), &got.view()), &ctx);
                     // The invariant itself: at most N non-zero in every run of M.
                     let g = got.to_f32_vec();
                     for grp in g.chunks(m as usize) {
@@ -262,7 +265,7 @@ fn nm_patterns_keep_the_n_largest_of_every_m() {
                 matches!(e, Error::Input(ref s) if s.contains("multiple of M")),
                 "{e}"
             );
-            let got =
+            let (got, _) =
                 select::prune_pattern(&dev, &t.view(), Pattern { n: 2, m: 4 }, true, None).unwrap();
             assert_identical(
                 &got,
@@ -334,28 +337,24 @@ fn per_row_sparsity_and_activation_aware_scores() {
                             "{name} {dtype} [{rows}, {cols}] s={s} scores={}",
                             sc.is_some()
                         );
-                        let (got, zeros) =
-                            match select::prune_rows_to_sparsity(&dev, &t.view(), s, sc) {
-                                Ok(r) => r,
-                                // Whole rows (and their norms) must fit one chunk;
-                                // the forced tiny chunks cannot hold long rows.
-                                Err(Error::Limit { .. })
-                                    if name.contains("chunks") && cols * 8 > 700 =>
-                                {
-                                    continue
-                                }
-                                Err(e) => panic!("{ctx}: {e}"),
-                            };
+                        let (got, d) = match select::prune_rows_to_sparsity(&dev, &t.view(), s, sc)
+                        {
+                            Ok(r) => r,
+                            // Whole rows (and their norms) must fit one chunk;
+                            // the forced tiny chunks cannot hold long rows.
+                            Err(Error::Limit { .. })
+                                if name.contains("chunks") && cols * 8 > 700 =>
+                            {
+                                continue
+                            }
+                            Err(e) => panic!("{ctx}: {e}"),
+                        };
                         assert_identical(&got, &rows_brute_force(&t, s, sc), &ctx);
-                        assert_eq!(
-                            zeros as usize,
-                            got.to_f32_vec().iter().filter(|v| **v == 0.0).count(),
-                            "{ctx}"
-                        );
+                        assert_diff_close(&d, &diff(&t.view(), &got.view()), &ctx);
                     }
                 }
                 if cols % 4 == 0 {
-                    let got = select::prune_pattern(
+                    let (got, d) = select::prune_pattern(
                         &dev,
                         &t.view(),
                         Pattern { n: 2, m: 4 },
@@ -363,7 +362,8 @@ fn per_row_sparsity_and_activation_aware_scores() {
                         Some(&x),
                     )
                     .unwrap();
-                    let cpu = select::prune_pattern(
+                    assert_diff_close(&d, &diff(&t.view(), &got.view()), "2:4 by score");
+                    let (cpu, _) = select::prune_pattern(
                         &Device::Cpu,
                         &t.view(),
                         Pattern { n: 2, m: 4 },

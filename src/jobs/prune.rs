@@ -37,7 +37,7 @@ impl TensorOp for Prune {
             }
             Prune::Rows(tau, norm) => {
                 let (out, st) = prune::prune_neurons(dev, &t, *tau, *norm)?;
-                let mut a = Applied::float(out);
+                let mut a = Applied::with_diff(out, st.diff);
                 a.note = Some(format!(
                     "{} of {} rows zeroed",
                     st.neurons_zeroed(),
@@ -241,9 +241,9 @@ impl TensorOp for Sparsity {
         let t = srcs[0].tensor()?;
         if let Some(sc) = &self.scores {
             let x = sc.for_tensor(srcs[0].entry)?;
-            let (out, zeros) = select::prune_rows_to_sparsity(dev, &t, self.s, Some(&x))?;
-            let mut a = Applied::float(out);
-            a.note = Some(format!("{zeros} of {} zero", t.numel()));
+            let (out, diff) = select::prune_rows_to_sparsity(dev, &t, self.s, Some(&x))?;
+            let mut a = Applied::with_diff(out, diff);
+            a.note = Some(format!("{} of {} zero", diff.zeros, t.numel()));
             return Ok(a);
         }
         let (out, st) = match &self.global {
@@ -289,8 +289,8 @@ impl TensorOp for Lines {
 
     fn apply(&self, dev: &Device, srcs: &[Src], _: &[Model]) -> Result<Applied> {
         let t = srcs[0].tensor()?;
-        let (out, mask, _) = prune::prune_lines(dev, &t, self.axis, self.s, self.norm)?;
-        let mut a = Applied::float(out);
+        let (out, mask, diff) = prune::prune_lines(dev, &t, self.axis, self.s, self.norm)?;
+        let mut a = Applied::with_diff(out, diff);
         a.note = Some(format!(
             "{} of {} zeroed",
             mask.iter().filter(|&&m| m).count(),
@@ -338,12 +338,8 @@ impl TensorOp for PatternPrune {
             .as_ref()
             .map(|sc| sc.for_tensor(srcs[0].entry))
             .transpose()?;
-        Ok(Applied::float(select::prune_pattern(
-            dev,
-            &t,
-            self.pattern,
-            self.keep_tail,
-            x.as_deref(),
-        )?))
+        let (out, diff) =
+            select::prune_pattern(dev, &t, self.pattern, self.keep_tail, x.as_deref())?;
+        Ok(Applied::with_diff(out, diff))
     }
 }

@@ -14,7 +14,9 @@ use super::codec::{with_codec, Codec};
 use super::diff::Diff;
 use super::kernels::Kernel;
 use super::reduce::{row_figures, row_stats, RowStats};
-use super::{check_row_len, chunk_elems, chunk_rows, chunks, cpu_map, gpu_map, params, u32_at};
+use super::{
+    check_row_len, chunk_diff, chunk_elems, chunk_rows, chunks, cpu_map, gpu_map, params, u32_at,
+};
 use crate::device::{Chunk, Device, Gpu, StreamLayout};
 use crate::error::{Error, Result};
 use crate::tensor::{Tensor, TensorRef};
@@ -64,7 +66,7 @@ pub enum Axis {
 }
 
 /// What a neuron prune did.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct NeuronPruneStats {
     /// Elements.
     pub numel: u64,
@@ -72,6 +74,8 @@ pub struct NeuronPruneStats {
     pub zeroed: Vec<bool>,
     /// Zeros in the output.
     pub zeros: u64,
+    /// The output against the input, from the zeroing pass.
+    pub diff: Diff,
 }
 
 impl NeuronPruneStats {
@@ -176,17 +180,19 @@ pub fn prune_neurons(
                 numel: st.numel,
                 zeroed,
                 zeros: st.zeros,
+                diff: st.diff,
             },
         ));
     }
     let mask = neuron_mask(dev, t, tau, norm)?;
-    let (out, zeros) = zero_rows(dev, t, &mask)?;
+    let (out, diff) = zero_rows(dev, t, &mask)?;
     Ok((
         out,
         NeuronPruneStats {
             numel: t.numel() as u64,
             zeroed: mask,
-            zeros,
+            zeros: diff.zeros,
+            diff,
         },
     ))
 }
@@ -341,35 +347,38 @@ pub(crate) fn smallest_k(
 }
 
 /// Zeroes exactly round_ties_even(s·n) of the n rows or columns, smallest
-/// norm first (see `line_mask`). Returns the result, the mask and its zeros.
+/// norm first (see `line_mask`). Returns the result, the mask and the
+/// result's figures against the input (its zeros among them).
 pub fn prune_lines(
     dev: &Device,
     t: &TensorRef,
     axis: Axis,
     s: f64,
     norm: NeuronNorm,
-) -> Result<(Tensor, Vec<bool>, u64)> {
+) -> Result<(Tensor, Vec<bool>, Diff)> {
     let mask = line_mask(dev, t, axis, s, norm)?;
-    let (out, zeros) = match axis {
+    let (out, diff) = match axis {
         Axis::Rows => zero_rows(dev, t, &mask)?,
         Axis::Cols => zero_cols(dev, t, &mask)?,
     };
-    Ok((out, mask, zeros))
+    Ok((out, mask, diff))
 }
 
 /// Zeroes the columns named by `mask` (one entry per column of the matrix
-/// view). Returns the result and its count of zeros.
-pub fn zero_cols(dev: &Device, t: &TensorRef, mask: &[bool]) -> Result<(Tensor, u64)> {
+/// view). Returns the result and its figures against the input (its zeros
+/// among them), from the same pass.
+pub fn zero_cols(dev: &Device, t: &TensorRef, mask: &[bool]) -> Result<(Tensor, Diff)> {
     zero_lines(dev, t, mask, Axis::Cols)
 }
 
 /// Zeroes the rows named by `mask` (one entry per row of the matrix view).
-/// Returns the result and its count of zeros.
-pub fn zero_rows(dev: &Device, t: &TensorRef, mask: &[bool]) -> Result<(Tensor, u64)> {
+/// Returns the result and its figures against the input (its zeros among
+/// them), from the same pass.
+pub fn zero_rows(dev: &Device, t: &TensorRef, mask: &[bool]) -> Result<(Tensor, Diff)> {
     zero_lines(dev, t, mask, Axis::Rows)
 }
 
-fn zero_lines(dev: &Device, t: &TensorRef, mask: &[bool], axis: Axis) -> Result<(Tensor, u64)> {
+fn zero_lines(dev: &Device, t: &TensorRef, mask: &[bool], axis: Axis) -> Result<(Tensor, Diff)> {
     t.check_float("zero rows or columns")?;
     let (rows, row_len) = t.rows();
     let lines = if axis == Axis::Rows { rows } else { row_len };
@@ -393,11 +402,10 @@ fn zero_lines(dev: &Device, t: &TensorRef, mask: &[bool], axis: Axis) -> Result<
     };
     match dev {
         Device::Cpu => {
-            let (out, [zeros], _) = with_codec!(t.dtype, C => cpu_map::<C, C, 1>(t, t.dtype, |i, raw| {
-                let kept = if mask[line_of(i)] { 0 } else { raw };
-                (kept, [(C::to_f32(kept).to_bits() & 0x7fff_ffff == 0) as u64])
+            let (out, [], diff) = with_codec!(t.dtype, C => cpu_map::<C, C, 0>(t, t.dtype, |i, raw| {
+                (if mask[line_of(i)] { 0 } else { raw }, [])
             }));
-            Ok((out, zeros))
+            Ok((out, diff))
         }
         Device::Gpu(g) => zero_lines_gpu(g, t, mask, axis),
     }
@@ -412,14 +420,14 @@ fn pack_bits(mask: &[bool]) -> Vec<u32> {
     w
 }
 
-fn zero_lines_gpu(g: &Gpu, t: &TensorRef, mask: &[bool], axis: Axis) -> Result<(Tensor, u64)> {
+fn zero_lines_gpu(g: &Gpu, t: &TensorRef, mask: &[bool], axis: Axis) -> Result<(Tensor, Diff)> {
     let n = t.numel();
     let es = t.dtype.size();
     let (_, row_len) = t.rows();
     let mut out = Tensor::zeros(t.dtype, t.shape);
-    let mut zeros = 0u64;
+    let mut diff = Diff::default();
     if n == 0 {
-        return Ok((out, 0));
+        return Ok((out, diff));
     }
     check_row_len(row_len)?;
     let by_col = axis == Axis::Cols;
@@ -462,9 +470,14 @@ fn zero_lines_gpu(g: &Gpu, t: &TensorRef, mask: &[bool], axis: Axis) -> Result<(
     });
     g.ctx.stream(&pipeline, &layout, jobs, |k, outs| {
         let r = &ranges[k];
-        out.data[r.start * es..r.end * es].copy_from_slice(outs[0]);
-        zeros += u32_at(outs[1], 0) as u64;
+        let chunk = &mut out.data[r.start * es..r.end * es];
+        chunk.copy_from_slice(outs[0]);
+        // The figures on the host while the device zeroes the next chunk;
+        // the kernel's own count of zeros must agree with them.
+        let d = chunk_diff(&[t], r.clone(), t.dtype, chunk);
+        debug_assert_eq!(d.zeros, u32_at(outs[1], 0) as u64);
+        diff = diff.merge(d);
         Ok(())
     })?;
-    Ok((out, zeros))
+    Ok((out, diff))
 }

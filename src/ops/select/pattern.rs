@@ -5,8 +5,9 @@ use super::{check_scores, key, score_key};
 use crate::device::{Chunk, Device, Gpu, StreamLayout};
 use crate::error::{Error, Result};
 use crate::ops::codec::{with_codec, Codec};
+use crate::ops::diff::Diff;
 use crate::ops::kernels::Kernel;
-use crate::ops::{chunk_elems, params};
+use crate::ops::{chunk_diff, chunk_elems, params, CPU_BLOCK};
 use crate::tensor::{Tensor, TensorRef};
 use rayon::prelude::*;
 
@@ -68,13 +69,15 @@ impl Pattern {
 /// activation norm per column, see `check_scores`), the N largest |w|·x —
 /// ties to the lower index. A row whose length is not a multiple of M is an
 /// error unless `keep_tail`, which leaves its last, shorter run dense.
+/// Returns the result and its figures against the input (its zeros among
+/// them), from the same pass.
 pub fn prune_pattern(
     dev: &Device,
     t: &TensorRef,
     p: Pattern,
     keep_tail: bool,
     scores: Option<&[f32]>,
-) -> Result<Tensor> {
+) -> Result<(Tensor, Diff)> {
     t.check_float("N:M prune")?;
     p.check()?;
     let (_, row_len) = t.rows();
@@ -105,44 +108,61 @@ fn nm_kept(keys: &[u32], e: usize, keep: u32) -> bool {
     rank < keep as usize
 }
 
-fn pattern_cpu(t: &TensorRef, p: Pattern, scores: Option<&[f32]>) -> Tensor {
+fn pattern_cpu(t: &TensorRef, p: Pattern, scores: Option<&[f32]>) -> (Tensor, Diff) {
     let (_, row_len) = t.rows();
     let mut out = t.to_owned();
     if row_len == 0 {
-        return out;
+        return (out, Diff::default());
     }
     let m = p.m as usize;
-    with_codec!(t.dtype, C => out.data.par_chunks_mut(row_len * C::SIZE).enumerate().for_each(|(r, ob)| {
-        let base = r * row_len;
-        let mut keys = [0u32; MAX_PATTERN_M as usize];
-        for g0 in (0..row_len).step_by(m) {
-            if g0 + m > row_len {
-                break; // the tail stays dense
-            }
-            for (j, k) in keys[..m].iter_mut().enumerate() {
-                let w = C::to_f32(C::read(t.data, base + g0 + j));
-                *k = match scores {
-                    Some(x) => score_key(w, x[g0 + j]),
-                    None => key(w),
-                };
-            }
-            for j in 0..m {
-                if !nm_kept(&keys[..m], j, p.n) {
-                    C::write(ob, g0 + j, 0);
+    // Blocks of whole rows, each with its figures while still in cache.
+    let rows_per = (CPU_BLOCK / row_len).max(1);
+    let parts: Vec<Diff> = with_codec!(t.dtype, C => out
+        .data
+        .par_chunks_mut(rows_per * row_len * C::SIZE)
+        .zip(t.data.par_chunks(rows_per * row_len * C::SIZE))
+        .map(|(ob, ib)| {
+            let mut keys = [0u32; MAX_PATTERN_M as usize];
+            for (rb, row) in ib.chunks(row_len * C::SIZE).zip(ob.chunks_mut(row_len * C::SIZE)) {
+                for g0 in (0..row_len).step_by(m) {
+                    if g0 + m > row_len {
+                        break; // the tail stays dense
+                    }
+                    for (j, k) in keys[..m].iter_mut().enumerate() {
+                        let w = C::to_f32(C::read(rb, g0 + j));
+                        *k = match scores {
+                            Some(x) => score_key(w, x[g0 + j]),
+                            None => key(w),
+                        };
+                    }
+                    for j in 0..m {
+                        if !nm_kept(&keys[..m], j, p.n) {
+                            C::write(row, g0 + j, 0);
+                        }
+                    }
                 }
             }
-        }
-    }));
-    out
+            let mut d = Diff::default();
+            d.add_block::<C, C>(ib, ob);
+            d
+        })
+        .collect());
+    (out, Diff::sum(parts))
 }
 
-fn pattern_gpu(g: &Gpu, t: &TensorRef, p: Pattern, scores: Option<&[f32]>) -> Result<Tensor> {
+fn pattern_gpu(
+    g: &Gpu,
+    t: &TensorRef,
+    p: Pattern,
+    scores: Option<&[f32]>,
+) -> Result<(Tensor, Diff)> {
     let n = t.numel();
     let es = t.dtype.size();
     let (_, row_len) = t.rows();
     let mut out = Tensor::zeros(t.dtype, t.shape);
+    let mut diff = Diff::default();
     if n == 0 {
-        return Ok(out);
+        return Ok((out, diff));
     }
     let m = p.m as usize;
     let ce = chunk_elems(g, n, es as f64, 0)?.max(m);
@@ -199,8 +219,10 @@ fn pattern_gpu(g: &Gpu, t: &TensorRef, p: Pattern, scores: Option<&[f32]>) -> Re
     });
     g.ctx.stream(&pipeline, &layout, jobs, |k, outs| {
         let (start, len, _) = plan[k];
-        out.data[start * es..(start + len) * es].copy_from_slice(outs[0]);
+        let chunk = &mut out.data[start * es..(start + len) * es];
+        chunk.copy_from_slice(outs[0]);
+        diff = diff.merge(chunk_diff(&[t], start..start + len, t.dtype, chunk));
         Ok(())
     })?;
-    Ok(out)
+    Ok((out, diff))
 }

@@ -5,8 +5,9 @@ use super::{check_scores, check_sparsity, count_for, key, score_key};
 use crate::device::{Chunk, Device, Gpu, StreamLayout};
 use crate::error::{Error, Result};
 use crate::ops::codec::{with_codec, Codec};
+use crate::ops::diff::Diff;
 use crate::ops::kernels::Kernel;
-use crate::ops::{chunk_elems, params, u32_at};
+use crate::ops::{chunk_diff, chunk_elems, params, u32_at, CPU_BLOCK};
 use crate::tensor::{Tensor, TensorRef};
 use rayon::prelude::*;
 
@@ -27,13 +28,14 @@ kernel_params!(RowApplyParams {
 /// Zeroes, in each row (of the `(shape[0], rest)` view), exactly
 /// round_ties_even(s·row length) weights: the smallest |w| — or, with
 /// `scores`, the smallest |w|·x (Wanda) — ties to the lower index. Returns
-/// the result and its zeros.
+/// the result and its figures against the input (its zeros among them),
+/// from the same pass.
 pub fn prune_rows_to_sparsity(
     dev: &Device,
     t: &TensorRef,
     s: f64,
     scores: Option<&[f32]>,
-) -> Result<(Tensor, u64)> {
+) -> Result<(Tensor, Diff)> {
     t.check_float("per-row sparsity prune")?;
     check_sparsity(s)?;
     let (_, row_len) = t.rows();
@@ -45,35 +47,47 @@ pub fn prune_rows_to_sparsity(
     }
 }
 
-fn rows_cpu(t: &TensorRef, k: usize, scores: Option<&[f32]>) -> (Tensor, u64) {
+fn rows_cpu(t: &TensorRef, k: usize, scores: Option<&[f32]>) -> (Tensor, Diff) {
     let (_, row_len) = t.rows();
     let mut out = t.to_owned();
     if row_len == 0 {
-        return (out, 0);
+        return (out, Diff::default());
     }
-    let zeros = with_codec!(t.dtype, C => out.data.par_chunks_mut(row_len * C::SIZE).enumerate().map(|(r, ob)| {
-        let mut keyed: Vec<(u32, usize)> = (0..row_len)
-            .map(|j| {
-                let w = C::to_f32(C::read(t.data, r * row_len + j));
-                (match scores { Some(x) => score_key(w, x[j]), None => key(w) }, j)
-            })
-            .collect();
-        keyed.sort_unstable();
-        for &(_, j) in &keyed[..k] {
-            C::write(ob, j, 0);
-        }
-        (0..row_len).filter(|&j| C::to_f32(C::read(ob, j)) == 0.0).count() as u64
-    }).sum());
-    (out, zeros)
+    // Blocks of whole rows, each with its figures while still in cache.
+    let rows_per = (CPU_BLOCK / row_len).max(1);
+    let parts: Vec<Diff> = with_codec!(t.dtype, C => out
+        .data
+        .par_chunks_mut(rows_per * row_len * C::SIZE)
+        .zip(t.data.par_chunks(rows_per * row_len * C::SIZE))
+        .map(|(ob, ib)| {
+            let mut keyed: Vec<(u32, usize)> = Vec::with_capacity(row_len);
+            for (rb, row) in ib.chunks(row_len * C::SIZE).zip(ob.chunks_mut(row_len * C::SIZE)) {
+                keyed.clear();
+                keyed.extend((0..row_len).map(|j| {
+                    let w = C::to_f32(C::read(rb, j));
+                    (match scores { Some(x) => score_key(w, x[j]), None => key(w) }, j)
+                }));
+                keyed.sort_unstable();
+                for &(_, j) in &keyed[..k] {
+                    C::write(row, j, 0);
+                }
+            }
+            let mut d = Diff::default();
+            d.add_block::<C, C>(ib, ob);
+            d
+        })
+        .collect());
+    (out, Diff::sum(parts))
 }
 
-fn rows_gpu(g: &Gpu, t: &TensorRef, k: usize, scores: Option<&[f32]>) -> Result<(Tensor, u64)> {
+fn rows_gpu(g: &Gpu, t: &TensorRef, k: usize, scores: Option<&[f32]>) -> Result<(Tensor, Diff)> {
     let n = t.numel();
     let es = t.dtype.size();
     let (rows, row_len) = t.rows();
     let mut out = Tensor::zeros(t.dtype, t.shape);
+    let mut diff = Diff::default();
     if n == 0 {
-        return Ok((out, 0));
+        return Ok((out, diff));
     }
     // Whole rows per chunk: each row's cut needs the whole row.
     let ce = chunk_elems(g, n, 4.0f64.max(es as f64), (row_len * 4) as u64)?;
@@ -163,13 +177,11 @@ fn rows_gpu(g: &Gpu, t: &TensorRef, k: usize, scores: Option<&[f32]>) -> Result<
             .ctx
             .workgroups_for(((r1 - r0) * row_len * es).div_ceil(4) as u64),
     });
-    let mut zeros = 0u64;
     let dt = t.dtype;
     g.ctx.stream(&pipeline, &layout, jobs, |c, outs| {
         let (r0, r1) = plan[c];
         let o = &mut out.data[r0 * row_len * es..r1 * row_len * es];
         o.copy_from_slice(outs[0]);
-        zeros += u32_at(outs[2], 1) as u64;
         let listed = u32_at(outs[2], 0) as usize;
         let mut ties: Vec<u32> = (0..listed).map(|i| u32_at(outs[1], i)).collect();
         ties.sort_unstable();
@@ -181,17 +193,15 @@ fn rows_gpu(g: &Gpu, t: &TensorRef, k: usize, scores: Option<&[f32]>) -> Result<
                 row = r;
                 taken_in_row = 0;
             }
-            let budget = cuts[3 * (r0 + r) + 1];
-            let raw = dt.read_raw(o, e as usize);
-            if taken_in_row < budget {
+            if taken_in_row < cuts[3 * (r0 + r) + 1] {
                 dt.write_raw(o, e as usize, 0);
                 taken_in_row += 1;
-                zeros += 1;
-            } else {
-                zeros += (dt.raw_to_f32(raw) == 0.0) as u64;
             }
         }
+        // The figures on the host while the device works on the next rows.
+        let elems = r0 * row_len..r1 * row_len;
+        diff = diff.merge(chunk_diff(&[t], elems, dt, o));
         Ok(())
     })?;
-    Ok((out, zeros))
+    Ok((out, diff))
 }
