@@ -105,6 +105,10 @@ pub(super) enum Command {
     Delta(DeltaArgs),
     /// Σ Pᵢ·wᵢ over models with the same tensors.
     Mix(MixArgs),
+    /// Merge models as a mergekit YAML configuration says (linear,
+    /// task_arithmetic, ties, dare_linear, dare_ties, breadcrumbs,
+    /// breadcrumbs_ties, slerp, passthrough).
+    Merge(MergeArgs),
     /// Write a seeded LLaMA-shaped sample model directory.
     Sample(SampleArgs),
     /// List the GPU adapters wgpu finds, with the limits that matter.
@@ -287,6 +291,19 @@ pub(super) struct MixArgs {
     /// Divide the weights by their sum.
     #[arg(long)]
     pub(super) normalize: bool,
+    #[command(flatten)]
+    pub(super) common: Common,
+}
+
+/// `modelpress merge`.
+#[derive(Args)]
+pub(super) struct MergeArgs {
+    /// mergekit's YAML: merge_method, base_model, models, parameters, dtype,
+    /// out_dtype, tokenizer_source.
+    pub(super) config: PathBuf,
+    /// Seed of DARE's random drops (the same masks on every device and run).
+    #[arg(long, default_value_t = 0)]
+    pub(super) seed: u64,
     #[command(flatten)]
     pub(super) common: Common,
 }

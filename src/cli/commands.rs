@@ -388,6 +388,28 @@ pub(super) fn mix(a: MixArgs) -> Result<()> {
     job(&Mix { weights }, &ms, &common).map(|_| ())
 }
 
+/// `modelpress merge`.
+pub(super) fn merge(a: MergeArgs) -> Result<()> {
+    let MergeArgs {
+        config,
+        seed,
+        common,
+    } = a;
+    let cfg = modelpress::jobs::merge::config::MergeConfig::load(&config)?;
+    let (op, models) = modelpress::jobs::merge::Merge::open(cfg, seed)?;
+    let mut opts = options(&common)?;
+    if matches!(opts.device, Device::Gpu(_)) {
+        // No merge kernel yet: say so rather than pretend.
+        use std::io::Write;
+        let _ = writeln!(
+            std::io::stderr(),
+            "modelpress: merge runs on the CPU backend in this version (no merge kernel yet)"
+        );
+    }
+    opts.extra_inputs.push(config);
+    job_with(&op, &models, &common, &opts).map(|_| ())
+}
+
 /// `modelpress sample`.
 pub(super) fn sample(a: SampleArgs) -> Result<()> {
     let SampleArgs {

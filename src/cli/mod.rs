@@ -72,6 +72,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Transfer(a) => commands::transfer(a),
         Command::Delta(a) => commands::delta(a),
         Command::Mix(a) => commands::mix(a),
+        Command::Merge(a) => commands::merge(a),
         Command::Sample(a) => commands::sample(a),
         Command::Devices => commands::devices(),
         Command::Demo(a) => commands::demo(a),

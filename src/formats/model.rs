@@ -367,17 +367,30 @@ impl ModelWriter {
     }
 
     /// Copies the input's other files (through `rewrite`, which may return
-    /// new contents for a file name, such as a config whose sizes changed)
-    /// and writes the index; returns the output for `output::commit`.
-    pub fn finish(self, model: &Model, rewrite: Rewrite) -> Result<Staged> {
+    /// new contents for a file name, such as a config whose sizes changed),
+    /// writes `extra` files of the job's own (replacing input files of the
+    /// same name) and the index; returns the output for `output::commit`.
+    /// A single-file output has no place for `extra`.
+    pub fn finish(
+        self,
+        model: &Model,
+        rewrite: Rewrite,
+        extra: &[(String, Vec<u8>)],
+    ) -> Result<Staged> {
         let Some(staging) = self.staging else {
             return self.file.ok_or_else(|| {
                 Error::input(format!("{}: no shard was written", self.dest.display()))
             });
         };
         let dir = staging.path().to_path_buf();
+        for (name, bytes) in extra {
+            write_synced(&dir.join(name), bytes)?;
+        }
         for f in &model.other_files {
             let name = name_of(f);
+            if extra.iter().any(|(n, _)| *n == name) {
+                continue;
+            }
             let dest = dir.join(&name);
             let size = std::fs::metadata(f).map_err(io(f))?.len();
             if size > REWRITE_MAX {

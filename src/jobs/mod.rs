@@ -3,6 +3,7 @@
 //! one module per job family. A job is a [`TensorOp`]; commands build one
 //! and hand it to [`run`].
 
+pub mod combine;
 pub mod gguf;
 pub mod merge;
 pub mod neurons;
@@ -12,7 +13,7 @@ pub mod prune;
 pub mod quantize;
 pub mod report;
 
-pub use merge::{Mix, Transfer};
+pub use combine::{Mix, Transfer};
 pub use neurons::RemoveNeurons;
 pub use op::{Applied, Selection, Src, TensorOp};
 pub use pipeline::{run, JobOptions, Progress};

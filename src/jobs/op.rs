@@ -107,6 +107,13 @@ pub trait TensorOp: Sync {
         Ok(None)
     }
 
+    /// Files of the job's own written into an output directory beside the
+    /// tensors (a merge's configuration), as (name, contents); they replace
+    /// input files of the same name. Ignored for a single-file output.
+    fn extra_files(&self) -> Result<Vec<(String, Vec<u8>)>> {
+        Ok(Vec::new())
+    }
+
     /// Checks, before anything is written, that the operation can run on
     /// `e` (for example that a scores file has its activation norms).
     fn prepare(&self, _e: &Entry) -> Result<()> {

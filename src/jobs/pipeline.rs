@@ -265,13 +265,12 @@ pub fn run(op: &dyn TensorOp, models: &[Model], out: &Path, opts: &JobOptions) -
     let mut inputs: Vec<PathBuf> = models.iter().flat_map(|m| m.input_paths()).collect();
     inputs.extend(op.input_paths());
     inputs.extend(opts.extra_inputs.iter().cloned());
-    let dests = plan::check_job(
-        &inputs,
-        out,
-        ModelWriter::output_kind(base),
-        opts.report.as_deref(),
-        opts.force,
-    )?;
+    let extra = op.extra_files()?;
+    let mut kind = ModelWriter::output_kind(base);
+    if let plan::OutputKind::Dir { names } = &mut kind {
+        names.extend(extra.iter().map(|(n, _)| n.clone()));
+    }
+    let dests = plan::check_job(&inputs, out, kind, opts.report.as_deref(), opts.force)?;
     check_models(op, &opts.selection, models)?;
     let largest = models
         .iter()
@@ -393,7 +392,8 @@ pub fn run(op: &dyn TensorOp, models: &[Model], out: &Path, opts: &JobOptions) -
     for s in shards {
         writer.shard_done(s)?;
     }
-    let mut staged = vec![writer.finish(base, &|name, bytes| op.rewrite_file(name, bytes))?];
+    let rewrite = |name: &str, bytes: &[u8]| op.rewrite_file(name, bytes);
+    let mut staged = vec![writer.finish(base, &rewrite, &extra)?];
     stages.commit = t.elapsed().as_secs_f64();
     report.totals.stages = stages;
     report.finish_totals(started.elapsed().as_secs_f64());

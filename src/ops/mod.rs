@@ -42,6 +42,7 @@ pub(crate) mod codec;
 pub mod diff;
 pub mod ggml;
 pub(crate) mod kernels;
+pub mod merge;
 pub mod mix;
 pub mod prune;
 pub mod quantize;

@@ -1,0 +1,488 @@
+//! mergekit's YAML merge configuration, read strictly: an unknown key, a
+//! value of the wrong kind or a parameter the method does not take is an
+//! error that quotes its key path (`models[1].parameters.density`), where
+//! mergekit ignores or fails late.
+
+use super::params::{ParamValue, Params};
+use crate::error::{Error, Result};
+use crate::tensor::DType;
+use std::path::{Path, PathBuf};
+use yaml_rust2::{Yaml, YamlLoader};
+
+/// A merge method this version runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Method {
+    /// Σ wᵢθᵢ (/ Σ wᵢ).
+    Linear,
+    /// base + λ·Σ wᵢδᵢ.
+    TaskArithmetic,
+    /// Magnitude top-k, sign election, disjoint mean.
+    Ties,
+    /// DARE's random drop, rescaled, summed.
+    DareLinear,
+    /// DARE's random drop with TIES's sign election.
+    DareTies,
+    /// Drop the largest γ and the smallest deltas.
+    Breadcrumbs,
+    /// Breadcrumbs with TIES's sign election.
+    BreadcrumbsTies,
+    /// Spherical interpolation between the base and one model.
+    Slerp,
+    /// One model's tensors, optionally scaled.
+    Passthrough,
+}
+
+/// What a method reads: its name, per-model and merge-wide parameters,
+/// and whether it needs `base_model`.
+struct Spec {
+    method: Method,
+    name: &'static str,
+    per_model: &'static [&'static str],
+    shared: &'static [&'static str],
+    needs_base: bool,
+}
+
+const GTA_SHARED: &[&str] = &["normalize", "rescale", "lambda", "int8_mask"];
+
+const SPECS: &[Spec] = &[
+    Spec {
+        method: Method::Linear,
+        name: "linear",
+        per_model: &["weight"],
+        shared: &["normalize"],
+        needs_base: false,
+    },
+    Spec {
+        method: Method::TaskArithmetic,
+        name: "task_arithmetic",
+        per_model: &["weight"],
+        shared: GTA_SHARED,
+        needs_base: true,
+    },
+    Spec {
+        method: Method::Ties,
+        name: "ties",
+        per_model: &["weight", "density"],
+        shared: GTA_SHARED,
+        needs_base: true,
+    },
+    Spec {
+        method: Method::DareLinear,
+        name: "dare_linear",
+        per_model: &["weight", "density"],
+        shared: GTA_SHARED,
+        needs_base: true,
+    },
+    Spec {
+        method: Method::DareTies,
+        name: "dare_ties",
+        per_model: &["weight", "density"],
+        shared: GTA_SHARED,
+        needs_base: true,
+    },
+    Spec {
+        method: Method::Breadcrumbs,
+        name: "breadcrumbs",
+        per_model: &["weight", "density", "gamma"],
+        shared: GTA_SHARED,
+        needs_base: true,
+    },
+    Spec {
+        method: Method::BreadcrumbsTies,
+        name: "breadcrumbs_ties",
+        per_model: &["weight", "density", "gamma"],
+        shared: GTA_SHARED,
+        needs_base: true,
+    },
+    Spec {
+        method: Method::Slerp,
+        name: "slerp",
+        per_model: &[],
+        shared: &["t"],
+        needs_base: true,
+    },
+    Spec {
+        method: Method::Passthrough,
+        name: "passthrough",
+        per_model: &["scale"],
+        shared: &[],
+        needs_base: false,
+    },
+];
+
+/// mergekit methods this version does not run yet (a clear error, not
+/// "unknown method").
+const NOT_YET: &[&str] = &[
+    "della",
+    "della_linear",
+    "nuslerp",
+    "model_stock",
+    "karcher",
+    "multislerp",
+    "sce",
+    "nearswap",
+    "arcee_fusion",
+    "ram",
+    "ramplus_tl",
+];
+
+impl Method {
+    fn spec(self) -> &'static Spec {
+        SPECS
+            .iter()
+            .find(|s| s.method == self)
+            .expect("every method has a spec")
+    }
+
+    /// mergekit's name for it.
+    pub fn name(self) -> &'static str {
+        self.spec().name
+    }
+
+    /// Parameters each model may set (per tensor).
+    pub fn per_model(self) -> &'static [&'static str] {
+        self.spec().per_model
+    }
+
+    /// Whether the method needs `base_model`.
+    pub fn needs_base(self) -> bool {
+        self.spec().needs_base
+    }
+}
+
+/// Where the output's tokenizer files come from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TokenizerSource {
+    /// The base model's (mergekit's default).
+    Base,
+    /// Another model directory's.
+    Model(PathBuf),
+}
+
+/// One entry of `models:`.
+#[derive(Clone, Debug)]
+pub struct ModelEntry {
+    /// The local path.
+    pub path: PathBuf,
+    /// `models[i].parameters`.
+    pub parameters: Params,
+}
+
+/// A parsed, checked merge configuration.
+#[derive(Clone, Debug)]
+pub struct MergeConfig {
+    /// `merge_method`.
+    pub method: Method,
+    /// `base_model`.
+    pub base_model: Option<PathBuf>,
+    /// `models`, in order.
+    pub models: Vec<ModelEntry>,
+    /// Top-level `parameters`.
+    pub parameters: Params,
+    /// `dtype`: inputs are rounded to it before merging.
+    pub dtype: Option<DType>,
+    /// `out_dtype`: the output's dtype (default: `dtype`, else the input's).
+    pub out_dtype: Option<DType>,
+    /// `tokenizer_source` (or `tokenizer.source`).
+    pub tokenizer: TokenizerSource,
+    /// The configuration as written, saved beside the output.
+    pub text: String,
+}
+
+fn bad(path: &str, why: impl std::fmt::Display) -> Error {
+    Error::input(format!("{path}: {why}"))
+}
+
+/// A mapping's entries, each key a string; other kinds are errors.
+fn mapping<'y>(y: &'y Yaml, path: &str) -> Result<Vec<(&'y str, &'y Yaml)>> {
+    let Yaml::Hash(h) = y else {
+        return Err(bad(path, "expected a mapping of keys to values"));
+    };
+    h.iter()
+        .map(|(k, v)| match k {
+            Yaml::String(s) => Ok((s.as_str(), v)),
+            other => Err(bad(path, format!("key {other:?} is not a string"))),
+        })
+        .collect()
+}
+
+fn string<'y>(y: &'y Yaml, path: &str) -> Result<&'y str> {
+    match y {
+        Yaml::String(s) => Ok(s),
+        _ => Err(bad(path, "expected a string")),
+    }
+}
+
+fn join(path: &str, key: &str) -> String {
+    if path.is_empty() {
+        key.to_string()
+    } else {
+        format!("{path}.{key}")
+    }
+}
+
+/// A dtype name as mergekit (torch) spells it, or ours.
+fn dtype(y: &Yaml, path: &str) -> Result<DType> {
+    let s = string(y, path)?;
+    Ok(match s.to_ascii_lowercase().as_str() {
+        "float32" | "fp32" | "f32" | "float" => DType::F32,
+        "float16" | "fp16" | "f16" | "half" => DType::F16,
+        "bfloat16" | "bf16" => DType::BF16,
+        _ => {
+            return Err(bad(
+                path,
+                format!("'{s}': expected float32, float16 or bfloat16"),
+            ))
+        }
+    })
+}
+
+/// A model reference: a local path. Hub ids, revisions and LoRA suffixes
+/// are refused with the reason.
+fn model_path(y: &Yaml, path: &str) -> Result<PathBuf> {
+    let s = string(y, path)?;
+    let p = PathBuf::from(s);
+    if p.exists() {
+        return Ok(p);
+    }
+    if let Some((m, rev)) = s.rsplit_once('@') {
+        if Path::new(m).exists() {
+            return Err(bad(
+                path,
+                format!("'{s}': revisions (@{rev}) are not supported; give a local directory"),
+            ));
+        }
+    }
+    if let Some((m, _)) = s.split_once('+') {
+        if Path::new(m).exists() {
+            return Err(bad(
+                path,
+                format!("'{s}': model+LoRA references are not supported; merge the adapter first"),
+            ));
+        }
+    }
+    let hub_like = s.split('/').count() == 2 && !s.starts_with('.') && !s.starts_with('/');
+    if hub_like {
+        return Err(bad(
+            path,
+            format!("'{s}' is not a local path (a Hugging Face hub id?); modelpress does not download models: download it first and give the directory"),
+        ));
+    }
+    Err(bad(path, format!("'{s}': no such file or directory")))
+}
+
+fn params(y: &Yaml, path: &str) -> Result<Params> {
+    let mut p = Params::default();
+    for (k, v) in mapping(y, path)? {
+        p.insert(k, ParamValue::parse(v, &join(path, k))?);
+    }
+    Ok(p)
+}
+
+impl MergeConfig {
+    /// Reads and checks a configuration file.
+    pub fn load(file: &Path) -> Result<MergeConfig> {
+        let text = std::fs::read_to_string(file).map_err(|e| Error::Io {
+            path: file.to_path_buf(),
+            source: e,
+        })?;
+        MergeConfig::parse(&text).map_err(|e| e.in_file(file))
+    }
+
+    /// Parses and checks a configuration's text.
+    pub fn parse(text: &str) -> Result<MergeConfig> {
+        let docs = YamlLoader::load_from_str(text)
+            .map_err(|e| Error::input(format!("not valid YAML: {e}")))?;
+        let [doc] = docs.as_slice() else {
+            return Err(Error::input(format!(
+                "expected one YAML document, found {}",
+                docs.len()
+            )));
+        };
+        let mut method = None;
+        let mut base_model = None;
+        let mut models = None;
+        let mut parameters = Params::default();
+        let (mut dt, mut out_dtype) = (None, None);
+        let mut tokenizer = TokenizerSource::Base;
+        let mut seen_tokenizer = None;
+        for (k, v) in mapping(doc, "the configuration")? {
+            match k {
+                "merge_method" => {
+                    let s = string(v, k)?;
+                    method = Some(match SPECS.iter().find(|sp| sp.name == s) {
+                        Some(sp) => sp.method,
+                        None if NOT_YET.contains(&s) => {
+                            return Err(bad(k, format!("'{s}' is a mergekit method this version of modelpress does not run yet")));
+                        }
+                        None => {
+                            let known: Vec<&str> = SPECS.iter().map(|s| s.name).collect();
+                            return Err(bad(k, format!("'{s}' is not a merge method (known: {})", known.join(", "))));
+                        }
+                    });
+                }
+                "base_model" => base_model = Some(model_path(v, k)?),
+                "models" => {
+                    let Yaml::Array(list) = v else {
+                        return Err(bad(k, "expected a list of {model: PATH, parameters: {...}}"));
+                    };
+                    let mut out = Vec::new();
+                    for (i, m) in list.iter().enumerate() {
+                        let path = format!("models[{i}]");
+                        let (mut p, mut params_) = (None, Params::default());
+                        for (mk, mv) in mapping(m, &path)? {
+                            match mk {
+                                "model" => p = Some(model_path(mv, &join(&path, mk))?),
+                                "parameters" => params_ = params(mv, &join(&path, mk))?,
+                                _ => return Err(bad(&join(&path, mk), "unknown key (expected model, parameters)")),
+                            }
+                        }
+                        let path_ = p.ok_or_else(|| bad(&path, "no model"))?;
+                        out.push(ModelEntry { path: path_, parameters: params_ });
+                    }
+                    models = Some(out);
+                }
+                "parameters" => parameters = params(v, k)?,
+                "dtype" => dt = Some(dtype(v, k)?),
+                "out_dtype" => out_dtype = Some(dtype(v, k)?),
+                "tokenizer_source" | "tokenizer" => {
+                    if let Some(prev) = seen_tokenizer.replace(k) {
+                        return Err(bad(k, format!("given twice (also as {prev})")));
+                    }
+                    let (src, path) = if k == "tokenizer" {
+                        let mut src = None;
+                        for (tk, tv) in mapping(v, k)? {
+                            match tk {
+                                "source" => src = Some(tv),
+                                _ => return Err(bad(&join(k, tk), "not supported (only tokenizer.source)")),
+                            }
+                        }
+                        (src.ok_or_else(|| bad(k, "no source"))?, "tokenizer.source")
+                    } else {
+                        (v, k)
+                    };
+                    tokenizer = match string(src, path)? {
+                        "base" => TokenizerSource::Base,
+                        "union" => return Err(bad(path, "'union' (a merged vocabulary) is not supported; use base or a model")),
+                        _ => TokenizerSource::Model(model_path(src, path)?),
+                    };
+                }
+                "slices" => return Err(bad(k, "the slices form (layer ranges, frankenmerges) is not supported yet; use models")),
+                "modules" => return Err(bad(k, "the modules form is not supported; use models")),
+                "chat_template" => return Err(bad(k, "not supported: the tokenizer files are copied as they are")),
+                _ => return Err(bad(k, "unknown key (expected merge_method, base_model, models, parameters, dtype, out_dtype, tokenizer_source)")),
+            }
+        }
+        let method = method.ok_or_else(|| Error::input("merge_method is missing"))?;
+        let models = models.ok_or_else(|| {
+            Error::input("models is missing (a list of {model: PATH, parameters: {...}})")
+        })?;
+        let cfg = MergeConfig {
+            method,
+            base_model,
+            models,
+            parameters,
+            dtype: dt,
+            out_dtype,
+            tokenizer,
+            text: text.to_string(),
+        };
+        cfg.check()?;
+        Ok(cfg)
+    }
+
+    /// The method's rules that need the whole configuration.
+    fn check(&self) -> Result<()> {
+        let spec = self.method.spec();
+        let m = spec.name;
+        if spec.needs_base && self.base_model.is_none() {
+            return Err(bad("base_model", format!("{m} needs a base model")));
+        }
+        for (i, e) in self.models.iter().enumerate() {
+            for k in e.parameters.keys() {
+                let path = format!("models[{i}].parameters.{k}");
+                if spec.shared.contains(&k) {
+                    return Err(bad(
+                        &path,
+                        format!(
+                            "{k} applies to the whole merge: set it in the top-level parameters"
+                        ),
+                    ));
+                }
+                if !spec.per_model.contains(&k) {
+                    return Err(bad(
+                        &path,
+                        format!(
+                            "{m} takes no parameter {k} per model (it takes: {})",
+                            list(spec.per_model)
+                        ),
+                    ));
+                }
+            }
+        }
+        for k in self.parameters.keys() {
+            if !spec.shared.contains(&k) && !spec.per_model.contains(&k) {
+                let all: Vec<&str> = spec.shared.iter().chain(spec.per_model).copied().collect();
+                return Err(bad(
+                    &format!("parameters.{k}"),
+                    format!("{m} takes no parameter {k} (it takes: {})", list(&all)),
+                ));
+            }
+        }
+        let others = self.weighted().len();
+        match self.method {
+            Method::Slerp if others != 1 => {
+                return Err(bad("models", format!("slerp interpolates between base_model and exactly one other model; found {others}")));
+            }
+            Method::Passthrough if self.models.len() != 1 => {
+                return Err(bad(
+                    "models",
+                    format!(
+                        "passthrough takes exactly one model; found {}",
+                        self.models.len()
+                    ),
+                ));
+            }
+            _ if others == 0 => {
+                return Err(bad(
+                    "models",
+                    format!("{m} needs at least one model besides the base"),
+                ))
+            }
+            _ => {}
+        }
+        if self.method == Method::Slerp && self.parameters.get("t").is_none() {
+            return Err(bad(
+                "parameters.t",
+                "slerp needs t (0 gives the base, 1 the other model)",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The models that are merged into the base: `models` without the base
+    /// itself (GTA methods and slerp), or all of them (linear, passthrough).
+    pub fn weighted(&self) -> Vec<&ModelEntry> {
+        let skip_base = self.method.needs_base();
+        self.models
+            .iter()
+            .filter(|e| !(skip_base && self.is_base(&e.path)))
+            .collect()
+    }
+
+    /// Whether `p` names the base model (the same directory).
+    pub fn is_base(&self, p: &Path) -> bool {
+        let canon = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+        self.base_model
+            .as_deref()
+            .is_some_and(|b| canon(b) == canon(p))
+    }
+}
+
+fn list(v: &[&str]) -> String {
+    if v.is_empty() {
+        "none".into()
+    } else {
+        v.join(", ")
+    }
+}

@@ -1,0 +1,377 @@
+//! `modelpress merge CONFIG.yml -o OUT`: models merged tensor by tensor as
+//! a mergekit configuration says (`config`), each tensor's parameters
+//! resolved from its name and layer (`params`), the arithmetic in
+//! `ops::merge`.
+//!
+//! The job's models are the base (or, without one, the first model) and
+//! then every other model the configuration names; the output has the
+//! base's layout, files and non-float tensors, `config.json`'s dtype set to
+//! `out_dtype`, the tokenizer files of `tokenizer_source`, and the
+//! configuration itself as `mergekit_config.yml`.
+
+pub mod config;
+pub mod params;
+
+use super::op::{Applied, Src, TensorOp};
+use crate::device::Device;
+use crate::error::{Error, Result};
+use crate::formats::model::Model;
+use crate::formats::safetensors::{Entry, OutEntry};
+use crate::ops::merge::{self, Gta, Sparsify, Term};
+use crate::tensor::{DType, TensorRef};
+use config::{MergeConfig, Method, TokenizerSource};
+use params::{lookup, position, Params, Resolved};
+use std::path::PathBuf;
+
+/// The file the configuration is saved as, beside the merged weights.
+pub const CONFIG_NAME: &str = "mergekit_config.yml";
+
+/// Tokenizer files taken from `tokenizer_source`.
+const TOKENIZER_FILES: &[&str] = &[
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "vocab.txt",
+];
+
+/// A merge job.
+pub struct Merge {
+    cfg: MergeConfig,
+    /// Per weighted model: its index among the job's models.
+    weighted: Vec<usize>,
+    /// `models[i]` of the configuration for each weighted model, for errors.
+    entry_index: Vec<usize>,
+    /// Transformer layers of the base, for gradients.
+    layers: usize,
+    /// The random stream's seed (DARE).
+    seed: u64,
+}
+
+/// Everything one tensor's merge needs, resolved.
+#[derive(Clone, Debug, PartialEq)]
+struct TensorPlan {
+    terms: Vec<Term>,
+    normalize: bool,
+    rescale: bool,
+    lambda: f32,
+    t: f32,
+}
+
+impl Merge {
+    /// Opens the models `cfg` names; returns the job and its models (the
+    /// base first).
+    pub fn open(cfg: MergeConfig, seed: u64) -> Result<(Merge, Vec<Model>)> {
+        let mut models = Vec::new();
+        let mut paths: Vec<PathBuf> = Vec::new();
+        if let Some(b) = &cfg.base_model {
+            models.push(Model::open(b)?);
+            paths.push(b.clone());
+        }
+        let (mut weighted, mut entry_index) = (Vec::new(), Vec::new());
+        for (i, e) in cfg.models.iter().enumerate() {
+            if cfg.method.needs_base() && cfg.is_base(&e.path) {
+                continue;
+            }
+            let k = if cfg.is_base(&e.path) {
+                0
+            } else {
+                models.push(Model::open(&e.path)?);
+                paths.push(e.path.clone());
+                models.len() - 1
+            };
+            weighted.push(k);
+            entry_index.push(i);
+        }
+        if let TokenizerSource::Model(p) = &cfg.tokenizer {
+            if !p.is_dir() {
+                return Err(Error::input(format!(
+                    "tokenizer_source: {} is not a model directory",
+                    p.display()
+                )));
+            }
+        }
+        let layers = models[0]
+            .entries()
+            .filter_map(|(_, e)| params::layer_of(&e.name))
+            .max()
+            .map_or(0, |m| m + 1);
+        Ok((
+            Merge {
+                cfg,
+                weighted,
+                entry_index,
+                layers,
+                seed,
+            },
+            models,
+        ))
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &MergeConfig {
+        &self.cfg
+    }
+
+    fn model_params(&self, w: usize) -> &Params {
+        &self.cfg.models[self.entry_index[w]].parameters
+    }
+
+    /// A parameter for weighted model `w` (or, with None, a merge-wide one).
+    fn param(&self, w: Option<usize>, key: &str, name: &str) -> Option<Resolved> {
+        let t = position(name, self.layers);
+        match w {
+            Some(w) => lookup(&[self.model_params(w), &self.cfg.parameters], key, name, t),
+            None => lookup(&[&self.cfg.parameters], key, name, t),
+        }
+    }
+
+    fn num(&self, w: Option<usize>, key: &str, name: &str, default: Option<f64>) -> Result<f64> {
+        let whose = match w {
+            Some(w) => format!(
+                "models[{}] ({})",
+                self.entry_index[w],
+                self.cfg.models[self.entry_index[w]].path.display()
+            ),
+            None => "parameters".into(),
+        };
+        match self.param(w, key, name) {
+            Some(Resolved::Num(v)) => Ok(v),
+            Some(Resolved::Bool(_)) => Err(Error::input(format!(
+                "{whose}: {key} for {name} is true/false; expected a number"
+            ))),
+            None => default.ok_or_else(|| {
+                Error::input(format!(
+                    "{whose}: no {key} for tensor {name} (set it in the model's or the top-level parameters)"
+                ))
+            }),
+        }
+    }
+
+    fn flag(&self, key: &str, name: &str, default: bool) -> Result<bool> {
+        match self.param(None, key, name) {
+            Some(Resolved::Bool(b)) => Ok(b),
+            Some(Resolved::Num(_)) => Err(Error::input(format!(
+                "parameters.{key} for {name}: expected true or false"
+            ))),
+            None => Ok(default),
+        }
+    }
+
+    /// Resolves and checks every parameter of tensor `name`.
+    fn plan(&self, name: &str) -> Result<TensorPlan> {
+        let m = self.cfg.method;
+        let takes = |k: &str| m.per_model().contains(&k);
+        let mut terms = Vec::new();
+        for w in 0..self.weighted.len() {
+            let weight = if takes("weight") {
+                self.num(Some(w), "weight", name, None)?
+            } else {
+                self.num(Some(w), "scale", name, Some(1.0))?
+            };
+            let density = self.num(Some(w), "density", name, Some(1.0))?;
+            let gamma = self.num(Some(w), "gamma", name, Some(0.01))?;
+            let i = self.entry_index[w];
+            if !(density > 0.0 && density <= 1.0) {
+                return Err(Error::input(format!(
+                    "models[{i}]: density for {name} is {density}; it must be in (0, 1] (mergekit accepts more and trims nothing)"
+                )));
+            }
+            if !(0.0..1.0).contains(&gamma) {
+                return Err(Error::input(format!(
+                    "models[{i}]: gamma for {name} is {gamma}; it must be in [0, 1)"
+                )));
+            }
+            terms.push(Term {
+                weight: weight as f32,
+                density,
+                gamma,
+            });
+        }
+        let normalize_default = matches!(m, Method::Linear | Method::Ties);
+        let rescale_default = matches!(m, Method::DareLinear | Method::DareTies);
+        let t = if m == Method::Slerp {
+            self.num(None, "t", name, None)?
+        } else {
+            0.0
+        };
+        Ok(TensorPlan {
+            terms,
+            normalize: self.flag("normalize", name, normalize_default)?,
+            rescale: self.flag("rescale", name, rescale_default)?,
+            lambda: self.num(None, "lambda", name, Some(1.0))? as f32,
+            t: t as f32,
+        })
+    }
+
+    fn out_dtype(&self, e: &Entry) -> Option<DType> {
+        self.cfg
+            .out_dtype
+            .or(self.cfg.dtype)
+            .filter(|_| e.kernel_dtype().is_some())
+    }
+}
+
+/// The dtype's name in `config.json`.
+fn torch_name(d: DType) -> &'static str {
+    match d {
+        DType::F16 => "float16",
+        DType::BF16 => "bfloat16",
+        _ => "float32",
+    }
+}
+
+impl TensorOp for Merge {
+    fn describe(&self) -> String {
+        format!(
+            "merge ({}) of {} model(s) into {}, seed {}",
+            self.cfg.method.name(),
+            self.weighted.len(),
+            self.cfg
+                .base_model
+                .as_ref()
+                .map_or("the first model".into(), |b| b.display().to_string()),
+            self.seed
+        )
+    }
+
+    /// Every float tensor: norms and biases are merged too.
+    fn default_select(&self, e: &Entry) -> bool {
+        e.kernel_dtype().is_some()
+    }
+
+    fn outputs(&self, e: &Entry) -> Result<Vec<OutEntry>> {
+        Ok(vec![OutEntry {
+            name: e.name.clone(),
+            dtype: self
+                .out_dtype(e)
+                .map_or(e.dtype.clone(), |d| d.name().to_string()),
+            shape: e.shape.clone(),
+        }])
+    }
+
+    fn prepare(&self, e: &Entry) -> Result<()> {
+        self.plan(&e.name).map(|_| ())
+    }
+
+    fn mixed_dtypes(&self) -> bool {
+        true
+    }
+
+    fn input_paths(&self) -> Vec<PathBuf> {
+        match &self.cfg.tokenizer {
+            TokenizerSource::Model(p) => TOKENIZER_FILES
+                .iter()
+                .map(|f| p.join(f))
+                .filter(|f| f.exists())
+                .collect(),
+            TokenizerSource::Base => Vec::new(),
+        }
+    }
+
+    fn extra_files(&self) -> Result<Vec<(String, Vec<u8>)>> {
+        let mut v = vec![(CONFIG_NAME.to_string(), self.cfg.text.clone().into_bytes())];
+        for f in self.input_paths() {
+            let name = f.file_name().map(|n| n.to_string_lossy().into_owned());
+            v.push((name.unwrap_or_default(), crate::formats::read_input(&f)?));
+        }
+        Ok(v)
+    }
+
+    fn rewrite_file(&self, name: &str, bytes: &[u8]) -> Result<Option<Vec<u8>>> {
+        let Some(d) = self.cfg.out_dtype.or(self.cfg.dtype) else {
+            return Ok(None);
+        };
+        if name != "config.json" {
+            return Ok(None);
+        }
+        let mut cfg: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(bytes)
+            .map_err(|e| Error::input(format!("config.json is not JSON: {e}")))?;
+        // transformers 5 writes `dtype`, earlier versions `torch_dtype`.
+        let key = if cfg.contains_key("dtype") {
+            "dtype"
+        } else {
+            "torch_dtype"
+        };
+        cfg.insert(key.into(), torch_name(d).into());
+        Ok(Some(
+            (serde_json::to_string_pretty(&cfg).expect("json") + "\n").into_bytes(),
+        ))
+    }
+
+    fn apply(&self, _dev: &Device, srcs: &[Src], _: &[Model]) -> Result<Applied> {
+        let e = srcs[0].entry;
+        let name = &e.name;
+        let plan = self.plan(name)?;
+        let ts = srcs
+            .iter()
+            .map(|s| s.tensor())
+            .collect::<Result<Vec<TensorRef>>>()?;
+        let out = self.out_dtype(e).unwrap_or(ts[0].dtype());
+        let cast = self.cfg.dtype;
+        let pick: Vec<TensorRef> = self.weighted.iter().map(|&k| ts[k]).collect();
+        let weights: Vec<f32> = plan.terms.iter().map(|t| t.weight).collect();
+        let m = self.cfg.method;
+        let gta = |sparsify, consensus| Gta {
+            sparsify,
+            consensus,
+            normalize: plan.normalize,
+            rescale: plan.rescale,
+            lambda: plan.lambda,
+            seed: self.seed,
+        };
+        let chain = match m {
+            Method::TaskArithmetic => Some(gta(Sparsify::None, false)),
+            Method::Ties => Some(gta(Sparsify::Magnitude, true)),
+            Method::DareLinear => Some(gta(Sparsify::Random, false)),
+            Method::DareTies => Some(gta(Sparsify::Random, true)),
+            Method::Breadcrumbs => Some(gta(Sparsify::Breadcrumbs, false)),
+            Method::BreadcrumbsTies => Some(gta(Sparsify::Breadcrumbs, true)),
+            Method::Linear | Method::Slerp | Method::Passthrough => None,
+        };
+        let (tensor, diff, kept) = if let Some(g) = chain {
+            let mut all = vec![ts[0]];
+            all.extend(&pick);
+            let r = merge::gta(&all, &plan.terms, &g, name, cast, out)?;
+            (r.tensor, r.diff, Some(r.kept))
+        } else {
+            let (t, d) = match m {
+                Method::Slerp => merge::slerp(&ts[0], &pick[0], plan.t, cast, out)?,
+                Method::Linear => merge::linear(&pick, &weights, plan.normalize, cast, out)?,
+                _ => merge::linear(&pick, &weights, false, cast, out)?,
+            };
+            (t, d, None)
+        };
+        let mut a = Applied::with_diff(tensor, diff);
+        let fmt = |v: &[f64]| {
+            v.iter()
+                .map(|x| format!("{x:.4}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let ws: Vec<f64> = weights.iter().map(|&w| w as f64).collect();
+        a.note = Some(match (m, kept) {
+            (Method::Slerp, _) => format!("slerp t={}", plan.t),
+            (_, Some(k)) => format!(
+                "{} weight [{}] density [{}] lambda {} normalize {} rescale {}; kept [{}]",
+                m.name(),
+                fmt(&ws),
+                fmt(&plan.terms.iter().map(|t| t.density).collect::<Vec<_>>()),
+                plan.lambda,
+                plan.normalize,
+                plan.rescale,
+                fmt(&k)
+            ),
+            _ => format!(
+                "{} weight [{}] normalize {}",
+                m.name(),
+                fmt(&ws),
+                plan.normalize
+            ),
+        });
+        Ok(a)
+    }
+}

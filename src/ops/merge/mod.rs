@@ -1,0 +1,490 @@
+//! Merging models tensor by tensor with mergekit's methods: the generalized
+//! task arithmetic family (`task_arithmetic`, `ties`, `dare_linear`,
+//! `dare_ties`, `breadcrumbs`, `breadcrumbs_ties`), `linear` and `slerp`.
+//! The exact math is in ../shared/reference/pruning_merging.md §3.
+//!
+//! This is the CPU reference: every step in f32, rounded once into the
+//! output dtype (mergekit 0.1.5 rounds several methods' intermediate steps
+//! to the inputs' dtype). Deltas are never stored: each pass recomputes
+//! them from the inputs, block by block, so memory stays at the output
+//! tensor whatever the number of models.
+//!
+//! Rules where mergekit leaves a choice open:
+//! - magnitude top-k keeps k = max(1, ⌊d·N⌋) of the N elements, the largest
+//!   |δ| first, ties to the lower flat index (mergekit: argsort's order);
+//! - DARE draws from `rng::uniform`, keyed by (seed, tensor name, model,
+//!   element index): the same mask on every device and chunking.
+
+mod rank;
+pub mod rng;
+
+use super::codec::{with_codec, Codec};
+use super::diff::Diff;
+use super::CPU_BLOCK;
+use crate::error::{Error, Result};
+use crate::ops::select::key;
+use crate::tensor::{DType, Tensor, TensorRef};
+use rank::Smallest;
+use rayon::prelude::*;
+use std::ops::Range;
+
+/// How each model's delta is thinned before it is weighted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Sparsify {
+    /// Every element kept (`task_arithmetic`).
+    None,
+    /// The ⌈density⌉ share of largest |δ| kept (`ties`).
+    Magnitude,
+    /// Each element kept with probability density (DARE).
+    Random,
+    /// The largest γ share and the smallest dropped, density kept in
+    /// between (`breadcrumbs`).
+    Breadcrumbs,
+}
+
+/// One model's parameters for one tensor.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Term {
+    /// wᵢ.
+    pub weight: f32,
+    /// Share of the delta kept, in (0, 1].
+    pub density: f64,
+    /// Breadcrumbs: share of the largest |δ| dropped.
+    pub gamma: f64,
+}
+
+/// The settings of the task-arithmetic chain for one tensor.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Gta {
+    /// How deltas are thinned.
+    pub sparsify: Sparsify,
+    /// TIES sign election: per element, only the deltas agreeing with the
+    /// sign of their weighted sum count.
+    pub consensus: bool,
+    /// Divide by the sum of the (counted) weights.
+    pub normalize: bool,
+    /// Scale each thinned delta back to its original L1 norm.
+    pub rescale: bool,
+    /// λ: the merged delta's scale.
+    pub lambda: f32,
+    /// The random stream's seed (DARE).
+    pub seed: u64,
+}
+
+/// A merged tensor and what the merge did.
+#[derive(Clone, Debug)]
+pub struct Merged {
+    /// The result, in the output dtype.
+    pub tensor: Tensor,
+    /// The result against the base (model 0).
+    pub diff: Diff,
+    /// Per model (1..): the share of elements whose delta reached the sum.
+    pub kept: Vec<f64>,
+}
+
+fn check_inputs(what: &str, ts: &[TensorRef], out: DType) -> Result<()> {
+    out.require_float(what)?;
+    for t in ts {
+        t.check_float(what)?;
+        super::same_shape(what, ts[0].shape, t.shape)?;
+    }
+    Ok(())
+}
+
+/// Elements `r` of `t` as f32, rounded through `cast` when given (mergekit's
+/// `dtype`: the inputs are cast before merging). Returns how many were NaN
+/// or infinite as read.
+fn decode(t: &TensorRef, r: Range<usize>, cast: Option<DType>, buf: &mut Vec<f32>) -> u64 {
+    buf.clear();
+    with_codec!(t.dtype, C => buf.extend(r.map(|i| C::to_f32(C::read(t.data, i)))));
+    let nonfinite = buf.iter().filter(|v| !v.is_finite()).count() as u64;
+    if let Some(c) = cast.filter(|&c| c != t.dtype && c != DType::F32) {
+        with_codec!(c, K => buf.iter_mut().for_each(|v| *v = K::to_f32(K::from_f32(*v))));
+    }
+    nonfinite
+}
+
+fn block_range(b: usize, n: usize) -> Range<usize> {
+    b * CPU_BLOCK..((b + 1) * CPU_BLOCK).min(n)
+}
+
+/// Writes a tensor of `out` shaped like `base` block by block: `f(b, r,
+/// ys)` fills `ys` with the f32 results of elements `r` (block `b`) and
+/// returns what it counted and the other inputs' NaN and infinite values
+/// it met. Each value is rounded once; the figures are against `base`.
+fn write_blocks<S: Send>(
+    base: &TensorRef,
+    out: DType,
+    f: impl Fn(usize, Range<usize>, &mut Vec<f32>) -> (S, u64) + Sync,
+) -> (Tensor, Diff, Vec<S>) {
+    let n = base.numel();
+    let mut t = Tensor::for_overwrite(out, base.shape);
+    let parts: Vec<(Diff, S)> = with_codec!(out, O => t
+        .data
+        .par_chunks_mut(CPU_BLOCK * O::SIZE)
+        .enumerate()
+        .map_init(
+            || (Vec::new(), Vec::new()),
+            |(ys, xs), (b, ob)| {
+                let r = block_range(b, n);
+                let (s, other) = f(b, r.clone(), ys);
+                for (k, y) in ys.iter_mut().enumerate() {
+                    let raw = O::from_f32(*y);
+                    O::write(ob, k, raw);
+                    *y = O::to_f32(raw);
+                }
+                decode(base, r, None, xs);
+                let mut d = Diff::default();
+                d.add_f32s(xs, ys);
+                d.nonfinite_other = other;
+                (d, s)
+            },
+        )
+        .collect());
+    let mut d = Diff::default();
+    let mut counts = Vec::with_capacity(parts.len());
+    for (dp, s) in parts {
+        d = d.merge(dp);
+        counts.push(s);
+    }
+    (t, d, counts)
+}
+
+/// Which elements of one model's delta survive thinning.
+enum Mask {
+    All,
+    Random {
+        key: u32,
+        p: f32,
+    },
+    /// Not among the k smallest |δ|.
+    Above(Smallest),
+    /// Not among the `lower` smallest, but among the `upper` smallest.
+    Between(Smallest, Smallest),
+}
+
+impl Mask {
+    /// Keep flags for elements `r` (block `b`) with deltas `d`.
+    fn block(&self, b: usize, r: Range<usize>, d: &[f32], keep: &mut Vec<bool>) {
+        keep.clear();
+        match self {
+            Mask::All => keep.resize(d.len(), true),
+            Mask::Random { key, p } => {
+                keep.extend(r.map(|i| rng::uniform(*key, i as u64) < *p));
+            }
+            Mask::Above(s) => {
+                let mut tie = s.ties_before(b);
+                keep.extend(d.iter().map(|&v| !s.contains(key(v), &mut tie)));
+            }
+            Mask::Between(lo, hi) => {
+                let (mut t0, mut t1) = (lo.ties_before(b), hi.ties_before(b));
+                keep.extend(d.iter().map(|&v| {
+                    let k = key(v);
+                    let below = lo.contains(k, &mut t0);
+                    let within = hi.contains(k, &mut t1);
+                    !below && within
+                }));
+            }
+        }
+    }
+}
+
+/// δ = x − base for elements `r`; returns x's NaN and infinite values.
+fn deltas(
+    base: &TensorRef,
+    x: &TensorRef,
+    r: Range<usize>,
+    cast: Option<DType>,
+    bufs: &mut (Vec<f32>, Vec<f32>),
+) -> u64 {
+    decode(base, r.clone(), cast, &mut bufs.0);
+    let nonfinite = decode(x, r, cast, &mut bufs.1);
+    for (d, b) in bufs.1.iter_mut().zip(&bufs.0) {
+        *d -= b;
+    }
+    nonfinite
+}
+
+fn mask_for(
+    base: &TensorRef,
+    x: &TensorRef,
+    term: &Term,
+    g: &Gta,
+    name: &str,
+    model: u32,
+    cast: Option<DType>,
+) -> Result<Mask> {
+    let n = base.numel();
+    let keys = |r: Range<usize>, out: &mut Vec<u32>| {
+        let mut bufs = (Vec::new(), Vec::new());
+        deltas(base, x, r, cast, &mut bufs);
+        out.clear();
+        out.extend(bufs.1.iter().map(|&v| key(v)));
+    };
+    let floor = |share: f64| (share * n as f64).floor() as u64;
+    Ok(match g.sparsify {
+        Sparsify::None => Mask::All,
+        Sparsify::Random => Mask::Random {
+            key: rng::stream_key(g.seed, name, model),
+            p: term.density as f32,
+        },
+        Sparsify::Magnitude => {
+            let keep = if term.density >= 1.0 {
+                n as u64
+            } else {
+                floor(term.density).max(1).min(n as u64)
+            };
+            Mask::Above(Smallest::find(n, n as u64 - keep, &keys)?)
+        }
+        Sparsify::Breadcrumbs => {
+            // Ascending by |δ|: drop the `bottom` smallest, keep the next
+            // `keep`, drop the rest (the γ share of largest); when the two
+            // shares overlap, the top gives way.
+            let keep = floor(term.density) as i64;
+            let bottom = (n as i64 - keep - floor(term.gamma) as i64).max(0);
+            let lo = Smallest::find(n, bottom as u64, &keys)?;
+            let hi = Smallest::find(n, (bottom + keep) as u64, &keys)?;
+            Mask::Between(lo, hi)
+        }
+    })
+}
+
+/// The generalized task-arithmetic chain over `ts[0]` (the base) and the
+/// models `ts[1..]` with their `terms`: per model δᵢ = xᵢ − base, thinned
+/// (and rescaled), weighted; with consensus only the deltas agreeing with
+/// the sign of Σ wᵢδᵢ count, each element divided by the weights that
+/// counted there; then base + λ·Δ. `name` keys the random stream.
+pub fn gta(
+    ts: &[TensorRef],
+    terms: &[Term],
+    g: &Gta,
+    name: &str,
+    cast: Option<DType>,
+    out: DType,
+) -> Result<Merged> {
+    check_inputs("merge", ts, out)?;
+    if ts.len() != terms.len() + 1 || terms.is_empty() {
+        return Err(Error::input(format!(
+            "merge: {} tensors for {} weighted models and a base",
+            ts.len(),
+            terms.len()
+        )));
+    }
+    let base = &ts[0];
+    let n = base.numel();
+    let masks = terms
+        .iter()
+        .enumerate()
+        .map(|(i, t)| mask_for(base, &ts[i + 1], t, g, name, i as u32 + 1, cast))
+        .collect::<Result<Vec<_>>>()?;
+    // Rescale: each thinned delta back to its L1 norm (sums in f64, in
+    // block order, so that they repeat exactly).
+    let scale: Vec<f32> = if g.rescale && g.sparsify != Sparsify::None {
+        masks
+            .iter()
+            .enumerate()
+            .map(|(i, m)| {
+                let parts: Vec<(f64, f64)> = (0..n.div_ceil(CPU_BLOCK))
+                    .into_par_iter()
+                    .map_init(
+                        || ((Vec::new(), Vec::new()), Vec::new()),
+                        |(bufs, keep), b| {
+                            let r = block_range(b, n);
+                            deltas(base, &ts[i + 1], r.clone(), cast, bufs);
+                            m.block(b, r, &bufs.1, keep);
+                            let (mut all, mut kept) = (0f64, 0f64);
+                            for (&d, &k) in bufs.1.iter().zip(keep.iter()) {
+                                all += d.abs() as f64;
+                                kept += if k { d.abs() as f64 } else { 0.0 };
+                            }
+                            (all, kept)
+                        },
+                    )
+                    .collect();
+                let (all, kept) = parts.iter().fold((0.0, 0.0), |a, p| (a.0 + p.0, a.1 + p.1));
+                if all < 1e-7 || kept < 1e-7 {
+                    1.0
+                } else {
+                    (all / kept) as f32
+                }
+            })
+            .collect()
+    } else {
+        vec![1.0; terms.len()]
+    };
+    let wsum: f32 = terms.iter().map(|t| t.weight).sum();
+    let divisor = if wsum.abs() < 1e-8 { 1.0 } else { wsum };
+    let models = terms.len();
+    let (tensor, diff, counts) = write_blocks(base, out, |b, r, ys| {
+        let len = r.len();
+        let mut bufs = (Vec::new(), Vec::new());
+        let mut keep = Vec::new();
+        // wδ of every model for this block, model-major.
+        let mut wd = vec![0f32; models * len];
+        let mut other = 0;
+        for (i, m) in masks.iter().enumerate() {
+            other += deltas(base, &ts[i + 1], r.clone(), cast, &mut bufs);
+            m.block(b, r.clone(), &bufs.1, &mut keep);
+            let (w, s) = (terms[i].weight, scale[i]);
+            for ((o, &d), &k) in wd[i * len..(i + 1) * len]
+                .iter_mut()
+                .zip(&bufs.1)
+                .zip(&keep)
+            {
+                *o = if k { w * (d * s) } else { 0.0 };
+            }
+        }
+        decode(base, r, cast, &mut bufs.0);
+        ys.clear();
+        let mut counted = vec![0u64; models];
+        for (e, &b0) in bufs.0.iter().enumerate() {
+            let mut sum = 0f32;
+            let mut div = divisor;
+            if g.consensus {
+                let total: f32 = (0..models).map(|i| wd[i * len + e]).sum();
+                let positive = total >= 0.0;
+                div = 0.0;
+                for (i, c) in counted.iter_mut().enumerate() {
+                    let v = wd[i * len + e];
+                    if v != 0.0 && (v > 0.0) == positive {
+                        sum += v;
+                        div += terms[i].weight;
+                        *c += 1;
+                    }
+                }
+                if div == 0.0 {
+                    div = 1.0;
+                }
+            } else {
+                for (i, c) in counted.iter_mut().enumerate() {
+                    let v = wd[i * len + e];
+                    sum += v;
+                    *c += (v != 0.0) as u64;
+                }
+            }
+            if g.normalize {
+                sum /= div;
+            }
+            ys.push(b0 + g.lambda * sum);
+        }
+        (counted, other)
+    });
+    let kept = (0..models)
+        .map(|i| {
+            let c: u64 = counts.iter().map(|c| c[i]).sum();
+            if n == 0 {
+                0.0
+            } else {
+                c as f64 / n as f64
+            }
+        })
+        .collect();
+    Ok(Merged { tensor, diff, kept })
+}
+
+/// Σ wᵢ·xᵢ, divided by Σ wᵢ when `normalize` (an error if that sum is 0).
+/// The figures are against `ts[0]`.
+pub fn linear(
+    ts: &[TensorRef],
+    weights: &[f32],
+    normalize: bool,
+    cast: Option<DType>,
+    out: DType,
+) -> Result<(Tensor, Diff)> {
+    check_inputs("linear merge", ts, out)?;
+    if ts.is_empty() || ts.len() != weights.len() {
+        return Err(Error::input(format!(
+            "linear merge: {} weights for {} models",
+            weights.len(),
+            ts.len()
+        )));
+    }
+    let wsum: f32 = weights.iter().sum();
+    if normalize && wsum == 0.0 {
+        return Err(Error::input(
+            "linear merge: the weights sum to 0 (set normalize: false to add them as they are)",
+        ));
+    }
+    let (t, d, _) = write_blocks(&ts[0], out, |_, r, ys| {
+        let mut x = Vec::new();
+        // The first term as it is (a lone model scaled by 1 is copied
+        // exactly, −0 included), then the others added in order.
+        decode(&ts[0], r.clone(), cast, ys);
+        ys.iter_mut().for_each(|y| *y *= weights[0]);
+        let mut other = 0;
+        for (t, &w) in ts.iter().zip(weights).skip(1) {
+            other += decode(t, r.clone(), cast, &mut x);
+            ys.iter_mut().zip(&x).for_each(|(y, v)| *y += w * v);
+        }
+        if normalize {
+            ys.iter_mut().for_each(|y| *y /= wsum);
+        }
+        ((), other)
+    });
+    Ok((t, d))
+}
+
+/// Spherical interpolation from `a` (t = 0) to `b` (t = 1) over the whole
+/// flattened tensor, as mergekit's `slerp`: unit vectors when the norm
+/// exceeds 1e-8; when |cos| > 0.9995, the plain lerp (1 − t)·a + t·b.
+/// Norms and the dot product are summed in f64.
+pub fn slerp(
+    a: &TensorRef,
+    b: &TensorRef,
+    t: f32,
+    cast: Option<DType>,
+    out: DType,
+) -> Result<(Tensor, Diff)> {
+    check_inputs("slerp", &[*a, *b], out)?;
+    super::finite_param("slerp t", t)?;
+    let n = a.numel();
+    let parts: Vec<[f64; 3]> = (0..n.div_ceil(CPU_BLOCK))
+        .into_par_iter()
+        .map_init(
+            || (Vec::new(), Vec::new()),
+            |(x, y), blk| {
+                let r = block_range(blk, n);
+                decode(a, r.clone(), cast, x);
+                decode(b, r, cast, y);
+                let mut s = [0f64; 3];
+                for (&u, &v) in x.iter().zip(y.iter()) {
+                    let (u, v) = (u as f64, v as f64);
+                    s[0] += u * u;
+                    s[1] += v * v;
+                    s[2] += u * v;
+                }
+                s
+            },
+        )
+        .collect();
+    let s = parts
+        .iter()
+        .fold([0f64; 3], |a, p| [a[0] + p[0], a[1] + p[1], a[2] + p[2]]);
+    let (na, nb) = (s[0].sqrt(), s[1].sqrt());
+    let unit = |x: f64| if x > 1e-8 { x } else { 1.0 };
+    let dot = s[2] / (unit(na) * unit(nb));
+    let (ca, cb) = if dot.abs() > 0.9995 {
+        (1.0 - t, t)
+    } else {
+        let theta0 = dot.acos();
+        let sin0 = theta0.sin();
+        let theta_t = theta0 * t as f64;
+        (
+            ((theta0 - theta_t).sin() / sin0) as f32,
+            (theta_t.sin() / sin0) as f32,
+        )
+    };
+    let (tensor, diff, _) = write_blocks(a, out, |_, r, ys| {
+        let mut y = Vec::new();
+        decode(a, r.clone(), cast, ys);
+        let other = decode(b, r, cast, &mut y);
+        ys.iter_mut()
+            .zip(&y)
+            .for_each(|(x, v)| *x = ca * *x + cb * v);
+        ((), other)
+    });
+    Ok((tensor, diff))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,186 @@
+#!/usr/bin/env python3
+"""Interop: `modelpress merge` against numpy computing every method from its
+rules (../shared/reference/pruning_merging.md §3), bit for bit.
+
+    check_merge.py MODELPRESS_BINARY DEVICE WORKDIR
+
+Makes a small LLaMA-shaped base and three fine-tunes of it with modelpress
+itself (`sample`, then `mix` of the base with a little of other samples),
+merges them under one mergekit configuration per method, and recomputes
+every tensor here in float32 in the same order of operations: magnitude
+and breadcrumbs cuts by sorting (|δ|, index), DARE's masks from the same
+counter-based hash, gradients and filters resolved per tensor. Everything
+except slerp's coefficients (trigonometry of sums) is then exact; slerp is
+held to 4 float32 ulps of the largest operand.
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+from interop_common import fail, load, round_to
+from merge_rules import gta, linear, param, position, slerp
+
+BIN, DEVICE, WORK = sys.argv[1], sys.argv[2], sys.argv[3]
+checked = 0
+
+
+def run(*args, device=True):
+    cmd = [BIN, *args] + (["--device", DEVICE] if device else [])
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        fail(f"modelpress {' '.join(args)}: {r.stderr}")
+    return r
+
+
+GTA = {
+    "task_arithmetic": ("none", False, False, False),
+    "ties": ("magnitude", True, True, False),
+    "dare_linear": ("random", False, False, True),
+    "dare_ties": ("random", True, False, True),
+    "breadcrumbs": ("breadcrumbs", False, False, False),
+    "breadcrumbs_ties": ("breadcrumbs", True, False, False),
+}
+
+
+def expect(cfg, models, seed, name, layers):
+    """The merged tensor `name` as float32 (before rounding to out_dtype)."""
+    method = cfg["merge_method"]
+    top = cfg.get("parameters", {})
+    t = position(name, layers)
+    entries = [m for m in cfg["models"] if m["model"] != cfg.get("base_model")]
+    if method == "linear":
+        entries = cfg["models"]
+    xs = [models[m["model"]][name][1].astype(np.float32).ravel() for m in entries]
+    scopes = [[m.get("parameters", {}), top] for m in entries]
+    if method in GTA:
+        sp, cons, norm_d, resc_d = GTA[method]
+        base = models[cfg["base_model"]][name][1].astype(np.float32).ravel()
+        terms = [
+            (param(s, "weight", name, t), param(s, "density", name, t, 1.0), param(s, "gamma", name, t, 0.01))
+            for s in scopes
+        ]
+        return gta(
+            base, xs, terms, sp, cons,
+            param([top], "normalize", name, t, norm_d),
+            param([top], "rescale", name, t, resc_d),
+            param([top], "lambda", name, t, 1.0), seed, name,
+        )
+    if method == "linear":
+        return linear(xs, [param(s, "weight", name, t) for s in scopes], param([top], "normalize", name, t, True))
+    if method == "slerp":
+        base = models[cfg["base_model"]][name][1].astype(np.float32).ravel()
+        return slerp(base, xs[0], param([top], "t", name, t))
+    if method == "passthrough":
+        return np.float32(param(scopes[0], "scale", name, t, 1.0)) * xs[0]
+    fail(f"no reference for {method}")
+
+
+def to_yaml(v, indent=0):
+    """Just enough YAML for these configs (JSON is YAML)."""
+    return json.dumps(v, indent=1)
+
+
+# --- the models
+os.makedirs(WORK, exist_ok=True)
+os.chdir(WORK)
+run("sample", "base", "--seed", "1", device=False)
+for i in (2, 3, 4):
+    run("sample", f"noise{i}", "--seed", str(i), device=False)
+    run("mix", "base", f"noise{i}", "--weights", f"1,{0.01 * i}", "-o", f"ft{i}")
+models = {p: load(p)[0] for p in ("base", "ft2", "ft3", "ft4")}
+layers = json.load(open("base/config.json"))["num_hidden_layers"]
+names = list(models["base"].keys())
+
+m3 = lambda params: [{"model": f"ft{i}", "parameters": p} for i, p in zip((2, 3, 4), params)]
+filt = [{"filter": "mlp", "value": 0.5}, {"filter": "self_attn", "value": [0.2, 1.0]}, {"value": 0.8}]
+configs = {
+    "linear": {"merge_method": "linear", "models": m3([{"weight": 1.0}, {"weight": filt}, {"weight": 0.3}])},
+    "task_arithmetic": {
+        "merge_method": "task_arithmetic", "base_model": "base",
+        "models": m3([{"weight": 1.0}, {"weight": [0.1, 0.9]}, {"weight": -0.4}]),
+        "parameters": {"lambda": 0.7},
+    },
+    "ties": {
+        "merge_method": "ties", "base_model": "base",
+        "models": m3([{"weight": 1.0, "density": [1.0, 0.5]}, {"weight": filt, "density": 0.5}, {"weight": 0.3, "density": 0.3}]),
+        "parameters": {"normalize": True, "int8_mask": True},
+    },
+    "ties_bf16": {
+        "merge_method": "ties", "base_model": "base",
+        "models": m3([{"weight": 1.0}, {"weight": 0.5}, {"weight": 0.3}]),
+        "parameters": {"density": 0.4}, "dtype": "bfloat16",
+    },
+    "dare_linear": {
+        "merge_method": "dare_linear", "base_model": "base",
+        "models": m3([{"weight": 0.6, "density": 0.4}, {"weight": 0.5, "density": [0.2, 0.9]}, {"weight": 0.3, "density": 0.7}]),
+    },
+    "dare_ties": {
+        "merge_method": "dare_ties", "base_model": "base",
+        "models": m3([{"weight": 1.0}, {"weight": 0.5}, {"weight": 0.3}]),
+        "parameters": {"density": 0.5, "normalize": True},
+    },
+    "breadcrumbs": {
+        "merge_method": "breadcrumbs", "base_model": "base",
+        "models": m3([{"weight": 1.0, "density": 0.6, "gamma": 0.05}, {"weight": 0.5, "density": 0.9, "gamma": 0.2}, {"weight": 0.3, "density": 0.5, "gamma": 0.0}]),
+    },
+    "breadcrumbs_ties": {
+        "merge_method": "breadcrumbs_ties", "base_model": "base",
+        "models": m3([{"weight": 1.0}, {"weight": 0.5}, {"weight": 0.3}]),
+        "parameters": {"density": 0.7, "gamma": 0.1, "rescale": True},
+    },
+    "slerp": {
+        "merge_method": "slerp", "base_model": "base", "models": [{"model": "base"}, {"model": "ft3"}],
+        "parameters": {"t": [{"filter": "self_attn", "value": [0, 0.5, 1]}, {"filter": "mlp", "value": [1, 0.5, 0]}, {"value": 0.5}]},
+    },
+    "passthrough": {"merge_method": "passthrough", "models": [{"model": "ft2", "parameters": {"scale": 0.5}}]},
+}
+for label, cfg in configs.items():
+    out_dtype = "float32"
+    cfg = dict(cfg, out_dtype=out_dtype)
+    path = f"{label}.yml"
+    with open(path, "w") as f:
+        f.write(to_yaml(cfg))
+    seed = 1234567890123 if "dare" in label else 0
+    run("merge", path, "-o", f"out_{label}", "--seed", str(seed), "--report", f"{label}.json")
+    got, _ = load(f"out_{label}")
+    if sorted(got) != sorted(names):
+        fail(f"{label}: tensor names differ from the base's")
+    cast = "BF16" if cfg.get("dtype") == "bfloat16" else None
+    for name in names:
+        dt, g = got[name]
+        if dt != "F32":
+            fail(f"{label} {name}: dtype {dt}, out_dtype says F32")
+        src = models
+        if cast:  # inputs are rounded to `dtype` first (a no-op for BF16 inputs)
+            src = {p: {n: (d, round_to(cast, v)) for n, (d, v) in m.items()} for p, m in models.items()}
+        want = expect(cfg, src, seed, name, layers).reshape(g.shape)
+        if label == "slerp":
+            tol = 4 * np.spacing(np.maximum(np.abs(g), np.abs(want)).max().astype(np.float32))
+            if not np.all(np.abs(g - want) <= tol):
+                i = int(np.argmax(np.abs(g - want)))
+                fail(f"{label} {name}: element {i}: {g.flat[i]!r} vs {want.flat[i]!r}")
+        elif not np.array_equal(g.view(np.uint32), want.astype(np.float32).view(np.uint32)):
+            i = int(np.flatnonzero(g.view(np.uint32) != want.astype(np.float32).view(np.uint32))[0])
+            fail(f"{label} {name}: element {i}: {g.flat[i]!r} != {want.flat[i]!r}")
+        checked += 1
+    saved = open(f"out_{label}/mergekit_config.yml").read()
+    if saved != to_yaml(cfg):
+        fail(f"{label}: mergekit_config.yml is not the configuration given")
+    if json.load(open(f"out_{label}/config.json")).get("torch_dtype") != out_dtype:
+        fail(f"{label}: config.json's torch_dtype is not {out_dtype}")
+    report = json.load(open(f"{label}.json"))
+    if len(report["tensors"]) != len(names):
+        fail(f"{label}: the report lists {len(report['tensors'])} tensors")
+    print(f"merge interop on device {DEVICE}: {label} equals numpy on {len(names)} tensors")
+
+# DARE's masks depend on the seed alone: a second run is byte-identical.
+run("merge", "dare_ties.yml", "-o", "again", "--seed", "1234567890123")
+for name in names:
+    if not np.array_equal(load("again")[0][name][1], load("out_dare_ties")[0][name][1]):
+        fail(f"dare_ties: a second run differs at {name}")
+    break
+print(f"merge: {checked} tensors checked, 0 failed")

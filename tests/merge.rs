@@ -1,0 +1,131 @@
+//! `modelpress merge` through the binary: configurations a user gets wrong
+//! give one line naming the key and write nothing; what a merge writes
+//! beside the weights. (The arithmetic of every method is held to numpy by
+//! tests/interop/check_merge.py, and to the rules in src/ops/merge/tests.rs.)
+
+use modelpress::tools::sample::{write_llama_model, LlamaShape};
+use modelpress::DType;
+use std::path::Path;
+use std::process::Command;
+
+const TINY: LlamaShape = LlamaShape {
+    hidden: 64,
+    intermediate: 128,
+    layers: 3,
+    heads: 2,
+    vocab: 256,
+};
+
+fn run(cwd: &Path, args: &[&str]) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_modelpress"))
+        .current_dir(cwd)
+        .args(args)
+        .args(["--device", "cpu"])
+        .env("XDG_RUNTIME_DIR", std::env::temp_dir())
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A base, two fine-tunes of its shape and one of another vocabulary.
+fn sandbox() -> tempfile::TempDir {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    for (name, seed) in [("base", 1), ("a", 2), ("b", 3)] {
+        write_llama_model(&d.join(name), TINY, DType::BF16, 1, seed).unwrap();
+    }
+    let wide = LlamaShape { vocab: 300, ..TINY };
+    write_llama_model(&d.join("wide"), wide, DType::BF16, 1, 4).unwrap();
+    tmp
+}
+
+fn merge(d: &Path, yaml: &str) -> (i32, String) {
+    std::fs::write(d.join("m.yml"), yaml).unwrap();
+    let _ = std::fs::remove_dir_all(d.join("out"));
+    run(d, &["merge", "m.yml", "-o", "out"])
+}
+
+#[test]
+fn bad_configurations_name_the_key_and_write_nothing() {
+    let tmp = sandbox();
+    let d = tmp.path();
+    let two = "models:\n  - model: a\n    parameters: {weight: 1.0}\n  - model: b\n    parameters: {weight: 0.5}\n";
+    let cases: Vec<(String, &str)> = vec![
+        (format!("merge_method: frobnicate\nbase_model: base\n{two}"), "merge_method: 'frobnicate' is not a merge method"),
+        (format!("merge_method: della\nbase_model: base\n{two}"), "does not run yet"),
+        (format!("merge_method: ties\nbase_model: base\nmodles: []\n{two}"), "modles: unknown key"),
+        (format!("merge_method: ties\n{two}"), "base_model: ties needs a base model"),
+        (format!("merge_method: ties\nbase_model: base\n{two}parameters: {{density: 1.5}}\n"), "density for"),
+        (format!("merge_method: ties\nbase_model: base\n{two}parameters: {{density: 0}}\n"), "must be in (0, 1]"),
+        (format!("merge_method: ties\nbase_model: base\n{two}parameters: {{t: 0.5}}\n"), "parameters.t: ties takes no parameter t"),
+        ("merge_method: ties\nbase_model: base\nmodels:\n  - model: a\n    parameters: {weight: 1.0, lambda: 2}\n".into(), "models[0].parameters.lambda: lambda applies to the whole merge"),
+        ("merge_method: ties\nbase_model: base\nmodels:\n  - model: a\n    parameters: {wieght: 1.0}\n".into(), "models[0].parameters.wieght"),
+        ("merge_method: ties\nbase_model: base\nmodels:\n  - model: a\n".into(), "no weight for tensor"),
+        ("merge_method: ties\nbase_model: base\nmodels:\n  - model: a\n    parameters: {weight: [{filter: mlp, value: 1}]}\n".into(), "no weight for tensor model.embed_tokens.weight"),
+        ("merge_method: ties\nbase_model: base\nmodels:\n  - model: a\n    parameters: {weight: 1, density: [1, {x: 2}]}\n".into(), "models[0].parameters.density: a list that mixes"),
+        ("merge_method: ties\nbase_model: base\nmodels:\n  - model: a\n    parameters: {weight: 1, density: [{value: 1}, {x: 2}]}\n".into(), "models[0].parameters.density[1]: unknown key"),
+        ("merge_method: slerp\nbase_model: base\nparameters: {t: 0.5}\nmodels:\n  - model: a\n  - model: b\n".into(), "exactly one other model"),
+        (format!("merge_method: slerp\nbase_model: base\nparameters: {{t: 0.5}}\n{two}"), "slerp takes no parameter weight per model"),
+        ("merge_method: slerp\nbase_model: base\nmodels:\n  - model: a\n".into(), "slerp needs t"),
+        (format!("merge_method: linear\n{two}parameters: {{weight: 1}}\nslices: []\n"), "slices: the slices form"),
+        ("merge_method: linear\nmodels:\n  - model: a\n    parameters: {weight: 1}\n  - model: wide\n    parameters: {weight: 1}\n".into(), "model.embed_tokens.weight"),
+        ("merge_method: linear\nmodels:\n  - model: org/some-model\n    parameters: {weight: 1}\n".into(), "not a local path (a Hugging Face hub id?)"),
+        ("merge_method: linear\nmodels:\n  - model: a@main\n    parameters: {weight: 1}\n".into(), "revisions (@main) are not supported"),
+        (format!("merge_method: linear\ntokenizer_source: union\n{two}"), "tokenizer_source: 'union'"),
+        (format!("merge_method: linear\ndtype: int8\n{two}"), "dtype: 'int8'"),
+        ("merge_method: linear\nmodels: [\n".into(), "not valid YAML"),
+        (format!("merge_method: linear\nmerge_method: ties\n{two}"), "not valid YAML"),
+        (format!("merge_method: linear\n{two}parameters: {{weight: 1, normalize: 3}}\n"), "normalize"),
+        (format!("merge_method: linear\n{two}parameters: {{weight: .nan}}\n"), "finite"),
+        ("merge_method: linear\nmodels:\n  - model: a\n    parameters: {weight: 1}\n  - model: b\n    parameters: {weight: -1}\n".into(), "weights sum to 0"),
+    ];
+    for (yaml, want) in cases {
+        let (code, err) = merge(d, &yaml);
+        assert_eq!(code, 1, "{yaml}\n{err}");
+        assert!(err.contains(want), "{yaml}\nwanted '{want}' in: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{yaml}\none line: {err}");
+        assert!(!d.join("out").exists(), "{yaml}: output written");
+        let leftovers: Vec<_> = std::fs::read_dir(d)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().contains(".modelpress-"))
+            .collect();
+        assert!(leftovers.is_empty(), "{yaml}: {leftovers:?}");
+    }
+}
+
+#[test]
+fn a_merge_writes_its_configuration_dtype_and_tokenizer() {
+    let tmp = sandbox();
+    let d = tmp.path();
+    std::fs::write(d.join("a/tokenizer.json"), b"{\"from\": \"a\"}").unwrap();
+    let yaml = "merge_method: ties\nbase_model: base\nmodels:\n  - model: base\n  - model: a\n    parameters: {weight: 1.0, density: 0.5}\n  - model: b\n    parameters: {weight: 0.5, density: 0.5}\ndtype: bfloat16\nout_dtype: float16\ntokenizer_source: a\n";
+    let (code, err) = merge(d, yaml);
+    assert_eq!(code, 0, "{err}");
+    let out = d.join("out");
+    assert_eq!(
+        std::fs::read_to_string(out.join("mergekit_config.yml")).unwrap(),
+        yaml
+    );
+    assert_eq!(
+        std::fs::read(out.join("tokenizer.json")).unwrap(),
+        b"{\"from\": \"a\"}"
+    );
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["torch_dtype"], "float16");
+    let m = modelpress::formats::model::Model::open(&out).unwrap();
+    assert!(m.entries().all(|(_, e)| e.dtype == "F16"));
+    // The same again is refused without --force, and --force replaces it.
+    let (code, err) = run(d, &["merge", "m.yml", "-o", "out"]);
+    assert_eq!(code, 1, "{err}");
+    let (code, err) = run(d, &["merge", "m.yml", "-o", "out", "--force"]);
+    assert_eq!(code, 0, "{err}");
+    // The configuration is an input: no output may replace it.
+    let (code, err) = run(d, &["merge", "m.yml", "-o", "m.yml", "--force"]);
+    assert_eq!(code, 1, "{err}");
+    assert_eq!(std::fs::read_to_string(d.join("m.yml")).unwrap(), yaml);
+}
