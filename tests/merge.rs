@@ -55,7 +55,11 @@ fn bad_configurations_name_the_key_and_write_nothing() {
     let two = "models:\n  - model: a\n    parameters: {weight: 1.0}\n  - model: b\n    parameters: {weight: 0.5}\n";
     let cases: Vec<(String, &str)> = vec![
         (format!("merge_method: frobnicate\nbase_model: base\n{two}"), "merge_method: 'frobnicate' is not a merge method"),
-        (format!("merge_method: della\nbase_model: base\n{two}"), "does not run yet"),
+        (format!("merge_method: karcher\nbase_model: base\n{two}"), "does not run yet"),
+        (format!("merge_method: della\nbase_model: base\n{two}parameters: {{density: 0.1, epsilon: 0.2}}\n"), "density ± epsilon"),
+        ("merge_method: model_stock\nbase_model: base\nmodels:\n  - model: a\n".into(), "at least two models besides the base"),
+        (format!("merge_method: nuslerp\n{two}parameters: {{nuslerp_row_wise: true}}\n"), "column by column"),
+        ("merge_method: sce\nbase_model: base\nmodels:\n  - model: a\nparameters: {select_topk: 0}\n".into(), "select_topk"),
         (format!("merge_method: ties\nbase_model: base\nmodles: []\n{two}"), "modles: unknown key"),
         (format!("merge_method: ties\n{two}"), "base_model: ties needs a base model"),
         (format!("merge_method: ties\nbase_model: base\n{two}parameters: {{density: 1.5}}\n"), "density for"),

@@ -106,8 +106,8 @@ pub(super) enum Command {
     /// Σ Pᵢ·wᵢ over models with the same tensors.
     Mix(MixArgs),
     /// Merge models as a mergekit YAML configuration says (linear,
-    /// task_arithmetic, ties, dare_linear, dare_ties, breadcrumbs,
-    /// breadcrumbs_ties, slerp, passthrough).
+    /// task_arithmetic, ties, dare_*, breadcrumbs*, della*, slerp, nearswap,
+    /// nuslerp, model_stock, sce, passthrough).
     Merge(MergeArgs),
     /// Write a seeded LLaMA-shaped sample model directory.
     Sample(SampleArgs),

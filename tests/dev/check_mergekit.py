@@ -61,6 +61,13 @@ configs = {
     "ties_gradient": {"merge_method": "ties", "base_model": P["base"],
                       "models": m3([{"weight": 1.0, "density": [1.0, 0.3]}, {"weight": [{"filter": "mlp", "value": 0.5}, {"value": 0.8}], "density": 0.5}, {"weight": 0.3, "density": 0.7}])},
     "dare_ties": {"merge_method": "dare_ties", "base_model": P["base"], "models": m3(w3), "parameters": {"density": 0.4}},
+    "della": {"merge_method": "della", "base_model": P["base"], "models": m3(w3), "parameters": {"density": 0.5, "epsilon": 0.1}},
+    "nearswap": {"merge_method": "nearswap", "base_model": P["base"], "models": [{"model": P["ft2"]}], "parameters": {"t": 0.001}},
+    "model_stock": {"merge_method": "model_stock", "base_model": P["base"], "models": m3([{}, {}, {}])},
+    "model_stock_rows": {"merge_method": "model_stock", "base_model": P["base"], "models": m3([{}, {}, {}]), "parameters": {"filter_wise": True}},
+    "nuslerp": {"merge_method": "nuslerp", "models": [{"model": P["ft2"], "parameters": {"weight": 1.0}}, {"model": P["ft3"], "parameters": {"weight": 0.5}}]},
+    "nuslerp_base_rows": {"merge_method": "nuslerp", "base_model": P["base"], "models": [{"model": P["ft2"], "parameters": {"weight": 0.4}}, {"model": P["ft4"], "parameters": {"weight": 0.6}}], "parameters": {"nuslerp_flatten": False}},
+    "sce": {"merge_method": "sce", "base_model": P["base"], "models": m3([{}, {}, {}]), "parameters": {"select_topk": 0.5}},
 }
 def bf16_ulp(v):
     return np.exp2(np.floor(np.log2(np.maximum(np.abs(v), 1e-30))) - 7)
@@ -71,9 +78,22 @@ def explained(cfg, name, far):
     ulps of its model's rank cut, or a TIES sign election whose weighted sum
     is within 4 bf16 ulps of 0."""
     method = cfg["merge_method"]
+    top = cfg.get("parameters", {})
+    if method == "sce":
+        # The variance cut (mergekit's variance is of bf16 deltas) and the
+        # unweighted sign election.
+        b = models["base"][name][1].ravel()
+        ds = np.stack([models[os.path.basename(m["model"])][name][1].ravel() - b for m in cfg["models"]])
+        var = ds.var(axis=0)
+        keep = int(np.count_nonzero(var) * top.get("select_topk", 1.0))
+        near = np.zeros(b.size, bool)
+        if 0 < keep < b.size:
+            v = np.sort(var)[b.size - keep]
+            near |= np.abs(var - v) <= 8 * bf16_ulp(v)
+        near |= np.abs(ds.sum(axis=0)) <= 4 * bf16_ulp(np.abs(ds).max(axis=0))
+        return far & near
     if method not in ("ties", "breadcrumbs", "breadcrumbs_ties"):
         return np.zeros_like(far)
-    top = cfg.get("parameters", {})
     t = position(name, LAYERS)
     b = models["base"][name][1].ravel()
     near = np.zeros(b.size, bool)
@@ -132,7 +152,7 @@ for label, cfg in configs.items():
         total += err.size
     share, odd_share = far / total, odd / total
     print(f"{label:18} {len(mp):>7} {worst:>9.2f} {share:>9.2%} {odd_share:>11.3%} {t_mk:>10.2f} {t_mp:>12.2f}")
-    if label == "dare_ties":
+    if label in ("dare_ties", "della"):
         continue  # different generators: only statistics compare
     # Bounds: 4 bf16 ulps everywhere for the methods without ranks; for the
     # ranking ones, beyond 4 ulps only where rounding decides (see

@@ -89,10 +89,32 @@ def ranks_between(d, lo, count):
     return keep
 
 
-def gta(base, xs, terms, sparsify, consensus, normalize, rescale, lam, seed, name):
+BLOCK = 32768
+
+
+def seqsum(v):
+    """f64 sum as ops/merge sums: sequentially within blocks of 32768, then
+    the blocks in order (so that the bits agree)."""
+    total = 0.0
+    for b in range(0, v.size, BLOCK):
+        total += float(np.cumsum(np.asarray(v[b : b + BLOCK], np.float64))[-1])
+    return total
+
+
+def della_keep(d, row_len, dens, eps, key_):
+    rows = d.reshape(-1, row_len)
+    order = np.argsort(key(rows), axis=1, kind="stable")
+    ranks = np.empty_like(order)
+    np.put_along_axis(ranks, order, np.broadcast_to(np.arange(row_len), rows.shape).copy(), axis=1)
+    last = np.float32(max(row_len - 1, 1))
+    p = np.float32(dens - eps) + (ranks.astype(np.float32) / last) * np.float32(2 * eps)
+    return (uniform(key_, d.size).reshape(rows.shape) < p).ravel()
+
+
+def gta(base, xs, terms, sparsify, consensus, normalize, rescale, lam, seed, name, row_len=None):
     n = base.size
     wd = []
-    for i, (x, (w, dens, gamma)) in enumerate(zip(xs, terms)):
+    for i, (x, (w, dens, gamma, eps)) in enumerate(zip(xs, terms)):
         d = (x - base).astype(np.float32)
         if sparsify == "none":
             keep = np.ones(n, bool)
@@ -101,14 +123,16 @@ def gta(base, xs, terms, sparsify, consensus, normalize, rescale, lam, seed, nam
             keep = ranks_between(d, n - k, k)
         elif sparsify == "random":
             keep = uniform(stream_key(seed, name, i + 1), n) < np.float32(dens)
+        elif sparsify == "della":
+            keep = np.ones(n, bool) if dens >= 1 else della_keep(d, row_len, dens, eps, stream_key(seed, name, i + 1))
         else:  # breadcrumbs
             k = math.floor(dens * n)
             bottom = max(n - k - math.floor(gamma * n), 0)
             keep = ranks_between(d, bottom, k)
         s = np.float32(1.0)
         if rescale and sparsify != "none":
-            a = math.fsum(np.abs(d).astype(np.float64))
-            b = math.fsum(np.abs(d[keep]).astype(np.float64))
+            a = seqsum(np.abs(d))
+            b = seqsum(np.where(keep, np.abs(d), np.float32(0)))
             if a >= 1e-7 and b >= 1e-7:
                 s = np.float32(a / b)
         wd.append(np.where(keep, np.float32(w) * (d * s), np.float32(0)).astype(np.float32))
@@ -150,11 +174,29 @@ def linear(xs, ws, normalize):
     return acc
 
 
+def vec_sums(vs, row_len):
+    """Per vector (the whole tensor, or rows of row_len), the f64 sums of
+    the products of each pair (i, j) of `vs`, as ops/merge sums them."""
+    def one(idx):
+        return {(i, j): (seqsum(vs[i][idx].astype(np.float64) * vs[j][idx].astype(np.float64)))
+                for i in range(len(vs)) for j in range(i, len(vs))}
+    n = vs[0].size
+    if row_len is None:
+        return [one(slice(0, n))]
+    return [one(slice(r * row_len, (r + 1) * row_len)) for r in range(n // row_len)]
+
+
+def per_element(coef, n, row_len):
+    """A per-vector coefficient spread over the elements."""
+    c = np.asarray(coef, np.float32)
+    return np.full(n, c[0], np.float32) if row_len is None else np.repeat(c, row_len)
+
+
 def slerp(a, b, t):
-    a64, b64 = a.astype(np.float64), b.astype(np.float64)
-    na, nb = math.sqrt(np.dot(a64, a64)), math.sqrt(np.dot(b64, b64))
+    s = vec_sums([a, b], None)[0]
+    na, nb = math.sqrt(s[0, 0]), math.sqrt(s[1, 1])
     unit = lambda x: x if x > 1e-8 else 1.0
-    dot = np.dot(a64, b64) / (unit(na) * unit(nb))
+    dot = s[0, 1] / (unit(na) * unit(nb))
     if abs(dot) > 0.9995:
         ca, cb = np.float32(1.0 - np.float32(t)), np.float32(t)
     else:
@@ -163,3 +205,74 @@ def slerp(a, b, t):
         tht = th0 * float(np.float32(t))
         ca, cb = np.float32(math.sin(th0 - tht) / s0), np.float32(math.sin(tht) / s0)
     return ca * a + cb * b
+
+
+def nearswap(a, b, t):
+    w = np.clip(np.float32(t) / np.maximum(np.abs(a - b), np.float32(1e-6)), 0, 1).astype(np.float32)
+    return w * b + (np.float32(1) - w) * a
+
+
+def model_stock(base, xs, row_len):
+    m = len(xs)
+    ds = [x - base for x in xs]
+    ts = []
+    for s in vec_sums(ds, row_len):
+        pairs = [(i, j) for i in range(m) for j in range(i + 1, m)]
+        cos = sum(min(max(s[i, j] / max(math.sqrt(s[i, i]) * math.sqrt(s[j, j]), 1e-6), -1.0), 1.0) for i, j in pairs) / len(pairs)
+        den = 1.0 + (m - 1.0) * cos
+        ts.append(0.0 if abs(den) < 1e-6 else m * cos / den)
+    t = per_element(ts, base.size, row_len)
+    avg = xs[0].copy()
+    for x in xs[1:]:
+        avg = avg + x
+    return t * (avg / np.float32(m)) + (np.float32(1) - t) * base
+
+
+def nuslerp(base, a, b, t, row_len):
+    if base is not None:
+        a, b = a - base, b - base
+    ca, cb = [], []
+    for s in vec_sums([a, b], row_len):
+        na, nb = max(math.sqrt(s[0, 0]), 1e-7), max(math.sqrt(s[1, 1]), 1e-7)
+        cos = min(max(s[0, 1] / (na * nb), -1.0), 1.0)
+        if 1.0 - cos * cos <= 1e-16:
+            ca.append(np.float32(1) - np.float32(t)); cb.append(np.float32(t))
+        else:
+            th = math.acos(cos)
+            sn = math.sin(th)
+            ca.append(math.sin((1.0 - float(np.float32(t))) * th) / sn)
+            cb.append(math.sin(float(np.float32(t)) * th) / sn)
+    y = per_element(ca, a.size, row_len) * a + per_element(cb, a.size, row_len) * b
+    start = base if base is not None else np.zeros(a.size, np.float32)
+    return start + y
+
+
+def sce(base, xs, topk):
+    m, n = len(xs), base.size
+    ds = [x - base for x in xs]
+    if topk < 1:
+        mean = ds[0].copy()
+        for d in ds[1:]:
+            mean = mean + d
+        mean = mean / np.float32(m)
+        var = (ds[0] - mean) ** 2
+        for d in ds[1:]:
+            var = var + (d - mean) ** 2
+        var = var / np.float32(m)
+        keep_n = math.floor(int(np.count_nonzero(key(var))) * topk)
+        keep = ranks_between(var, n - keep_n, keep_n)
+        ds = [np.where(keep, d, np.float32(0)) for d in ds]
+    means = [seqsum(d.astype(np.float64) ** 2) / max(n, 1) for d in ds]
+    total = sum(means)
+    w = [np.float32(1.0 / m)] * m if abs(total) < 1e-6 else [np.float32(v / total) for v in means]
+    tot = ds[0].copy()
+    for d in ds[1:]:
+        tot = tot + d
+    pos = tot >= 0
+    acc = np.zeros(n, np.float32)
+    div = np.zeros(n, np.float32)
+    for d, wi in zip(ds, w):
+        mk = (d != 0) & ((d > 0) == pos)
+        acc = np.where(mk, acc + d * wi, acc)
+        div = np.where(mk, div + wi, div)
+    return base + acc / np.maximum(div, np.float32(1e-6))

@@ -28,6 +28,18 @@ pub enum Method {
     BreadcrumbsTies,
     /// Spherical interpolation between the base and one model.
     Slerp,
+    /// DELLA: rank-dependent random drops, rescaled, with sign election.
+    Della,
+    /// DELLA's drops without sign election.
+    DellaLinear,
+    /// Per element, the other model where it is within t of the base.
+    Nearswap,
+    /// Model Stock: toward the fine-tunes' mean by their offsets' angle.
+    ModelStock,
+    /// Spherical interpolation of two models (or of their deltas).
+    Nuslerp,
+    /// SCE: variance-selected, mean-square-weighted, sign-erased deltas.
+    Sce,
     /// One model's tensors, optionally scaled.
     Passthrough,
 }
@@ -40,9 +52,14 @@ struct Spec {
     per_model: &'static [&'static str],
     shared: &'static [&'static str],
     needs_base: bool,
+    /// Whether a base, when given, is the reference the others move from
+    /// (not merged as one of them).
+    uses_base: bool,
 }
 
 const GTA_SHARED: &[&str] = &["normalize", "rescale", "lambda", "int8_mask"];
+
+const DELLA_MODEL: &[&str] = &["weight", "density", "epsilon"];
 
 const SPECS: &[Spec] = &[
     Spec {
@@ -51,6 +68,7 @@ const SPECS: &[Spec] = &[
         per_model: &["weight"],
         shared: &["normalize"],
         needs_base: false,
+        uses_base: false,
     },
     Spec {
         method: Method::TaskArithmetic,
@@ -58,6 +76,7 @@ const SPECS: &[Spec] = &[
         per_model: &["weight"],
         shared: GTA_SHARED,
         needs_base: true,
+        uses_base: true,
     },
     Spec {
         method: Method::Ties,
@@ -65,6 +84,7 @@ const SPECS: &[Spec] = &[
         per_model: &["weight", "density"],
         shared: GTA_SHARED,
         needs_base: true,
+        uses_base: true,
     },
     Spec {
         method: Method::DareLinear,
@@ -72,6 +92,7 @@ const SPECS: &[Spec] = &[
         per_model: &["weight", "density"],
         shared: GTA_SHARED,
         needs_base: true,
+        uses_base: true,
     },
     Spec {
         method: Method::DareTies,
@@ -79,6 +100,7 @@ const SPECS: &[Spec] = &[
         per_model: &["weight", "density"],
         shared: GTA_SHARED,
         needs_base: true,
+        uses_base: true,
     },
     Spec {
         method: Method::Breadcrumbs,
@@ -86,6 +108,7 @@ const SPECS: &[Spec] = &[
         per_model: &["weight", "density", "gamma"],
         shared: GTA_SHARED,
         needs_base: true,
+        uses_base: true,
     },
     Spec {
         method: Method::BreadcrumbsTies,
@@ -93,6 +116,23 @@ const SPECS: &[Spec] = &[
         per_model: &["weight", "density", "gamma"],
         shared: GTA_SHARED,
         needs_base: true,
+        uses_base: true,
+    },
+    Spec {
+        method: Method::Della,
+        name: "della",
+        per_model: DELLA_MODEL,
+        shared: GTA_SHARED,
+        needs_base: true,
+        uses_base: true,
+    },
+    Spec {
+        method: Method::DellaLinear,
+        name: "della_linear",
+        per_model: DELLA_MODEL,
+        shared: GTA_SHARED,
+        needs_base: true,
+        uses_base: true,
     },
     Spec {
         method: Method::Slerp,
@@ -100,6 +140,39 @@ const SPECS: &[Spec] = &[
         per_model: &[],
         shared: &["t"],
         needs_base: true,
+        uses_base: true,
+    },
+    Spec {
+        method: Method::Nearswap,
+        name: "nearswap",
+        per_model: &[],
+        shared: &["t"],
+        needs_base: true,
+        uses_base: true,
+    },
+    Spec {
+        method: Method::ModelStock,
+        name: "model_stock",
+        per_model: &[],
+        shared: &["filter_wise"],
+        needs_base: true,
+        uses_base: true,
+    },
+    Spec {
+        method: Method::Nuslerp,
+        name: "nuslerp",
+        per_model: &["weight"],
+        shared: &["nuslerp_flatten", "nuslerp_row_wise"],
+        needs_base: false,
+        uses_base: true,
+    },
+    Spec {
+        method: Method::Sce,
+        name: "sce",
+        per_model: &[],
+        shared: &["select_topk", "int8_mask"],
+        needs_base: true,
+        uses_base: true,
     },
     Spec {
         method: Method::Passthrough,
@@ -107,24 +180,13 @@ const SPECS: &[Spec] = &[
         per_model: &["scale"],
         shared: &[],
         needs_base: false,
+        uses_base: false,
     },
 ];
 
 /// mergekit methods this version does not run yet (a clear error, not
 /// "unknown method").
-const NOT_YET: &[&str] = &[
-    "della",
-    "della_linear",
-    "nuslerp",
-    "model_stock",
-    "karcher",
-    "multislerp",
-    "sce",
-    "nearswap",
-    "arcee_fusion",
-    "ram",
-    "ramplus_tl",
-];
+const NOT_YET: &[&str] = &["karcher", "multislerp", "arcee_fusion", "ram", "ramplus_tl"];
 
 impl Method {
     fn spec(self) -> &'static Spec {
@@ -147,6 +209,12 @@ impl Method {
     /// Whether the method needs `base_model`.
     pub fn needs_base(self) -> bool {
         self.spec().needs_base
+    }
+
+    /// Whether a given base is the reference the other models move from
+    /// (and not merged as one of them).
+    pub fn uses_base(self) -> bool {
+        self.spec().uses_base
     }
 }
 
@@ -431,8 +499,24 @@ impl MergeConfig {
         }
         let others = self.weighted().len();
         match self.method {
-            Method::Slerp if others != 1 => {
-                return Err(bad("models", format!("slerp interpolates between base_model and exactly one other model; found {others}")));
+            Method::Slerp | Method::Nearswap if others != 1 => {
+                return Err(bad(
+                    "models",
+                    format!(
+                        "{m} works between base_model and exactly one other model; found {others}"
+                    ),
+                ));
+            }
+            Method::Nuslerp if others != 2 => {
+                return Err(bad("models", format!("nuslerp interpolates between exactly two models besides the base; found {others}")));
+            }
+            Method::ModelStock if others < 2 => {
+                return Err(bad(
+                    "models",
+                    format!(
+                        "model_stock needs at least two models besides the base; found {others}"
+                    ),
+                ));
             }
             Method::Passthrough if self.models.len() != 1 => {
                 return Err(bad(
@@ -451,10 +535,15 @@ impl MergeConfig {
             }
             _ => {}
         }
-        if self.method == Method::Slerp && self.parameters.get("t").is_none() {
+        if matches!(self.method, Method::Slerp | Method::Nearswap)
+            && self.parameters.get("t").is_none()
+        {
+            return Err(bad("parameters.t", format!("{m} needs t")));
+        }
+        if self.parameters.get("nuslerp_row_wise") == Some(&ParamValue::Bool(true)) {
             return Err(bad(
-                "parameters.t",
-                "slerp needs t (0 gives the base, 1 the other model)",
+                "parameters.nuslerp_row_wise",
+                "interpolating column by column is not supported yet",
             ));
         }
         Ok(())
@@ -463,7 +552,7 @@ impl MergeConfig {
     /// The models that are merged into the base: `models` without the base
     /// itself (GTA methods and slerp), or all of them (linear, passthrough).
     pub fn weighted(&self) -> Vec<&ModelEntry> {
-        let skip_base = self.method.needs_base();
+        let skip_base = self.method.uses_base();
         self.models
             .iter()
             .filter(|e| !(skip_base && self.is_base(&e.path)))

@@ -55,6 +55,9 @@ pub struct Merge {
 #[derive(Clone, Debug, PartialEq)]
 struct TensorPlan {
     terms: Vec<Term>,
+    select_topk: f64,
+    filter_wise: bool,
+    flatten: bool,
     normalize: bool,
     rescale: bool,
     lambda: f32,
@@ -73,7 +76,7 @@ impl Merge {
         }
         let (mut weighted, mut entry_index) = (Vec::new(), Vec::new());
         for (i, e) in cfg.models.iter().enumerate() {
-            if cfg.method.needs_base() && cfg.is_base(&e.path) {
+            if cfg.method.uses_base() && cfg.is_base(&e.path) {
                 continue;
             }
             let k = if cfg.is_base(&e.path) {
@@ -174,7 +177,14 @@ impl Merge {
             };
             let density = self.num(Some(w), "density", name, Some(1.0))?;
             let gamma = self.num(Some(w), "gamma", name, Some(0.01))?;
+            let epsilon = self.num(Some(w), "epsilon", name, Some(0.15))?;
             let i = self.entry_index[w];
+            let della = matches!(m, Method::Della | Method::DellaLinear);
+            if della && density < 1.0 && !(density - epsilon > 0.0 && density + epsilon < 1.0) {
+                return Err(Error::input(format!(
+                    "models[{i}]: for {name}, density ± epsilon ({density} ± {epsilon}) must lie inside (0, 1)"
+                )));
+            }
             if !(density > 0.0 && density <= 1.0) {
                 return Err(Error::input(format!(
                     "models[{i}]: density for {name} is {density}; it must be in (0, 1] (mergekit accepts more and trims nothing)"
@@ -189,17 +199,30 @@ impl Merge {
                 weight: weight as f32,
                 density,
                 gamma,
+                epsilon,
             });
         }
-        let normalize_default = matches!(m, Method::Linear | Method::Ties);
-        let rescale_default = matches!(m, Method::DareLinear | Method::DareTies);
-        let t = if m == Method::Slerp {
+        let normalize_default = matches!(m, Method::Linear | Method::Ties | Method::Della);
+        let rescale_default = matches!(
+            m,
+            Method::DareLinear | Method::DareTies | Method::Della | Method::DellaLinear
+        );
+        let select_topk = self.num(None, "select_topk", name, Some(1.0))?;
+        if !(select_topk > 0.0 && select_topk <= 1.0) {
+            return Err(Error::input(format!(
+                "parameters.select_topk for {name} is {select_topk}; it must be in (0, 1]"
+            )));
+        }
+        let t = if matches!(m, Method::Slerp | Method::Nearswap) {
             self.num(None, "t", name, None)?
         } else {
             0.0
         };
         Ok(TensorPlan {
             terms,
+            select_topk,
+            filter_wise: self.flag("filter_wise", name, false)?,
+            flatten: self.flag("nuslerp_flatten", name, true)?,
             normalize: self.flag("normalize", name, normalize_default)?,
             rescale: self.flag("rescale", name, rescale_default)?,
             lambda: self.num(None, "lambda", name, Some(1.0))? as f32,
@@ -330,7 +353,16 @@ impl TensorOp for Merge {
             Method::DareTies => Some(gta(Sparsify::Random, true)),
             Method::Breadcrumbs => Some(gta(Sparsify::Breadcrumbs, false)),
             Method::BreadcrumbsTies => Some(gta(Sparsify::Breadcrumbs, true)),
-            Method::Linear | Method::Slerp | Method::Passthrough => None,
+            Method::Della => Some(gta(Sparsify::Della, true)),
+            Method::DellaLinear => Some(gta(Sparsify::Della, false)),
+            _ => None,
+        };
+        let by = |row: bool| {
+            if row {
+                merge::Vectors::Rows
+            } else {
+                merge::Vectors::Whole
+            }
         };
         let (tensor, diff, kept) = if let Some(g) = chain {
             let mut all = vec![ts[0]];
@@ -340,6 +372,27 @@ impl TensorOp for Merge {
         } else {
             let (t, d) = match m {
                 Method::Slerp => merge::slerp(&ts[0], &pick[0], plan.t, cast, out)?,
+                Method::Nearswap => merge::nearswap(&ts[0], &pick[0], plan.t, cast, out)?,
+                Method::ModelStock => {
+                    let mut all = vec![ts[0]];
+                    all.extend(&pick);
+                    merge::model_stock(&all, by(plan.filter_wise), cast, out)?
+                }
+                Method::Sce => {
+                    let mut all = vec![ts[0]];
+                    all.extend(&pick);
+                    merge::sce(&all, plan.select_topk, cast, out)?
+                }
+                Method::Nuslerp => {
+                    let total = weights[0] + weights[1];
+                    let t = if total.abs() < 1e-6 {
+                        0.5
+                    } else {
+                        weights[1] / total
+                    };
+                    let base = self.cfg.base_model.as_ref().map(|_| &ts[0]);
+                    merge::nuslerp(base, &pick[0], &pick[1], t, by(!plan.flatten), cast, out)?
+                }
                 Method::Linear => merge::linear(&pick, &weights, plan.normalize, cast, out)?,
                 _ => merge::linear(&pick, &weights, false, cast, out)?,
             };
@@ -354,7 +407,7 @@ impl TensorOp for Merge {
         };
         let ws: Vec<f64> = weights.iter().map(|&w| w as f64).collect();
         a.note = Some(match (m, kept) {
-            (Method::Slerp, _) => format!("slerp t={}", plan.t),
+            (Method::Slerp | Method::Nearswap, _) => format!("{} t={}", m.name(), plan.t),
             (_, Some(k)) => format!(
                 "{} weight [{}] density [{}] lambda {} normalize {} rescale {}; kept [{}]",
                 m.name(),

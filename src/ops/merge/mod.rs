@@ -1,6 +1,7 @@
 //! Merging models tensor by tensor with mergekit's methods: the generalized
-//! task arithmetic family (`task_arithmetic`, `ties`, `dare_linear`,
-//! `dare_ties`, `breadcrumbs`, `breadcrumbs_ties`), `linear` and `slerp`.
+//! task arithmetic family (`task_arithmetic`, `ties`, `dare_*`,
+//! `breadcrumbs*`, `della*`), `linear` and `slerp` here; `nearswap`,
+//! `model_stock` and `nuslerp` in `geometry`, `sce` in `sce`.
 //! The exact math is in ../shared/reference/pruning_merging.md §3.
 //!
 //! This is the CPU reference: every step in f32, rounded once into the
@@ -15,8 +16,13 @@
 //! - DARE draws from `rng::uniform`, keyed by (seed, tensor name, model,
 //!   element index): the same mask on every device and chunking.
 
+mod geometry;
 mod rank;
 pub mod rng;
+mod sce;
+
+pub use geometry::{model_stock, nearswap, nuslerp, Vectors};
+pub use sce::sce;
 
 use super::codec::{with_codec, Codec};
 use super::diff::Diff;
@@ -40,6 +46,9 @@ pub enum Sparsify {
     /// The largest γ share and the smallest dropped, density kept in
     /// between (`breadcrumbs`).
     Breadcrumbs,
+    /// Each element kept with a probability rising with its |δ|'s rank in
+    /// its row, from density − ε to density + ε (DELLA).
+    Della,
 }
 
 /// One model's parameters for one tensor.
@@ -51,6 +60,8 @@ pub struct Term {
     pub density: f64,
     /// Breadcrumbs: share of the largest |δ| dropped.
     pub gamma: f64,
+    /// DELLA: half the spread of the keep probabilities.
+    pub epsilon: f64,
 }
 
 /// The settings of the task-arithmetic chain for one tensor.
@@ -151,7 +162,7 @@ fn write_blocks<S: Send>(
 }
 
 /// Which elements of one model's delta survive thinning.
-enum Mask {
+pub(crate) enum Mask {
     All,
     Random {
         key: u32,
@@ -161,11 +172,17 @@ enum Mask {
     Above(Smallest),
     /// Not among the `lower` smallest, but among the `upper` smallest.
     Between(Smallest, Smallest),
+    /// One bit per element, rows of `row_len` each starting a word.
+    Bits {
+        row_len: usize,
+        words: usize,
+        bits: Vec<u64>,
+    },
 }
 
 impl Mask {
     /// Keep flags for elements `r` (block `b`) with deltas `d`.
-    fn block(&self, b: usize, r: Range<usize>, d: &[f32], keep: &mut Vec<bool>) {
+    pub(crate) fn block(&self, b: usize, r: Range<usize>, d: &[f32], keep: &mut Vec<bool>) {
         keep.clear();
         match self {
             Mask::All => keep.resize(d.len(), true),
@@ -185,6 +202,14 @@ impl Mask {
                     !below && within
                 }));
             }
+            Mask::Bits {
+                row_len,
+                words,
+                bits,
+            } => keep.extend(r.map(|i| {
+                let (row, j) = (i / row_len, i % row_len);
+                bits[row * words + j / 64] >> (j % 64) & 1 == 1
+            })),
         }
     }
 }
@@ -246,7 +271,57 @@ fn mask_for(
             let hi = Smallest::find(n, (bottom + keep) as u64, &keys)?;
             Mask::Between(lo, hi)
         }
+        Sparsify::Della if term.density >= 1.0 => Mask::All,
+        Sparsify::Della => della_mask(base, x, term, g, name, model, cast),
     })
+}
+
+/// DELLA's draws: in each row of the `(shape[0], rest)` view (a 1-D tensor
+/// is one row), the element of rank k by |δ| ascending (ties to the lower
+/// index), of n, is kept with probability (density − ε) + k/(n − 1)·2ε.
+fn della_mask(
+    base: &TensorRef,
+    x: &TensorRef,
+    term: &Term,
+    g: &Gta,
+    name: &str,
+    model: u32,
+    cast: Option<DType>,
+) -> Mask {
+    let n = base.numel();
+    let row_len = if base.shape.len() < 2 {
+        n
+    } else {
+        base.rows().1
+    }
+    .max(1);
+    let words = row_len.div_ceil(64);
+    let mut bits = vec![0u64; (n / row_len) * words];
+    let stream = rng::stream_key(g.seed, name, model);
+    let low = (term.density - term.epsilon) as f32;
+    let spread = (2.0 * term.epsilon) as f32;
+    bits.par_chunks_mut(words).enumerate().for_each_init(
+        || ((Vec::new(), Vec::new()), Vec::new()),
+        |(bufs, order), (row, w)| {
+            let start = row * row_len;
+            deltas(base, x, start..start + row_len, cast, bufs);
+            order.clear();
+            order.extend(bufs.1.iter().enumerate().map(|(j, &v)| (key(v), j)));
+            order.sort_unstable();
+            let last = (row_len - 1).max(1) as f32;
+            for (rank, &(_, j)) in order.iter().enumerate() {
+                let p = low + (rank as f32 / last) * spread;
+                if rng::uniform(stream, (start + j) as u64) < p {
+                    w[j / 64] |= 1 << (j % 64);
+                }
+            }
+        },
+    );
+    Mask::Bits {
+        row_len,
+        words,
+        bits,
+    }
 }
 
 /// The generalized task-arithmetic chain over `ts[0]` (the base) and the

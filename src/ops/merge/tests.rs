@@ -108,16 +108,19 @@ fn the_task_arithmetic_family_follows_its_rules() {
                 weight: 1.0,
                 density: 0.5,
                 gamma: 0.1,
+                epsilon: 0.1,
             },
             Term {
                 weight: 0.3,
                 density: 0.2,
                 gamma: 0.0,
+                epsilon: 0.1,
             },
             Term {
                 weight: -0.7,
                 density: 1.0,
                 gamma: 0.3,
+                epsilon: 0.1,
             },
         ];
         for (sparsify, consensus, normalize, rescale) in [
@@ -156,7 +159,7 @@ fn the_task_arithmetic_family_follows_its_rules() {
                             let bottom = n.saturating_sub(keep + floor(t.gamma));
                             keep_by_sort(&d, bottom, keep)
                         }
-                        Sparsify::Random => unreachable!(),
+                        Sparsify::Random | Sparsify::Della => unreachable!(),
                     }
                 })
                 .collect();
@@ -202,6 +205,7 @@ fn dare_keeps_each_element_with_the_density_and_repeats() {
         weight: 1.0,
         density: 0.3,
         gamma: 0.0,
+        epsilon: 0.1,
     }];
     let g = Gta {
         sparsify: Sparsify::Random,
@@ -285,5 +289,84 @@ fn linear_and_slerp() {
     let (p, _) = slerp(&ta.view(), &ta.view(), 0.3, None, DType::F32).unwrap();
     for (x, y) in p.to_f32_vec().iter().zip(&a) {
         assert_eq!(*x, 0.7 * y + 0.3 * y);
+    }
+}
+
+#[test]
+fn della_keeps_large_deltas_more_often() {
+    // One row of 100,000 deltas 1..=n: rank = index, so the keep rate rises
+    // from density − ε at the smallest to density + ε at the largest.
+    let n = 100_000;
+    let base = vec![0.0f32; n];
+    let x: Vec<f32> = (1..=n).map(|i| i as f32).collect();
+    let (tb, tx) = (
+        tensor(DType::F32, &[n], &base),
+        tensor(DType::F32, &[n], &x),
+    );
+    let terms = [Term {
+        weight: 1.0,
+        density: 0.5,
+        gamma: 0.0,
+        epsilon: 0.2,
+    }];
+    let g = Gta {
+        sparsify: Sparsify::Della,
+        consensus: false,
+        normalize: false,
+        rescale: false,
+        lambda: 1.0,
+        seed: 3,
+    };
+    let m = gta(&[tb.view(), tx.view()], &terms, &g, "w", None, DType::F32).unwrap();
+    let got = m.tensor.to_f32_vec();
+    let share = |r: std::ops::Range<usize>| {
+        got[r.clone()].iter().filter(|v| **v != 0.0).count() as f64 / r.len() as f64
+    };
+    // 10,000 draws each: ±5 standard deviations (0.005).
+    assert!(
+        (share(0..10_000) - 0.32).abs() < 0.025,
+        "{}",
+        share(0..10_000)
+    );
+    assert!(
+        (share(90_000..n) - 0.68).abs() < 0.025,
+        "{}",
+        share(90_000..n)
+    );
+    assert!((m.kept[0] - 0.5).abs() < 0.01, "{}", m.kept[0]);
+}
+
+#[test]
+fn model_stock_keeps_the_base_when_offsets_cancel() {
+    let mut rng = Rng::new(4);
+    let n = 500;
+    let base: Vec<f32> = (0..n).map(|_| rng.normal() as f32).collect();
+    let d: Vec<f32> = (0..n).map(|_| rng.normal() as f32 * 0.1).collect();
+    let a: Vec<f32> = base.iter().zip(&d).map(|(b, d)| b + d).collect();
+    let b: Vec<f32> = base.iter().zip(&d).map(|(b, d)| b - d).collect();
+    let t = |v: &[f32]| tensor(DType::F32, &[n], v);
+    let (tb, ta, tm) = (t(&base), t(&a), t(&b));
+    // cos θ ≈ −1 between the offsets: 1 + (N − 1)·cos θ ≈ 0, t = 0.
+    let (out, _) = model_stock(
+        &[tb.view(), ta.view(), tm.view()],
+        Vectors::Whole,
+        None,
+        DType::F32,
+    )
+    .unwrap();
+    let got = out.to_f32_vec();
+    for (g, b) in got.iter().zip(&base) {
+        assert!((g - b).abs() <= 1e-6 * (1.0 + b.abs()), "{g} vs {b}");
+    }
+    // Equal offsets: cos θ = 1, t = 1, the models' mean.
+    let (out, _) = model_stock(
+        &[tb.view(), ta.view(), ta.view()],
+        Vectors::Whole,
+        None,
+        DType::F32,
+    )
+    .unwrap();
+    for (g, x) in out.to_f32_vec().iter().zip(&a) {
+        assert!((g - x).abs() <= 1e-6 * (1.0 + x.abs()), "{g} vs {x}");
     }
 }

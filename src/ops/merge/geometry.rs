@@ -1,0 +1,253 @@
+//! The methods that look at whole vectors: `nearswap` (elementwise, but
+//! measured against the distance between the two models), `model_stock`
+//! (the angle between the fine-tunes' offsets) and `nuslerp` (spherical
+//! interpolation of two models or of their deltas from a base), over the
+//! whole flattened tensor or row by row (the last dimension).
+
+use super::{block_range, check_inputs, decode, write_blocks};
+use crate::error::{Error, Result};
+use crate::ops::diff::Diff;
+use crate::ops::CPU_BLOCK;
+use crate::tensor::{DType, Tensor, TensorRef};
+use rayon::prelude::*;
+use std::ops::Range;
+
+/// Which vectors a method measures.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Vectors {
+    /// The whole tensor, flattened.
+    Whole,
+    /// Each row of the last dimension (a 1-D tensor is one row).
+    Rows,
+}
+
+impl Vectors {
+    fn row_len(self, t: &TensorRef) -> Option<usize> {
+        match self {
+            Vectors::Whole => None,
+            Vectors::Rows => Some(t.shape.last().copied().unwrap_or(1).max(1)),
+        }
+    }
+}
+
+/// Sums `f` gives over the elements of each vector, in f64, in a fixed
+/// order (so they repeat exactly).
+fn sums(
+    n: usize,
+    row_len: Option<usize>,
+    f: impl Fn(Range<usize>) -> Vec<f64> + Sync,
+) -> Vec<Vec<f64>> {
+    match row_len {
+        None => {
+            let parts: Vec<Vec<f64>> = (0..n.div_ceil(CPU_BLOCK))
+                .into_par_iter()
+                .map(|b| f(block_range(b, n)))
+                .collect();
+            let mut total = f(0..0);
+            for p in parts {
+                total.iter_mut().zip(p).for_each(|(a, b)| *a += b);
+            }
+            vec![total]
+        }
+        Some(l) => (0..n / l)
+            .into_par_iter()
+            .with_min_len((CPU_BLOCK / l).max(1))
+            .map(|r| f(r * l..(r + 1) * l))
+            .collect(),
+    }
+}
+
+/// NearSwap: w = clamp(t / max(|a − b|, 1e-6), 0, 1), then w·b + (1 − w)·a,
+/// element by element (`a` is the base).
+pub fn nearswap(
+    a: &TensorRef,
+    b: &TensorRef,
+    t: f32,
+    cast: Option<DType>,
+    out: DType,
+) -> Result<(Tensor, Diff)> {
+    check_inputs("nearswap", &[*a, *b], out)?;
+    crate::ops::finite_param("nearswap t", t)?;
+    let (tensor, diff, _) = write_blocks(a, out, |_, r, ys| {
+        let mut y = Vec::new();
+        decode(a, r.clone(), cast, ys);
+        let other = decode(b, r, cast, &mut y);
+        for (x, &v) in ys.iter_mut().zip(&y) {
+            let w = (t / (*x - v).abs().max(1e-6)).clamp(0.0, 1.0);
+            *x = w * v + (1.0 - w) * *x;
+        }
+        ((), other)
+    });
+    Ok((tensor, diff))
+}
+
+/// Model Stock: with offsets δᵢ = wᵢ − w₀ of N ≥ 2 models, cos θ the mean
+/// of their pairwise cosines (norm products clamped to ≥ 1e-6, cosines to
+/// [−1, 1]) and t = N·cos θ / (1 + (N − 1)·cos θ) — 0 where the
+/// denominator is within 1e-6 of 0 — the result t·mean(wᵢ) + (1 − t)·w₀, per
+/// tensor or per row. `ts[0]` is the base.
+pub fn model_stock(
+    ts: &[TensorRef],
+    by: Vectors,
+    cast: Option<DType>,
+    out: DType,
+) -> Result<(Tensor, Diff)> {
+    check_inputs("model_stock", ts, out)?;
+    let m = ts.len() - 1;
+    if m < 2 {
+        return Err(Error::input(format!(
+            "model_stock needs a base and at least two models, got {m}"
+        )));
+    }
+    let base = &ts[0];
+    let n = base.numel();
+    let row_len = by.row_len(base);
+    // Per vector: ‖δᵢ‖² for each i, then δᵢ·δⱼ for each pair i < j.
+    let pairs: Vec<(usize, usize)> = (0..m)
+        .flat_map(|i| (i + 1..m).map(move |j| (i, j)))
+        .collect();
+    let s = sums(n, row_len, |r| {
+        let mut acc = vec![0f64; m + pairs.len()];
+        if r.is_empty() {
+            return acc;
+        }
+        let mut b0 = Vec::new();
+        decode(base, r.clone(), cast, &mut b0);
+        let ds: Vec<Vec<f32>> = ts[1..]
+            .iter()
+            .map(|t| {
+                let mut x = Vec::new();
+                decode(t, r.clone(), cast, &mut x);
+                x.iter_mut().zip(&b0).for_each(|(x, b)| *x -= b);
+                x
+            })
+            .collect();
+        for (i, d) in ds.iter().enumerate() {
+            acc[i] = d.iter().map(|&v| (v as f64) * (v as f64)).sum();
+        }
+        for (p, &(i, j)) in pairs.iter().enumerate() {
+            acc[m + p] = ds[i]
+                .iter()
+                .zip(&ds[j])
+                .map(|(&a, &b)| a as f64 * b as f64)
+                .sum();
+        }
+        acc
+    });
+    let t: Vec<f32> = s
+        .iter()
+        .map(|v| {
+            let cos: f64 = pairs
+                .iter()
+                .enumerate()
+                .map(|(p, &(i, j))| {
+                    (v[m + p] / (v[i].sqrt() * v[j].sqrt()).max(1e-6)).clamp(-1.0, 1.0)
+                })
+                .sum::<f64>()
+                / pairs.len() as f64;
+            let den = 1.0 + (m as f64 - 1.0) * cos;
+            if den.abs() < 1e-6 {
+                0.0
+            } else {
+                (m as f64 * cos / den) as f32
+            }
+        })
+        .collect();
+    let (tensor, diff, _) = write_blocks(base, out, |_, r, ys| {
+        let mut x = Vec::new();
+        decode(base, r.clone(), cast, ys);
+        let mut avg = vec![0f32; r.len()];
+        let mut other = 0;
+        for t in &ts[1..] {
+            other += decode(t, r.clone(), cast, &mut x);
+            avg.iter_mut().zip(&x).for_each(|(a, v)| *a += v);
+        }
+        for (k, (y, a)) in ys.iter_mut().zip(&avg).enumerate() {
+            let tk = t[row_len.map_or(0, |l| (r.start + k) / l)];
+            *y = tk * (a / m as f32) + (1.0 - tk) * *y;
+        }
+        ((), other)
+    });
+    Ok((tensor, diff))
+}
+
+/// NuSLERP: spherical interpolation at t between `v0` and `v1` — or, with
+/// a base, base + the interpolation of their deltas — per tensor or per
+/// row: unit vectors (norms clamped to ≥ 1e-7), cos θ clamped to [−1, 1],
+/// and the plain lerp where 1 − cos² θ ≤ 1e-16.
+pub fn nuslerp(
+    base: Option<&TensorRef>,
+    v0: &TensorRef,
+    v1: &TensorRef,
+    t: f32,
+    by: Vectors,
+    cast: Option<DType>,
+    out: DType,
+) -> Result<(Tensor, Diff)> {
+    let mut all = vec![*v0, *v1];
+    all.extend(base.copied());
+    check_inputs("nuslerp", &all, out)?;
+    crate::ops::finite_param("nuslerp t", t)?;
+    let n = v0.numel();
+    let row_len = by.row_len(v0);
+    // The two vectors of elements r: the models, or their deltas.
+    // Returns the NaN and infinite values of the inputs other than the
+    // first (the base, or v0).
+    let vecs = |r: Range<usize>, a: &mut Vec<f32>, b: &mut Vec<f32>| -> u64 {
+        let first = decode(v0, r.clone(), cast, a);
+        let bad = decode(v1, r.clone(), cast, b) + if base.is_some() { first } else { 0 };
+        if let Some(base) = base {
+            let mut z = Vec::new();
+            decode(base, r, cast, &mut z);
+            a.iter_mut().zip(&z).for_each(|(x, z)| *x -= z);
+            b.iter_mut().zip(&z).for_each(|(x, z)| *x -= z);
+        }
+        bad
+    };
+    let s = sums(n, row_len, |r| {
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        vecs(r, &mut a, &mut b);
+        let mut acc = vec![0f64; 3];
+        for (&x, &y) in a.iter().zip(&b) {
+            let (x, y) = (x as f64, y as f64);
+            acc[0] += x * x;
+            acc[1] += y * y;
+            acc[2] += x * y;
+        }
+        acc
+    });
+    let coef: Vec<(f32, f32)> = s
+        .iter()
+        .map(|v| {
+            let (na, nb) = (v[0].sqrt().max(1e-7), v[1].sqrt().max(1e-7));
+            let cos = (v[2] / (na * nb)).clamp(-1.0, 1.0);
+            if 1.0 - cos * cos <= 1e-16 {
+                (1.0 - t, t)
+            } else {
+                let th = cos.acos();
+                let sin = th.sin();
+                (
+                    (((1.0 - t as f64) * th).sin() / sin) as f32,
+                    ((t as f64 * th).sin() / sin) as f32,
+                )
+            }
+        })
+        .collect();
+    let first = base.copied().unwrap_or(*v0);
+    let (tensor, diff, _) = write_blocks(&first, out, |_, r, ys| {
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        let bad = vecs(r.clone(), &mut a, &mut b);
+        ys.clear();
+        if let Some(base) = base {
+            decode(base, r.clone(), cast, ys);
+        } else {
+            ys.resize(r.len(), 0.0);
+        }
+        for (k, y) in ys.iter_mut().enumerate() {
+            let (ca, cb) = coef[row_len.map_or(0, |l| (r.start + k) / l)];
+            *y += ca * a[k] + cb * b[k];
+        }
+        ((), bad)
+    });
+    Ok((tensor, diff))
+}
