@@ -230,6 +230,35 @@ fn deltas(
     nonfinite
 }
 
+/// |δ|'s sort keys for elements `r`: one fused, vectorizable loop when
+/// both tensors have one dtype and no cast changes them (the rank passes
+/// run it several times per model).
+fn delta_keys(
+    base: &TensorRef,
+    x: &TensorRef,
+    r: Range<usize>,
+    cast: Option<DType>,
+    out: &mut Vec<u32>,
+) {
+    out.clear();
+    let plain = base.dtype == x.dtype && cast.is_none_or(|c| c == base.dtype || c == DType::F32);
+    if !plain {
+        let mut bufs = (Vec::new(), Vec::new());
+        deltas(base, x, r, cast, &mut bufs);
+        out.extend(bufs.1.iter().map(|&v| key(v)));
+        return;
+    }
+    with_codec!(base.dtype, C => fast!({
+        let bs = &base.data[r.start * C::SIZE..r.end * C::SIZE];
+        let xs = &x.data[r.start * C::SIZE..r.end * C::SIZE];
+        out.extend(
+            bs.chunks_exact(C::SIZE)
+                .zip(xs.chunks_exact(C::SIZE))
+                .map(|(b, v)| key(C::to_f32(C::read(v, 0)) - C::to_f32(C::read(b, 0)))),
+        );
+    }))
+}
+
 fn mask_for(
     base: &TensorRef,
     x: &TensorRef,
@@ -240,12 +269,7 @@ fn mask_for(
     cast: Option<DType>,
 ) -> Result<Mask> {
     let n = base.numel();
-    let keys = |r: Range<usize>, out: &mut Vec<u32>| {
-        let mut bufs = (Vec::new(), Vec::new());
-        deltas(base, x, r, cast, &mut bufs);
-        out.clear();
-        out.extend(bufs.1.iter().map(|&v| key(v)));
-    };
+    let keys = |r: Range<usize>, out: &mut Vec<u32>| delta_keys(base, x, r, cast, out);
     let floor = |share: f64| (share * n as f64).floor() as u64;
     Ok(match g.sparsify {
         Sparsify::None => Mask::All,
