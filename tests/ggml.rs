@@ -187,3 +187,22 @@ fn pruned_tensor_over_many_workgroups() {
         );
     }
 }
+
+#[test]
+fn dequantizing_into_a_16_bit_dtype_rounds_like_convert() {
+    // The fused path (blocks straight to bf16/f16) against dequantizing to
+    // f32 and converting: the same bits, for every type.
+    let input = fixed_input();
+    let shape = [input.len() / 4];
+    let t = modelpress::TensorRef::new(DType::F32, &shape, &input).unwrap();
+    for &ty in BlockType::ALL {
+        let q = quantize(&Device::Cpu, ty, &t).unwrap();
+        let f = dequantize(ty, &q.data, shape[0]).unwrap();
+        let fv = Tensor::from_f32(DType::F32, &shape, &f).unwrap();
+        for dtype in FLOATS {
+            let want = modelpress::quantize::convert(&Device::Cpu, &fv.view(), dtype).unwrap();
+            let got = modelpress::ops::ggml::dequantize_into(ty, &q.data, shape[0], dtype).unwrap();
+            assert!(got == want.data, "{} -> {dtype}", ty.name());
+        }
+    }
+}

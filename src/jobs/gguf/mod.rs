@@ -488,7 +488,7 @@ pub fn dequantize_gguf(
         Gguf(GgufWriter),
         St(SafetensorsWriter),
     }
-    let mut w = if to_gguf {
+    let w = if to_gguf {
         let mut meta = g.metadata.clone();
         meta.retain(|(k, _)| k != "general.file_type" && k != "general.quantization_version");
         meta.push((
@@ -527,57 +527,76 @@ pub fn dequantize_gguf(
             .collect::<Result<Vec<_>>>()?;
         Writer::St(SafetensorsWriter::create(&dests[0], entries, None)?)
     };
-    for t in &g.tensors {
-        let t0 = Instant::now();
-        let data = g.data(t);
-        let inp = In {
+    let inputs: Vec<In> = g
+        .tensors
+        .iter()
+        .map(|t| In {
             name: t.name.clone(),
             shape: t.shape(),
             ty: t.ty,
             pages: Pages::Gguf(g, t),
-        };
-        let mut r = pass_through(&inp, 0.0);
-        let deq: Vec<f32>;
-        let bytes: std::borrow::Cow<[u8]> = if let Some(bt) = BlockType::from_ggml(t.ty) {
-            deq =
-                ggml::dequantize(bt, data, t.numel() as usize).map_err(|e| e.at(input, &t.name))?;
-            let f32s: &[u8] = bytemuck::cast_slice(&deq);
-            if dtype == DType::F32 {
-                f32s.into()
-            } else {
-                let view = TensorRef::new(DType::F32, &inp.shape, f32s)?;
-                quantize::convert(dev, &view, dtype)
-                    .map_err(|e| e.at(input, &t.name))?
-                    .data
-                    .into()
-            }
-        } else if let Some(d) = dtype_of(t.ty).filter(|&d| d != dtype) {
-            let view = TensorRef::new(d, &inp.shape, data).map_err(|e| e.at(input, &t.name))?;
-            quantize::convert(dev, &view, dtype)
-                .map_err(|e| e.at(input, &t.name))?
-                .data
-                .into()
-        } else {
-            data.into()
-        };
-        if changes(t.ty) && t.ty != target {
-            r.op = format!("{} -> {}", t.ty.name(), target.name());
-            r.dtypes_out = vec![target.name().into()];
+        })
+        .collect();
+    fn write(w: &mut Writer, name: &str, bytes: &[u8]) -> Result<()> {
+        match w {
+            Writer::Gguf(w) => w.write(name, bytes),
+            Writer::St(w) => w.write(name, bytes),
         }
-        r.bytes_out = bytes.len() as u64;
-        match &mut w {
-            Writer::Gguf(w) => w.write(&t.name, &bytes)?,
-            Writer::St(w) => w.write(&t.name, &bytes)?,
-        }
-        drop(bytes);
-        inp.release();
-        r.seconds = t0.elapsed().as_secs_f64();
-        report.tensors.push(r);
     }
+    let mut stages = Stages::default();
+    // The disk writes one tensor while the next is dequantized.
+    let w = write_behind(w, write, &mut stages, |tx, stages| {
+        for (t, inp) in g.tensors.iter().zip(&inputs) {
+            let t0 = Instant::now();
+            let data = inp.data();
+            let mut r = pass_through(inp, 0.0);
+            let tr = Instant::now();
+            inp.populate();
+            stages.read += tr.elapsed().as_secs_f64();
+            let tk = Instant::now();
+            let convert = |d: DType, bytes: &[u8]| -> Result<Cow<'_, [u8]>> {
+                let view = TensorRef::new(d, &inp.shape, bytes)?;
+                let c = quantize::convert(dev, &view, dtype).map_err(|e| e.at(input, &t.name))?;
+                Ok(Cow::Owned(c.data))
+            };
+            let n = t.numel() as usize;
+            let bytes: Cow<[u8]> = match (BlockType::from_ggml(t.ty), dtype_of(t.ty)) {
+                // On the CPU (or to f32): straight into the target dtype,
+                // a few blocks at a time.
+                (Some(bt), _) if matches!(dev, Device::Cpu) || dtype == DType::F32 => {
+                    let b = ggml::dequantize_into(bt, data, n, dtype);
+                    Cow::Owned(b.map_err(|e| e.at(input, &t.name))?)
+                }
+                // On a GPU: f32 on the CPU (ggml's dequantizers), then the
+                // device rounds.
+                (Some(bt), _) => {
+                    let deq = ggml::dequantize(bt, data, n).map_err(|e| e.at(input, &t.name))?;
+                    Cow::Owned(convert(DType::F32, bytemuck::cast_slice(&deq))?.into_owned())
+                }
+                (None, Some(d)) if d != dtype => Cow::Owned(convert(d, data)?.into_owned()),
+                _ => Cow::Borrowed(data),
+            };
+            stages.kernel += tk.elapsed().as_secs_f64();
+            if changes(t.ty) && t.ty != target {
+                r.op = format!("{} -> {}", t.ty.name(), target.name());
+                r.dtypes_out = vec![target.name().into()];
+            }
+            r.bytes_out = bytes.len() as u64;
+            r.seconds = t0.elapsed().as_secs_f64();
+            report.tensors.push(r);
+            let tw = Instant::now();
+            send(tx, inp, bytes)?;
+            stages.wait += tw.elapsed().as_secs_f64();
+        }
+        Ok(())
+    })?;
+    let ts = Instant::now();
     let file = match w {
         Writer::Gguf(w) => w.finish_staged()?,
         Writer::St(w) => w.finish_staged()?,
     };
+    stages.sync = ts.elapsed().as_secs_f64();
+    report.totals.stages = stages;
     report.finish_totals(start.elapsed().as_secs_f64());
     dest.commit(&dests, file, &report)?;
     Ok(report)

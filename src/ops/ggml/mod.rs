@@ -283,6 +283,39 @@ pub fn dequantize(ty: BlockType, q: &[u8], n: usize) -> Result<Vec<f32>> {
     Ok(y)
 }
 
+/// `dequantize` straight into `dtype`'s bytes (rounded to nearest even, as
+/// `quantize::convert`), a few blocks at a time: no full-size f32 copy.
+/// CPU.
+pub fn dequantize_into(
+    ty: BlockType,
+    q: &[u8],
+    n: usize,
+    dtype: crate::tensor::DType,
+) -> Result<Vec<u8>> {
+    dtype.require_float("dequantize")?;
+    let (bv, bb) = (ty.block_values(), ty.block_bytes());
+    if !n.is_multiple_of(bv) || q.len() != n / bv * bb {
+        return Err(Error::input(format!(
+            "{} data of {} bytes does not hold {n} values",
+            ty.name(),
+            q.len()
+        )));
+    }
+    let mut out = vec![0u8; n * dtype.size()];
+    with_codec!(dtype, C => out
+    .par_chunks_mut(CPU_TASK_BLOCKS * bv * C::SIZE)
+    .zip(q.par_chunks(CPU_TASK_BLOCKS * bb))
+    .for_each_init(Vec::new, |y: &mut Vec<f32>, (o, q)| {
+        y.clear();
+        y.resize(o.len() / C::SIZE, 0.0);
+        reference::dequantize_blocks(ty, q, y);
+        for (k, &v) in y.iter().enumerate() {
+            C::write(o, k, C::from_f32(v));
+        }
+    }));
+    Ok(out)
+}
+
 /// The error of blocks `q` of `ty` against the tensor they quantize,
 /// dequantized a few blocks at a time (no full-size copy): for blocks made
 /// elsewhere (`quantize` gives its own in passing).
