@@ -107,7 +107,14 @@ fn check_inputs(what: &str, ts: &[TensorRef], out: DType) -> Result<()> {
 /// or infinite as read.
 fn decode(t: &TensorRef, r: Range<usize>, cast: Option<DType>, buf: &mut Vec<f32>) -> u64 {
     buf.clear();
-    with_codec!(t.dtype, C => buf.extend(r.map(|i| C::to_f32(C::read(t.data, i)))));
+    buf.resize(r.len(), 0.0);
+    // Exact-size slices zipped: no bounds checks, so the loop vectorizes.
+    with_codec!(t.dtype, C => fast!({
+        let bytes = &t.data[r.start * C::SIZE..r.end * C::SIZE];
+        for (y, x) in buf.iter_mut().zip(bytes.chunks_exact(C::SIZE)) {
+            *y = C::to_f32(C::read(x, 0));
+        }
+    }));
     let nonfinite = buf.iter().filter(|v| !v.is_finite()).count() as u64;
     if let Some(c) = cast.filter(|&c| c != t.dtype && c != DType::F32) {
         with_codec!(c, K => buf.iter_mut().for_each(|v| *v = K::to_f32(K::from_f32(*v))));
@@ -248,17 +255,43 @@ fn delta_keys(
         out.extend(bufs.1.iter().map(|&v| key(v)));
         return;
     }
+    out.resize(r.len(), 0);
     with_codec!(base.dtype, C => fast!({
         let bs = &base.data[r.start * C::SIZE..r.end * C::SIZE];
         let xs = &x.data[r.start * C::SIZE..r.end * C::SIZE];
-        out.extend(
-            bs.chunks_exact(C::SIZE)
-                .zip(xs.chunks_exact(C::SIZE))
-                .map(|(b, v)| key(C::to_f32(C::read(v, 0)) - C::to_f32(C::read(b, 0)))),
-        );
+        for ((o, b), v) in out.iter_mut().zip(bs.chunks_exact(C::SIZE)).zip(xs.chunks_exact(C::SIZE)) {
+            *o = key(C::to_f32(C::read(v, 0)) - C::to_f32(C::read(b, 0)));
+        }
     }))
 }
 
+/// The rank cuts a model's thinning needs, as counts of smallest |δ|:
+/// magnitude drops the n − k smallest; breadcrumbs keeps ranks between two.
+fn cut_counts(n: usize, term: &Term, sparsify: Sparsify) -> Vec<u64> {
+    let floor = |share: f64| (share * n as f64).floor() as u64;
+    match sparsify {
+        Sparsify::Magnitude => {
+            let keep = if term.density >= 1.0 {
+                n as u64
+            } else {
+                floor(term.density).max(1).min(n as u64)
+            };
+            vec![n as u64 - keep]
+        }
+        Sparsify::Breadcrumbs => {
+            // Ascending by |δ|: drop the `bottom` smallest, keep the next
+            // `keep`, drop the rest (the γ share of largest); when the two
+            // shares overlap, the top gives way.
+            let keep = floor(term.density);
+            let bottom = (n as u64).saturating_sub(keep + floor(term.gamma));
+            vec![bottom, bottom + keep]
+        }
+        _ => Vec::new(),
+    }
+}
+
+/// A model's mask; `cuts` yields the rank cuts `cut_counts` asked for.
+#[allow(clippy::too_many_arguments)]
 fn mask_for(
     base: &TensorRef,
     x: &TensorRef,
@@ -267,33 +300,22 @@ fn mask_for(
     name: &str,
     model: u32,
     cast: Option<DType>,
+    cuts: &mut impl Iterator<Item = Smallest>,
 ) -> Result<Mask> {
-    let n = base.numel();
-    let keys = |r: Range<usize>, out: &mut Vec<u32>| delta_keys(base, x, r, cast, out);
-    let floor = |share: f64| (share * n as f64).floor() as u64;
+    let mut cut = || {
+        cuts.next()
+            .ok_or_else(|| Error::input("merge: a rank cut is missing"))
+    };
     Ok(match g.sparsify {
         Sparsify::None => Mask::All,
         Sparsify::Random => Mask::Random {
             key: rng::stream_key(g.seed, name, model),
             p: term.density as f32,
         },
-        Sparsify::Magnitude => {
-            let keep = if term.density >= 1.0 {
-                n as u64
-            } else {
-                floor(term.density).max(1).min(n as u64)
-            };
-            Mask::Above(Smallest::find(n, n as u64 - keep, &keys)?)
-        }
+        Sparsify::Magnitude => Mask::Above(cut()?),
         Sparsify::Breadcrumbs => {
-            // Ascending by |δ|: drop the `bottom` smallest, keep the next
-            // `keep`, drop the rest (the γ share of largest); when the two
-            // shares overlap, the top gives way.
-            let keep = floor(term.density) as i64;
-            let bottom = (n as i64 - keep - floor(term.gamma) as i64).max(0);
-            let lo = Smallest::find(n, bottom as u64, &keys)?;
-            let hi = Smallest::find(n, (bottom + keep) as u64, &keys)?;
-            Mask::Between(lo, hi)
+            let lo = cut()?;
+            Mask::Between(lo, cut()?)
         }
         Sparsify::Della if term.density >= 1.0 => Mask::All,
         Sparsify::Della => della_mask(base, x, term, g, name, model, cast),
@@ -371,10 +393,30 @@ pub fn gta(
     }
     let base = &ts[0];
     let n = base.numel();
+    // Every model's rank cuts in shared passes (the base read once each).
+    let requests: Vec<(usize, u64)> = terms
+        .iter()
+        .enumerate()
+        .flat_map(|(i, t)| {
+            cut_counts(n, t, g.sparsify)
+                .into_iter()
+                .map(move |k| (i, k))
+        })
+        .collect();
+    let cuts = if requests.is_empty() {
+        Vec::new()
+    } else {
+        rank::find_many(n, terms.len(), &requests, &|r, bufs: &mut [Vec<u32>]| {
+            for (i, out) in bufs.iter_mut().enumerate() {
+                delta_keys(base, &ts[i + 1], r.clone(), cast, out);
+            }
+        })?
+    };
+    let mut cuts = cuts.into_iter();
     let masks = terms
         .iter()
         .enumerate()
-        .map(|(i, t)| mask_for(base, &ts[i + 1], t, g, name, i as u32 + 1, cast))
+        .map(|(i, t)| mask_for(base, &ts[i + 1], t, g, name, i as u32 + 1, cast, &mut cuts))
         .collect::<Result<Vec<_>>>()?;
     // Rescale: each thinned delta back to its L1 norm (sums in f64, in
     // block order, so that they repeat exactly).
@@ -414,59 +456,65 @@ pub fn gta(
     let wsum: f32 = terms.iter().map(|t| t.weight).sum();
     let divisor = if wsum.abs() < 1e-8 { 1.0 } else { wsum };
     let models = terms.len();
+    // Model by model over the block's arrays (loops the compiler can
+    // vectorize), each element's sums still taken in model order.
     let (tensor, diff, counts) = write_blocks(base, out, |b, r, ys| {
-        let len = r.len();
-        let mut bufs = (Vec::new(), Vec::new());
-        let mut keep = Vec::new();
-        // wδ of every model for this block, model-major.
-        let mut wd = vec![0f32; models * len];
-        let mut other = 0;
-        for (i, m) in masks.iter().enumerate() {
-            other += deltas(base, &ts[i + 1], r.clone(), cast, &mut bufs);
-            m.block(b, r.clone(), &bufs.1, &mut keep);
-            let (w, s) = (terms[i].weight, scale[i]);
-            for ((o, &d), &k) in wd[i * len..(i + 1) * len]
-                .iter_mut()
-                .zip(&bufs.1)
-                .zip(&keep)
-            {
-                *o = if k { w * (d * s) } else { 0.0 };
+        fast!({
+            let len = r.len();
+            let mut b0 = Vec::new();
+            decode(base, r.clone(), cast, &mut b0);
+            let (mut d, mut keep) = (Vec::new(), Vec::new());
+            // wδ of every model for this block, model-major.
+            let mut wd = vec![0f32; models * len];
+            let mut other = 0;
+            for (i, m) in masks.iter().enumerate() {
+                other += decode(&ts[i + 1], r.clone(), cast, &mut d);
+                d.iter_mut().zip(&b0).for_each(|(x, b)| *x -= b);
+                m.block(b, r.clone(), &d, &mut keep);
+                let (w, s) = (terms[i].weight, scale[i]);
+                for ((o, &x), &k) in wd[i * len..(i + 1) * len].iter_mut().zip(&d).zip(&keep) {
+                    *o = if k { w * (x * s) } else { 0.0 };
+                }
             }
-        }
-        decode(base, r, cast, &mut bufs.0);
-        ys.clear();
-        let mut counted = vec![0u64; models];
-        for (e, &b0) in bufs.0.iter().enumerate() {
-            let mut sum = 0f32;
-            let mut div = divisor;
+            let mut counted = vec![0u64; models];
+            let mut sum = vec![0f32; len];
+            let mut div = vec![divisor; len];
             if g.consensus {
-                let total: f32 = (0..models).map(|i| wd[i * len + e]).sum();
-                let positive = total >= 0.0;
-                div = 0.0;
-                for (i, c) in counted.iter_mut().enumerate() {
-                    let v = wd[i * len + e];
-                    if v != 0.0 && (v > 0.0) == positive {
-                        sum += v;
-                        div += terms[i].weight;
-                        *c += 1;
+                // Σ wδ decides the sign; only deltas that agree count, and
+                // only their weights divide. (A sum of non-zero terms is
+                // never −0, so adding 0 for the others changes no bit.)
+                let mut total = vec![0f32; len];
+                for row in wd.chunks_exact(len.max(1)) {
+                    total.iter_mut().zip(row).for_each(|(t, v)| *t += v);
+                }
+                div.iter_mut().for_each(|x| *x = 0.0);
+                for (i, row) in wd.chunks_exact(len.max(1)).enumerate() {
+                    let w = terms[i].weight;
+                    let mut c = 0u64;
+                    for (((s, dv), &v), &t) in
+                        sum.iter_mut().zip(div.iter_mut()).zip(row).zip(&total)
+                    {
+                        let k = (v != 0.0) & ((v > 0.0) == (t >= 0.0));
+                        *s += if k { v } else { 0.0 };
+                        *dv += if k { w } else { 0.0 };
+                        c += k as u64;
                     }
+                    counted[i] = c;
                 }
-                if div == 0.0 {
-                    div = 1.0;
-                }
+                div.iter_mut().filter(|x| **x == 0.0).for_each(|x| *x = 1.0);
             } else {
-                for (i, c) in counted.iter_mut().enumerate() {
-                    let v = wd[i * len + e];
-                    sum += v;
-                    *c += (v != 0.0) as u64;
+                for (i, row) in wd.chunks_exact(len.max(1)).enumerate() {
+                    sum.iter_mut().zip(row).for_each(|(s, v)| *s += v);
+                    counted[i] = row.iter().filter(|v| **v != 0.0).count() as u64;
                 }
             }
             if g.normalize {
-                sum /= div;
+                sum.iter_mut().zip(&div).for_each(|(s, d)| *s /= d);
             }
-            ys.push(b0 + g.lambda * sum);
-        }
-        (counted, other)
+            ys.clear();
+            ys.extend(b0.iter().zip(&sum).map(|(b, s)| b + g.lambda * s));
+            (counted, other)
+        })
     });
     let kept = (0..models)
         .map(|i| {

@@ -4,7 +4,7 @@
 //! parallel and still take ties in flat order.
 
 use crate::error::Result;
-use crate::ops::select::{find_cut, Cut, Level};
+use crate::ops::select::{find_cut, locate, Cut, Level};
 use crate::ops::CPU_BLOCK;
 use rayon::prelude::*;
 use std::ops::Range;
@@ -24,49 +24,8 @@ pub(crate) struct Smallest {
 impl Smallest {
     /// The k smallest of the `n` keys that `keys` gives.
     pub(crate) fn find(n: usize, k: u64, keys: &Keys) -> Result<Smallest> {
-        let blocks = n.div_ceil(CPU_BLOCK);
-        let range = |b: usize| b * CPU_BLOCK..((b + 1) * CPU_BLOCK).min(n);
-        let hist = |level: Level| -> Result<Vec<u64>> {
-            Ok((0..blocks)
-                .into_par_iter()
-                .fold(
-                    || (vec![0u64; BINS], Vec::new()),
-                    |(mut h, mut buf), b| {
-                        keys(range(b), &mut buf);
-                        for &k in &buf {
-                            match level {
-                                Level::High => h[(k >> 16) as usize] += 1,
-                                Level::Low(hb) if k >> 16 == hb => h[(k & 0xffff) as usize] += 1,
-                                Level::Low(_) => {}
-                            }
-                        }
-                        (h, buf)
-                    },
-                )
-                .map(|(h, _)| h)
-                .reduce(
-                    || vec![0u64; BINS],
-                    |mut a, b| {
-                        a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
-                        a
-                    },
-                ))
-        };
-        let cut = find_cut(k, true, hist)?;
-        let equal: Vec<u64> = (0..blocks)
-            .into_par_iter()
-            .map_init(Vec::new, |buf, b| {
-                keys(range(b), buf);
-                buf.iter().filter(|&&k| k == cut.key).count() as u64
-            })
-            .collect();
-        let mut ties_before = Vec::with_capacity(blocks);
-        let mut seen = 0u64;
-        for e in equal {
-            ties_before.push(seen);
-            seen += e;
-        }
-        Ok(Smallest { cut, ties_before })
+        let all = |r: Range<usize>, bufs: &mut [Vec<u32>]| keys(r, &mut bufs[0]);
+        Ok(find_many(n, 1, &[(0, k)], &all)?.remove(0))
     }
 
     /// Keys equal to the cut before block `b` (the first tie rank there).
@@ -83,6 +42,121 @@ impl Smallest {
             *tie <= self.cut.ties
         } else {
             key < self.cut.key
+        }
+    }
+}
+
+/// Fills one key vector per model for elements `r`.
+pub(crate) type AllKeys<'a> = dyn Fn(Range<usize>, &mut [Vec<u32>]) + Sync + 'a;
+
+/// `Smallest::find` for several (model, k) requests over the keys of
+/// `models` inputs that `keys` computes together: each pass (high
+/// histograms, low histograms, ties per block) goes over the elements once
+/// for all of them, so inputs the models share (a merge's base) are read
+/// once per pass, not once per model.
+pub(crate) fn find_many(
+    n: usize,
+    models: usize,
+    requests: &[(usize, u64)],
+    keys: &AllKeys,
+) -> Result<Vec<Smallest>> {
+    let blocks = n.div_ceil(CPU_BLOCK);
+    let range = |b: usize| b * CPU_BLOCK..((b + 1) * CPU_BLOCK).min(n);
+    // One pass: a histogram per (model, level) in `levels`.
+    let hists = |levels: &[(usize, Level)]| -> Vec<Vec<u64>> {
+        (0..blocks)
+            .into_par_iter()
+            .fold(
+                || {
+                    (
+                        vec![vec![0u64; BINS]; levels.len()],
+                        vec![Vec::new(); models],
+                    )
+                },
+                |(mut h, mut buf), b| {
+                    keys(range(b), &mut buf);
+                    for (hist, &(m, level)) in h.iter_mut().zip(levels) {
+                        add_to(hist, &buf[m], level);
+                    }
+                    (h, buf)
+                },
+            )
+            .map(|(h, _)| h)
+            .reduce(
+                || vec![vec![0u64; BINS]; levels.len()],
+                |mut a, b| {
+                    for (x, y) in a.iter_mut().zip(b) {
+                        x.iter_mut().zip(y).for_each(|(p, q)| *p += q);
+                    }
+                    a
+                },
+            )
+    };
+    let high = hists(&(0..models).map(|m| (m, Level::High)).collect::<Vec<_>>());
+    // The bin each request's cut falls in, where a low level is needed.
+    let bins: Vec<Option<u32>> = requests
+        .iter()
+        .map(|&(m, k)| {
+            let total: u64 = high[m].iter().sum();
+            (k > 0 && k <= total).then(|| locate(&high[m], k).0)
+        })
+        .collect();
+    let wanted: Vec<(usize, Level)> = requests
+        .iter()
+        .zip(&bins)
+        .filter_map(|(&(m, _), b)| b.map(|hb| (m, Level::Low(hb))))
+        .collect();
+    let mut lows = hists(&wanted).into_iter();
+    let cuts = requests
+        .iter()
+        .zip(&bins)
+        .map(|(&(m, k), b)| {
+            let low = b.map(|_| lows.next().expect("one low histogram per bin"));
+            find_cut(k, true, |level| match level {
+                Level::High => Ok(high[m].clone()),
+                Level::Low(_) => Ok(low.clone().unwrap_or_default()),
+            })
+        })
+        .collect::<Result<Vec<Cut>>>()?;
+    // One pass: keys equal to each cut, per block.
+    let equal: Vec<Vec<u64>> = (0..blocks)
+        .into_par_iter()
+        .map_init(
+            || vec![Vec::new(); models],
+            |buf, b| {
+                keys(range(b), buf);
+                requests
+                    .iter()
+                    .zip(&cuts)
+                    .map(|(&(m, _), c)| buf[m].iter().filter(|&&k| k == c.key).count() as u64)
+                    .collect()
+            },
+        )
+        .collect();
+    Ok(cuts
+        .into_iter()
+        .enumerate()
+        .map(|(r, cut)| {
+            let mut seen = 0u64;
+            let ties_before = equal
+                .iter()
+                .map(|e| {
+                    let before = seen;
+                    seen += e[r];
+                    before
+                })
+                .collect();
+            Smallest { cut, ties_before }
+        })
+        .collect())
+}
+
+fn add_to(h: &mut [u64], keys: &[u32], level: Level) {
+    for &k in keys {
+        match level {
+            Level::High => h[(k >> 16) as usize] += 1,
+            Level::Low(hb) if k >> 16 == hb => h[(k & 0xffff) as usize] += 1,
+            Level::Low(_) => {}
         }
     }
 }
@@ -124,6 +198,42 @@ mod tests {
                 }
                 assert_eq!(got, want, "n={n} k={k}");
             }
+        }
+    }
+
+    #[test]
+    fn several_requests_over_several_models_share_their_passes() {
+        let mut rng = crate::tools::sample::Rng::new(8);
+        let n = 2 * CPU_BLOCK + 11;
+        let models: Vec<Vec<u32>> = (0..2)
+            .map(|_| {
+                (0..n)
+                    .map(|_| (rng.uniform() * 300.0) as u32 * 977)
+                    .collect()
+            })
+            .collect();
+        let all = |r: Range<usize>, bufs: &mut [Vec<u32>]| {
+            for (b, m) in bufs.iter_mut().zip(&models) {
+                b.clear();
+                b.extend_from_slice(&m[r.clone()]);
+            }
+        };
+        let requests = [(0, 5), (1, n as u64 / 2), (0, n as u64 - 3), (1, 0)];
+        let cuts = find_many(n, 2, &requests, &all).unwrap();
+        for (&(m, k), s) in requests.iter().zip(&cuts) {
+            let keys = &models[m];
+            let mut order: Vec<usize> = (0..n).collect();
+            order.sort_by_key(|&i| (keys[i], i));
+            let mut want = vec![false; n];
+            order[..k as usize].iter().for_each(|&i| want[i] = true);
+            let mut got = vec![false; n];
+            for b in 0..n.div_ceil(CPU_BLOCK) {
+                let mut tie = s.ties_before(b);
+                for i in b * CPU_BLOCK..((b + 1) * CPU_BLOCK).min(n) {
+                    got[i] = s.contains(keys[i], &mut tie);
+                }
+            }
+            assert_eq!(got, want, "model {m} k={k}");
         }
     }
 }

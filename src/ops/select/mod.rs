@@ -201,7 +201,7 @@ fn hist_gpu(g: &Gpu, t: &TensorRef, level: Level) -> Result<Vec<u64>> {
 
 /// The bin holding the k-th smallest key (1-based k ≥ 1) and the count of
 /// keys in lower bins.
-fn locate(hist: &[u64], k: u64) -> (u32, u64) {
+pub(crate) fn locate(hist: &[u64], k: u64) -> (u32, u64) {
     let mut below = 0u64;
     for (b, &h) in hist.iter().enumerate() {
         if below + h >= k {
