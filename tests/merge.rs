@@ -102,6 +102,51 @@ fn bad_configurations_name_the_key_and_write_nothing() {
 }
 
 #[test]
+fn unsafe_truncate_embeddings_cuts_the_vocabulary_to_the_fewest_rows() {
+    let tmp = sandbox();
+    let d = tmp.path();
+    for first in ["wide", "a"] {
+        let second = if first == "a" { "wide" } else { "a" };
+        let yaml = format!(
+            "merge_method: linear\nmodels:\n  - model: {first}\n    parameters: {{weight: 1}}\n  - model: {second}\n    parameters: {{weight: 1}}\n"
+        );
+        let (code, err) = merge(d, &yaml);
+        assert_eq!(code, 1, "refused without the flag: {err}");
+        let (code, err) = run(
+            d,
+            &[
+                "merge",
+                "m.yml",
+                "-o",
+                "out",
+                "--unsafe-truncate-embeddings",
+            ],
+        );
+        assert_eq!(code, 0, "{err}");
+        let open = |p: &str| modelpress::formats::model::Model::open(&d.join(p)).unwrap();
+        let (out, w, a) = (open("out"), open("wide"), open("a"));
+        for name in ["model.embed_tokens.weight", "lm_head.weight"] {
+            let (f, e) = out.find(name).unwrap();
+            assert_eq!(e.shape, vec![256, TINY.hidden], "{name}");
+            // The mean of the two models' first 256 rows (bf16: 1/128).
+            let got = f.tensor(e).unwrap().to_f32_vec();
+            let vals = |m: &modelpress::formats::model::Model| {
+                let (f, e) = m.find(name).unwrap();
+                f.tensor(e).unwrap().to_f32_vec()
+            };
+            let (wv, av) = (vals(&w), vals(&a));
+            for i in 0..got.len() {
+                let want = (wv[i] + av[i]) / 2.0;
+                assert!((got[i] - want).abs() <= want.abs() / 128.0, "{name} {i}");
+            }
+        }
+        let cfg: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(d.join("out/config.json")).unwrap()).unwrap();
+        assert_eq!(cfg["vocab_size"], 256);
+    }
+}
+
+#[test]
 fn a_merge_writes_its_configuration_dtype_and_tokenizer() {
     let tmp = sandbox();
     let d = tmp.path();

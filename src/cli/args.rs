@@ -304,6 +304,11 @@ pub(super) struct MergeArgs {
     /// Seed of DARE's random drops (the same masks on every device and run).
     #[arg(long, default_value_t = 0)]
     pub(super) seed: u64,
+    /// Merge models whose vocabularies differ in size by cutting the
+    /// embeddings and head to the fewest rows (config.json's vocab_size
+    /// follows; the tokenizer files do not).
+    #[arg(long)]
+    pub(super) unsafe_truncate_embeddings: bool,
     #[command(flatten)]
     pub(super) common: Common,
 }

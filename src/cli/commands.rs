@@ -393,10 +393,11 @@ pub(super) fn merge(a: MergeArgs) -> Result<()> {
     let MergeArgs {
         config,
         seed,
+        unsafe_truncate_embeddings,
         common,
     } = a;
     let cfg = modelpress::jobs::merge::config::MergeConfig::load(&config)?;
-    let (op, models) = modelpress::jobs::merge::Merge::open(cfg, seed)?;
+    let (op, models) = modelpress::jobs::merge::Merge::open(cfg, seed, unsafe_truncate_embeddings)?;
     let mut opts = options(&common)?;
     if matches!(opts.device, Device::Gpu(_)) {
         // No merge kernel yet: say so rather than pretend.

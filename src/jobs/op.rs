@@ -126,6 +126,13 @@ pub trait TensorOp: Sync {
         Vec::new()
     }
 
+    /// Whether touched tensor `e` may have another first dimension in the
+    /// other models (vocabulary rows a merge truncates); other dimensions
+    /// must still agree.
+    fn rows_may_differ(&self, _e: &Entry) -> bool {
+        false
+    }
+
     /// Whether a touched tensor of model k > 0 may have another float dtype
     /// than model 0's (a delta in f32 for a bf16 model).
     fn mixed_dtypes(&self) -> bool {

@@ -49,6 +49,24 @@ pub struct Merge {
     layers: usize,
     /// The random stream's seed (DARE).
     seed: u64,
+    /// `--unsafe-truncate-embeddings`: vocabulary tensors whose row counts
+    /// differ are cut to the fewest rows, by name.
+    vocab_rows: std::collections::HashMap<String, usize>,
+}
+
+/// Tensors with one row per vocabulary entry (input and output embeddings
+/// of the common architectures).
+fn is_vocab_tensor(name: &str) -> bool {
+    [
+        "embed_tokens.weight",
+        "lm_head.weight",
+        "wte.weight",
+        "word_embeddings.weight",
+        "embed_in.weight",
+        "embed_out.weight",
+    ]
+    .iter()
+    .any(|s| name == *s || name.ends_with(&format!(".{s}")))
 }
 
 /// Everything one tensor's merge needs, resolved.
@@ -66,8 +84,14 @@ struct TensorPlan {
 
 impl Merge {
     /// Opens the models `cfg` names; returns the job and its models (the
-    /// base first).
-    pub fn open(cfg: MergeConfig, seed: u64) -> Result<(Merge, Vec<Model>)> {
+    /// base first). With `truncate_embeddings`, vocabulary tensors whose
+    /// row counts differ between the models are cut to the fewest rows (as
+    /// mergekit's `--unsafe-truncate-embeddings`); otherwise they are refused.
+    pub fn open(
+        cfg: MergeConfig,
+        seed: u64,
+        truncate_embeddings: bool,
+    ) -> Result<(Merge, Vec<Model>)> {
         let mut models = Vec::new();
         let mut paths: Vec<PathBuf> = Vec::new();
         if let Some(b) = &cfg.base_model {
@@ -102,6 +126,25 @@ impl Merge {
             .filter_map(|(_, e)| params::layer_of(&e.name))
             .max()
             .map_or(0, |m| m + 1);
+        let mut vocab_rows = std::collections::HashMap::new();
+        if truncate_embeddings {
+            for (_, e) in models[0]
+                .entries()
+                .filter(|(_, e)| is_vocab_tensor(&e.name))
+            {
+                let rows: Vec<usize> = models
+                    .iter()
+                    .filter_map(|m| {
+                        m.find(&e.name)
+                            .and_then(|(_, e2)| e2.shape.first().copied())
+                    })
+                    .collect();
+                let differ = rows.windows(2).any(|w| w[0] != w[1]);
+                if let Some(&r) = rows.iter().min().filter(|_| differ) {
+                    vocab_rows.insert(e.name.clone(), r);
+                }
+            }
+        }
         Ok((
             Merge {
                 cfg,
@@ -109,6 +152,7 @@ impl Merge {
                 entry_index,
                 layers,
                 seed,
+                vocab_rows,
             },
             models,
         ))
@@ -267,13 +311,23 @@ impl TensorOp for Merge {
     }
 
     fn outputs(&self, e: &Entry) -> Result<Vec<OutEntry>> {
+        let mut shape = e.shape.clone();
+        if let Some(&rows) = self.vocab_rows.get(&e.name) {
+            shape[0] = rows;
+        }
         Ok(vec![OutEntry {
             name: e.name.clone(),
             dtype: self
                 .out_dtype(e)
                 .map_or(e.dtype.clone(), |d| d.name().to_string()),
-            shape: e.shape.clone(),
+            shape,
         }])
+    }
+
+    fn rows_may_differ(&self, e: &Entry) -> bool {
+        // Only what --unsafe-truncate-embeddings allows; the rows are
+        // checked again here against what `open` measured.
+        is_vocab_tensor(&e.name) && self.vocab_rows.contains_key(&e.name)
     }
 
     fn prepare(&self, e: &Entry) -> Result<()> {
@@ -305,21 +359,25 @@ impl TensorOp for Merge {
     }
 
     fn rewrite_file(&self, name: &str, bytes: &[u8]) -> Result<Option<Vec<u8>>> {
-        let Some(d) = self.cfg.out_dtype.or(self.cfg.dtype) else {
-            return Ok(None);
-        };
-        if name != "config.json" {
+        let d = self.cfg.out_dtype.or(self.cfg.dtype);
+        let rows = self.vocab_rows.values().min().copied();
+        if name != "config.json" || (d.is_none() && rows.is_none()) {
             return Ok(None);
         }
         let mut cfg: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(bytes)
             .map_err(|e| Error::input(format!("config.json is not JSON: {e}")))?;
         // transformers 5 writes `dtype`, earlier versions `torch_dtype`.
-        let key = if cfg.contains_key("dtype") {
-            "dtype"
-        } else {
-            "torch_dtype"
-        };
-        cfg.insert(key.into(), torch_name(d).into());
+        if let Some(d) = d {
+            let key = if cfg.contains_key("dtype") {
+                "dtype"
+            } else {
+                "torch_dtype"
+            };
+            cfg.insert(key.into(), torch_name(d).into());
+        }
+        if let Some(r) = rows.filter(|_| cfg.contains_key("vocab_size")) {
+            cfg.insert("vocab_size".into(), r.into());
+        }
         Ok(Some(
             (serde_json::to_string_pretty(&cfg).expect("json") + "\n").into_bytes(),
         ))
@@ -329,10 +387,23 @@ impl TensorOp for Merge {
         let e = srcs[0].entry;
         let name = &e.name;
         let plan = self.plan(name)?;
-        let ts = srcs
+        let mut ts = srcs
             .iter()
             .map(|s| s.tensor())
             .collect::<Result<Vec<TensorRef>>>()?;
+        // Truncated vocabularies: every model's first `rows` rows (the
+        // top-left submatrix; the other dimensions agree).
+        let cut_shape: Vec<usize>;
+        if let Some(&rows) = self.vocab_rows.get(name) {
+            cut_shape = std::iter::once(rows)
+                .chain(e.shape[1..].iter().copied())
+                .collect();
+            let row_bytes = |t: &TensorRef| t.data().len() / t.shape()[0].max(1);
+            ts = ts
+                .iter()
+                .map(|t| TensorRef::new(t.dtype(), &cut_shape, &t.data()[..rows * row_bytes(t)]))
+                .collect::<Result<_>>()?;
+        }
         let out = self.out_dtype(e).unwrap_or(ts[0].dtype());
         let cast = self.cfg.dtype;
         let pick: Vec<TensorRef> = self.weighted.iter().map(|&k| ts[k]).collect();
