@@ -102,6 +102,29 @@ fn bad_configurations_name_the_key_and_write_nothing() {
 }
 
 #[test]
+fn a_configuration_that_is_not_a_regular_file_is_refused() {
+    let tmp = sandbox();
+    let d = tmp.path();
+    let fifo = d.join("m.fifo");
+    assert!(Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    // Nothing ever writes to it: reading it would block forever.
+    let (code, err) = run(d, &["merge", "m.fifo", "-o", "out"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("m.fifo"), "{err}");
+    let (code, err) = run(d, &["merge", "/dev/zero", "-o", "out"]);
+    assert_eq!(code, 1, "{err}");
+    std::fs::write(d.join("bin.yml"), [0xff, 0xfe, 0x00]).unwrap();
+    let (code, err) = run(d, &["merge", "bin.yml", "-o", "out"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("not UTF-8"), "{err}");
+    assert!(!d.join("out").exists());
+}
+
+#[test]
 fn unsafe_truncate_embeddings_cuts_the_vocabulary_to_the_fewest_rows() {
     let tmp = sandbox();
     let d = tmp.path();

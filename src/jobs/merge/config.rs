@@ -350,10 +350,10 @@ fn params(y: &Yaml, path: &str) -> Result<Params> {
 impl MergeConfig {
     /// Reads and checks a configuration file.
     pub fn load(file: &Path) -> Result<MergeConfig> {
-        let text = std::fs::read_to_string(file).map_err(|e| Error::Io {
-            path: file.to_path_buf(),
-            source: e,
-        })?;
+        // As every input: a regular file (a FIFO would block, a device never end).
+        let bytes = crate::formats::read_input(file)?;
+        let text =
+            String::from_utf8(bytes).map_err(|_| Error::input("not UTF-8 text").in_file(file))?;
         MergeConfig::parse(&text).map_err(|e| e.in_file(file))
     }
 

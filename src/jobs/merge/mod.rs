@@ -479,6 +479,12 @@ impl TensorOp for Merge {
         let ws: Vec<f64> = weights.iter().map(|&w| w as f64).collect();
         a.note = Some(match (m, kept) {
             (Method::Slerp | Method::Nearswap, _) => format!("{} t={}", m.name(), plan.t),
+            (Method::ModelStock, _) => format!("model_stock filter_wise {}", plan.filter_wise),
+            (Method::Sce, _) => format!("sce select_topk {}", plan.select_topk),
+            (Method::Passthrough, _) => format!("passthrough scale {}", fmt(&ws)),
+            (Method::Nuslerp, _) => {
+                format!("nuslerp weight [{}] flatten {}", fmt(&ws), plan.flatten)
+            }
             (_, Some(k)) => format!(
                 "{} weight [{}] density [{}] lambda {} normalize {} rescale {}; kept [{}]",
                 m.name(),
