@@ -266,8 +266,9 @@ fn quantize_gpu(g: &Gpu, ty: BlockType, t: &TensorRef, blocks: usize) -> Result<
     })
 }
 
-/// Dequantizes `n` values of `ty` blocks to f32 (ggml's dequantize_row_*).
-pub fn dequantize(ty: BlockType, q: &[u8], n: usize) -> Result<Vec<f32>> {
+/// Err unless `q` holds exactly `n` values of `ty` blocks; the values and
+/// bytes per block.
+fn check_blocks(ty: BlockType, q: &[u8], n: usize) -> Result<(usize, usize)> {
     let (bv, bb) = (ty.block_values(), ty.block_bytes());
     if !n.is_multiple_of(bv) || q.len() != n / bv * bb {
         return Err(Error::input(format!(
@@ -276,6 +277,12 @@ pub fn dequantize(ty: BlockType, q: &[u8], n: usize) -> Result<Vec<f32>> {
             q.len()
         )));
     }
+    Ok((bv, bb))
+}
+
+/// Dequantizes `n` values of `ty` blocks to f32 (ggml's dequantize_row_*).
+pub fn dequantize(ty: BlockType, q: &[u8], n: usize) -> Result<Vec<f32>> {
+    let (bv, bb) = check_blocks(ty, q, n)?;
     let mut y = vec![0f32; n];
     y.par_chunks_mut(CPU_TASK_BLOCKS * bv)
         .zip(q.par_chunks(CPU_TASK_BLOCKS * bb))
@@ -293,14 +300,7 @@ pub fn dequantize_into(
     dtype: crate::tensor::DType,
 ) -> Result<Vec<u8>> {
     dtype.require_float("dequantize")?;
-    let (bv, bb) = (ty.block_values(), ty.block_bytes());
-    if !n.is_multiple_of(bv) || q.len() != n / bv * bb {
-        return Err(Error::input(format!(
-            "{} data of {} bytes does not hold {n} values",
-            ty.name(),
-            q.len()
-        )));
-    }
+    let (bv, bb) = check_blocks(ty, q, n)?;
     let mut out = vec![0u8; n * dtype.size()];
     with_codec!(dtype, C => out
     .par_chunks_mut(CPU_TASK_BLOCKS * bv * C::SIZE)
