@@ -182,6 +182,16 @@ fn a_merge_writes_its_configuration_dtype_and_tokenizer() {
         std::fs::read_to_string(out.join("mergekit_config.yml")).unwrap(),
         yaml
     );
+    // A model card naming the inputs in its metadata and quoting the config.
+    let card = std::fs::read_to_string(out.join("README.md")).unwrap();
+    assert!(
+        card.starts_with("---\nbase_model:\n- \"base\"\n- \"a\"\n- \"b\"\n"),
+        "{card}"
+    );
+    assert!(
+        card.contains("`ties` on `base`") && card.contains(yaml.trim_end()),
+        "{card}"
+    );
     assert_eq!(
         std::fs::read(out.join("tokenizer.json")).unwrap(),
         b"{\"from\": \"a\"}"

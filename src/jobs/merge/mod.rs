@@ -163,6 +163,37 @@ impl Merge {
         &self.cfg
     }
 
+    /// A Hugging Face model card for the output (as mergekit writes one in
+    /// place of the base's): the inputs in its metadata, the method and the
+    /// configuration.
+    fn model_card(&self) -> String {
+        let name = |p: &std::path::Path| p.display().to_string();
+        let mut inputs: Vec<String> = self.cfg.base_model.iter().map(|p| name(p)).collect();
+        for e in &self.cfg.models {
+            let n = name(&e.path);
+            if !inputs.contains(&n) {
+                inputs.push(n);
+            }
+        }
+        let yaml_list: String = inputs.iter().map(|m| format!("- {m:?}\n")).collect();
+        let md_list: String = inputs.iter().map(|m| format!("* `{m}`\n")).collect();
+        format!(
+            "---\nbase_model:\n{yaml_list}library_name: transformers\ntags:\n- mergekit\n- merge\n- modelpress\n---\n\
+             # Merged model\n\n\
+             Made with modelpress (`modelpress merge`) from a mergekit configuration.\n\n\
+             ## Method\n\n`{}`{}, seed {}.\n\n\
+             ## Models\n\n{md_list}\n\
+             ## Configuration\n\n```yaml\n{}\n```\n",
+            self.cfg.method.name(),
+            self.cfg
+                .base_model
+                .as_ref()
+                .map_or(String::new(), |b| format!(" on `{}`", name(b))),
+            self.seed,
+            self.cfg.text.trim_end()
+        )
+    }
+
     fn model_params(&self, w: usize) -> &Params {
         &self.cfg.models[self.entry_index[w]].parameters
     }
@@ -350,7 +381,10 @@ impl TensorOp for Merge {
     }
 
     fn extra_files(&self) -> Result<Vec<(String, Vec<u8>)>> {
-        let mut v = vec![(CONFIG_NAME.to_string(), self.cfg.text.clone().into_bytes())];
+        let mut v = vec![
+            (CONFIG_NAME.to_string(), self.cfg.text.clone().into_bytes()),
+            ("README.md".to_string(), self.model_card().into_bytes()),
+        ];
         for f in self.input_paths() {
             let name = f.file_name().map(|n| n.to_string_lossy().into_owned());
             v.push((name.unwrap_or_default(), crate::formats::read_input(&f)?));
