@@ -45,6 +45,16 @@ impl DType {
         }
     }
 
+    /// The name config.json's `torch_dtype` uses ("bfloat16"); anything
+    /// but f16 and bf16 is "float32".
+    pub fn torch_name(self) -> &'static str {
+        match self {
+            DType::BF16 => "bfloat16",
+            DType::F16 => "float16",
+            _ => "float32",
+        }
+    }
+
     /// The safetensors name ("BF16").
     pub fn name(self) -> &'static str {
         match self {
@@ -129,6 +139,7 @@ impl DType {
     /// Reads element `i` of little-endian `bytes` as raw bits.
     #[inline(always)]
     pub(crate) fn read_raw(self, bytes: &[u8], i: usize) -> u32 {
+        // Cannot fail: each range is exactly the width converted.
         match self.size() {
             4 => u32::from_le_bytes(bytes[4 * i..4 * i + 4].try_into().unwrap()),
             _ => u16::from_le_bytes(bytes[2 * i..2 * i + 2].try_into().unwrap()) as u32,
@@ -238,6 +249,8 @@ impl<'a> TensorRef<'a> {
     /// The values as an ndarray of f32 (decoded exactly), for inspection and
     /// for callers that compute with ndarray.
     pub fn to_ndarray(&self) -> ndarray::ArrayD<f32> {
+        // Cannot fail: a TensorRef's bytes match its shape (checked by `new`),
+        // so the vector has exactly the shape's element count.
         ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(self.shape), self.to_f32_vec())
             .expect("shape matches the element count")
     }

@@ -894,13 +894,20 @@ fn hostile_signals_at_random_moments_leave_only_the_inputs() {
     let sb = Sandbox::new();
     write_llama_model(&sb.p("medium"), MEDIUM, DType::BF16, 3, 9).unwrap();
     let args = prune("medium", "out", &["--device", "cpu", "--report", "r.json"]);
-    // A reference run, timed, then moved out of the way.
-    let t0 = Instant::now();
-    ok_in(&sb, ".", &args);
-    let took = t0.elapsed();
-    let reference = snapshot(&sb.p("out"));
-    std::fs::remove_dir_all(sb.p("out")).unwrap();
-    std::fs::remove_file(sb.p("r.json")).unwrap();
+    // Reference runs, timed, then moved out of the way. The faster of two
+    // sets the delays: the first reads a cold cache (and other test binaries
+    // share the cores), so timing it alone let later, faster runs finish
+    // before most signals.
+    let mut took = Duration::MAX;
+    let mut reference = BTreeMap::new();
+    for _ in 0..2 {
+        let t0 = Instant::now();
+        ok_in(&sb, ".", &args);
+        took = took.min(t0.elapsed());
+        reference = snapshot(&sb.p("out"));
+        std::fs::remove_dir_all(sb.p("out")).unwrap();
+        std::fs::remove_file(sb.p("r.json")).unwrap();
+    }
     let before = snapshot(sb.dir());
     let mut rng = Rng::new(seed("signals"));
     let mut interrupted = 0;

@@ -31,7 +31,7 @@ fn tensor_beyond_the_binding_limit_through_every_kernel() {
         bytes > g.chunk_bytes(),
         "the tensor must span several chunks"
     );
-    let s = Sample::new(DType::F32, n, seed("large"));
+    let s = Sample::new(DType::F32, n, seed("large")).unwrap();
     assert!(s.a.data.len() as u64 > g.chunk_bytes());
     // Two GGML types stand for the rest (chunking is the same for all, and
     // each K-quant costs tens of seconds at this size on lavapipe).

@@ -73,7 +73,10 @@ pub(super) fn inspect(a: InspectArgs) -> Result<()> {
     let m = open(&model)?;
     let rows = modelpress::tools::inspect::inspect(&m)?;
     if json {
-        modelpress::outln!("{}", serde_json::to_string_pretty(&rows).expect("json"))?;
+        modelpress::outln!(
+            "{}",
+            serde_json::to_string_pretty(&rows).map_err(|e| Error::input(e.to_string()))?
+        )?;
         return Ok(());
     }
     modelpress::outln!(
@@ -208,7 +211,11 @@ pub(super) fn prune(a: PruneArgs) -> Result<()> {
         };
         return job_with(&op, &[m], &common, &opts).map(|_| ());
     }
-    let threshold = threshold.expect("checked above");
+    let Some(threshold) = threshold else {
+        return Err(Error::input(
+            "give --threshold, --sparsity, --pattern, --rows, --cols or --remove-neurons",
+        ));
+    };
     let op = if rows_flag {
         Prune::Rows(threshold, norm.norm())
     } else {

@@ -84,7 +84,11 @@ pub(super) fn inspect_gguf(path: &Path, json: bool) -> Result<()> {
                 "name": t.name, "type": t.ty.name(), "shape": t.shape(), "bytes": t.bytes, "offset": t.offset,
             })).collect::<Vec<_>>(),
         });
-        modelpress::outln!("{}", serde_json::to_string_pretty(&v).expect("json"))?;
+        modelpress::outln!(
+            "{}",
+            serde_json::to_string_pretty(&v)
+                .map_err(|e| modelpress::Error::input(e.to_string()))?
+        )?;
         return Ok(());
     }
     modelpress::outln!(

@@ -120,8 +120,9 @@ impl GpuContext {
                 .collect();
             rest.sort();
             for (_, s) in rest {
-                let p = slots[s].pending.take().unwrap();
-                self.finish(&slots[s], p, &mut sink)?;
+                if let Some(p) = slots[s].pending.take() {
+                    self.finish(&slots[s], p, &mut sink)?;
+                }
             }
             Ok(())
         })
@@ -273,7 +274,7 @@ impl GpuContext {
                 wgpu::MapMode::Read,
                 0..mapped_len,
                 move |r| {
-                    *m.0.lock().unwrap() = Some(r);
+                    *m.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
                     m.1.notify_all();
                 },
             );
@@ -306,7 +307,7 @@ impl GpuContext {
             return sink(p.index, &vec![&[][..]; p.read.len()]);
         }
         let started = std::time::Instant::now();
-        let mut done = p.mapped.0.lock().unwrap();
+        let mut done = p.mapped.0.lock().unwrap_or_else(|e| e.into_inner());
         while done.is_none() {
             if started.elapsed() > POLL_TIMEOUT {
                 return Err(Error::Gpu("readback never completed".into()));
@@ -314,13 +315,13 @@ impl GpuContext {
             // Another thread is running our callback, or nobody polled yet.
             drop(done);
             let _ = self.device.poll(wgpu::PollType::Poll);
-            done = p.mapped.0.lock().unwrap();
+            done = p.mapped.0.lock().unwrap_or_else(|e| e.into_inner());
             if done.is_none() {
                 done = p
                     .mapped
                     .1
                     .wait_timeout(done, Duration::from_millis(1))
-                    .unwrap()
+                    .unwrap_or_else(|e| e.into_inner())
                     .0;
             }
         }

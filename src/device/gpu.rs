@@ -168,14 +168,18 @@ impl GpuContext {
         let t = trouble.clone();
         device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
             log::error!("wgpu: {e}");
-            t.lock().unwrap().uncaptured.push(e.to_string());
+            t.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .uncaptured
+                .push(e.to_string());
         }));
         let t = trouble.clone();
         device.set_device_lost_callback(move |reason, msg| {
             // Dropping the device at exit reports `Destroyed`: not a failure.
             if reason != wgpu::DeviceLostReason::Destroyed {
                 log::error!("wgpu device lost ({reason:?}): {msg}");
-                t.lock().unwrap().lost = Some(format!("{reason:?}: {msg}"));
+                t.lock().unwrap_or_else(|e| e.into_inner()).lost =
+                    Some(format!("{reason:?}: {msg}"));
             }
         });
         log::info!(
@@ -243,12 +247,13 @@ impl GpuContext {
     /// `Err` (a long-running host can drop to the CPU backend this way).
     pub fn destroy(&self) {
         self.device.destroy();
-        self.trouble.lock().unwrap().lost = Some("destroyed by the caller".into());
+        self.trouble.lock().unwrap_or_else(|e| e.into_inner()).lost =
+            Some("destroyed by the caller".into());
     }
 
     /// Err if the device was lost or reported an error outside a scope.
     pub(crate) fn check(&self) -> Result<()> {
-        let mut t = self.trouble.lock().unwrap();
+        let mut t = self.trouble.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(l) = &t.lost {
             return Err(Error::DeviceLost(format!("{}: {l}", self.info.name)));
         }

@@ -121,15 +121,15 @@ impl SafetensorsFile {
             .map(|name| {
                 let info = meta
                     .info(&name)
-                    .expect("offset_keys names are in the index");
-                Entry {
+                    .ok_or_else(|| Error::format(path, Some(&name), "listed but not described"))?;
+                Ok(Entry {
                     dtype: dtype_name(info.dtype),
                     shape: info.shape.clone(),
                     range: info.data_offsets.0..info.data_offsets.1,
                     name,
-                }
+                })
             })
-            .collect();
+            .collect::<Result<_>>()?;
         // The crate hands metadata back as a HashMap; re-read the header to
         // keep the file's key order, skipping the tensors (a header of
         // 100,000 tensors parsed whole would take tens of MB).

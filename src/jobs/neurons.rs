@@ -258,7 +258,8 @@ impl TensorOp for RemoveNeurons {
         }
         cfg.insert("intermediate_size".into(), self.new_size.into());
         Ok(Some(
-            (serde_json::to_string_pretty(&cfg).expect("json") + "\n").into_bytes(),
+            (serde_json::to_string_pretty(&cfg).map_err(|e| Error::input(e.to_string()))? + "\n")
+                .into_bytes(),
         ))
     }
 

@@ -254,6 +254,7 @@ impl TensorOp for Dequantize {
         let scales: Vec<f32> = sf
             .data(se)
             .chunks_exact(4)
+            // Cannot fail: chunks_exact(4) yields 4-byte slices.
             .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
             .collect();
         // Per-row scales are stored as [rows, 1], a per-tensor scale as [1].

@@ -201,6 +201,7 @@ pub(crate) fn f32_bytes(v: &[f32]) -> &[u8] {
 }
 
 pub(crate) fn u32_at(bytes: &[u8], i: usize) -> u32 {
+    // Cannot fail: the range is 4 bytes long.
     u32::from_le_bytes(bytes[4 * i..4 * i + 4].try_into().unwrap())
 }
 

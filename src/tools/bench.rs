@@ -31,22 +31,22 @@ pub struct Sample {
 
 impl Sample {
     /// About `elements` weights per matrix, shaped (elements/1024, 1024).
-    pub fn new(dtype: DType, elements: usize, seed: u64) -> Sample {
+    /// An error for a dtype that is not f32, f16 or bf16.
+    pub fn new(dtype: DType, elements: usize, seed: u64) -> Result<Sample> {
         let mut rng = Rng::new(seed);
         let cols = 1024.min(elements.max(1));
         let shape = [elements.div_ceil(cols), cols];
         let row_shape = [64, (elements / 64).max(1)];
-        let a = sample::weight(&mut rng, dtype, &shape);
-        let q = quantize::quantize_absmax(&Device::Cpu, &a.view(), quantize::Granularity::PerRow)
-            .expect("finite sample")
-            .0;
-        Sample {
+        let a = sample::weight(&mut rng, dtype, &shape)?;
+        let q =
+            quantize::quantize_absmax(&Device::Cpu, &a.view(), quantize::Granularity::PerRow)?.0;
+        Ok(Sample {
             a,
-            b: sample::weight(&mut rng, dtype, &shape),
-            rows: sample::weight(&mut rng, dtype, &row_shape),
+            b: sample::weight(&mut rng, dtype, &shape)?,
+            rows: sample::weight(&mut rng, dtype, &row_shape)?,
             row_weights: (0..64).map(|_| rng.uniform() as f32).collect(),
             q,
-        }
+        })
     }
 }
 
@@ -392,7 +392,7 @@ fn gbps(bytes: u64, secs: f64) -> f64 {
 /// `modelpress check`: every kernel on `dev` against the CPU reference, on a
 /// seeded LLaMA-scale bf16 sample.
 pub fn check(dev: &Device, elements: usize, seed: u64) -> Result<()> {
-    let s = Sample::new(DType::BF16, elements, seed);
+    let s = Sample::new(DType::BF16, elements, seed)?;
     crate::outln!("modelpress check: device {}", dev.name())?;
     crate::outln!(
         "sample: seed {seed}, {} weights of {} in shape {:?}; times are best of 3, end to end",
@@ -465,7 +465,7 @@ pub fn run(dev: &Device, opt: &BenchOptions) -> Result<()> {
     )?;
     for &n in &opt.sizes {
         for dtype in [DType::F32, DType::BF16] {
-            let s = Sample::new(dtype, n, 7);
+            let s = Sample::new(dtype, n, 7)?;
             for case in cases() {
                 if !opt.kernels.is_empty()
                     && !opt
@@ -509,7 +509,7 @@ mod tests {
 
     #[test]
     fn every_case_runs_on_the_cpu_and_agrees_with_itself() {
-        let s = Sample::new(DType::F16, 3000, 1);
+        let s = Sample::new(DType::F16, 3000, 1).unwrap();
         for case in cases() {
             let a = (case.run)(&Device::Cpu, &s).unwrap();
             let b = (case.run)(&Device::Cpu, &s).unwrap();

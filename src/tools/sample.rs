@@ -47,11 +47,11 @@ pub fn normal_f32(rng: &mut Rng, n: usize, std: f32) -> Vec<f32> {
 }
 
 /// A weight matrix ~ N(0, 1/cols) in `dtype` (Kaiming-like scale).
-pub fn weight(rng: &mut Rng, dtype: DType, shape: &[usize]) -> Tensor {
+pub fn weight(rng: &mut Rng, dtype: DType, shape: &[usize]) -> crate::Result<Tensor> {
     let n: usize = shape.iter().product();
     let cols = crate::tensor::matrix_view(shape).1.max(1);
     let v = normal_f32(rng, n, 1.0 / (cols as f32).sqrt());
-    Tensor::from_f32(dtype, shape, &v).expect("float dtype")
+    Tensor::from_f32(dtype, shape, &v)
 }
 
 /// The shape of a LLaMA-style sample model.
@@ -208,17 +208,9 @@ pub fn write_bert_model(
         "type_vocab_size": 2,
         "hidden_act": "gelu",
         "layer_norm_eps": 1e-12,
-        "torch_dtype": torch_dtype(dtype)
+        "torch_dtype": dtype.torch_name()
     });
     write_sample(dir, &shape.tensors(), config, dtype, shards, seed)
-}
-
-fn torch_dtype(dtype: DType) -> &'static str {
-    match dtype {
-        DType::BF16 => "bfloat16",
-        DType::F16 => "float16",
-        _ => "float32",
-    }
 }
 
 /// Writes a seeded LLaMA-shaped model directory: config.json,
@@ -244,7 +236,7 @@ pub fn write_llama_model(
         "rms_norm_eps": 1e-5,
         "hidden_act": "silu",
         "tie_word_embeddings": false,
-        "torch_dtype": torch_dtype(dtype),
+        "torch_dtype": dtype.torch_name(),
         "bos_token_id": 1,
         "eos_token_id": 2
     });
@@ -325,7 +317,7 @@ fn write_sample(
                     .collect();
                 Tensor::from_f32(dtype, s, &v)?
             } else {
-                weight(&mut rng, dtype, s)
+                weight(&mut rng, dtype, s)?
             };
             total += t.data.len();
             w.write(n, &t.data)?;

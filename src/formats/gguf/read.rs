@@ -35,12 +35,19 @@ impl<'a> Cursor<'a> {
         }
     }
 
+    /// The next N bytes as an array.
+    fn array<const N: usize>(&mut self, what: &str) -> Result<[u8; N]> {
+        let mut a = [0u8; N];
+        a.copy_from_slice(self.take(N as u64, what)?);
+        Ok(a)
+    }
+
     fn u32(&mut self, what: &str) -> Result<u32> {
-        Ok(u32::from_le_bytes(self.take(4, what)?.try_into().unwrap()))
+        Ok(u32::from_le_bytes(self.array(what)?))
     }
 
     fn u64(&mut self, what: &str) -> Result<u64> {
-        Ok(u64::from_le_bytes(self.take(8, what)?.try_into().unwrap()))
+        Ok(u64::from_le_bytes(self.array(what)?))
     }
 
     fn string(&mut self, what: &str) -> Result<String> {
@@ -53,8 +60,8 @@ impl<'a> Cursor<'a> {
         Ok(match ty {
             0 => Value::U8(self.take(1, "u8")?[0]),
             1 => Value::I8(self.take(1, "i8")?[0] as i8),
-            2 => Value::U16(u16::from_le_bytes(self.take(2, "u16")?.try_into().unwrap())),
-            3 => Value::I16(i16::from_le_bytes(self.take(2, "i16")?.try_into().unwrap())),
+            2 => Value::U16(u16::from_le_bytes(self.array("u16")?)),
+            3 => Value::I16(i16::from_le_bytes(self.array("i16")?)),
             4 => Value::U32(self.u32("u32")?),
             5 => Value::I32(self.u32("i32")? as i32),
             6 => Value::F32(f32::from_bits(self.u32("f32")?)),

@@ -119,7 +119,9 @@ impl GgufWriter {
                 .ok_or_else(|| Error::input("tensor sizes overflow"))?;
             sized.push((t, bytes));
         }
-        head.resize(align(head.len() as u64, alignment).unwrap() as usize, 0);
+        let head_len = align(head.len() as u64, alignment)
+            .ok_or_else(|| Error::input("GGUF header size overflows"))?;
+        head.resize(head_len as usize, 0);
         let mut file = AtomicFile::create(path)?;
         file.write_all(&head)?;
         Ok(GgufWriter {
@@ -146,7 +148,10 @@ impl GgufWriter {
                 data.len()
             )));
         }
-        let pad = (align(*bytes, self.alignment).unwrap() - bytes) as usize;
+        let pad = align(*bytes, self.alignment)
+            .ok_or_else(|| Error::input("tensor sizes overflow"))?
+            - bytes;
+        let pad = pad as usize;
         self.file.write_all(data)?;
         self.file.write_all(&vec![0u8; pad])?;
         self.next += 1;

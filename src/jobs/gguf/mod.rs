@@ -142,7 +142,9 @@ impl Inputs {
                 })
                 .collect());
         }
-        let model = self.model.as_ref().expect("one of the two");
+        let Some(model) = self.model.as_ref() else {
+            return Err(Error::input("no input: neither a GGUF file nor a model"));
+        };
         model
             .entries()
             .map(|(f, e)| {
@@ -358,7 +360,10 @@ pub fn write_gguf(
         }
     }
     let (ftype, quantized) = match target {
-        Target::Float(ty) => (file_type(ty).expect("float types have one"), false),
+        Target::Float(ty) => (
+            file_type(ty).ok_or_else(|| Error::input(format!("{}: no file type", ty.name())))?,
+            false,
+        ),
         Target::Quant(f) => (f.file_type(), true),
     };
     metadata.retain(|(k, _)| k != "general.file_type" && k != "general.quantization_version");
@@ -402,7 +407,10 @@ pub fn write_gguf(
             let (src_dtype, src) = match dtype_of(t.ty) {
                 Some(d) => (d, t.data()),
                 None => {
-                    let bt = BlockType::from_ggml(t.ty).expect("checked above");
+                    let bt = BlockType::from_ggml(t.ty).ok_or_else(|| {
+                        Error::input(format!("type {} cannot be dequantized", t.ty.name()))
+                            .at(input, &t.name)
+                    })?;
                     let n = t.shape.iter().product();
                     requant =
                         ggml::dequantize(bt, t.data(), n).map_err(|e| e.at(input, &t.name))?;
@@ -421,7 +429,13 @@ pub fn write_gguf(
                     .then(|| format!("{} blocks quantized by the CPU reference", q.cpu_blocks));
                 (q.data, q.diff, note)
             } else {
-                let d = dtype_of(ty).expect("F16 is the only other output type");
+                let d = dtype_of(ty).ok_or_else(|| {
+                    Error::input(format!(
+                        "type {} is neither a block nor a float type",
+                        ty.name()
+                    ))
+                    .at(input, &t.name)
+                })?;
                 let (c, d) =
                     quantize::convert_diff(dev, &view, d).map_err(|e| e.at(input, &t.name))?;
                 (c.data, d, None)
@@ -473,7 +487,7 @@ pub fn dequantize_gguf(
     let Some(g) = &src.gguf else {
         return Err(Error::input("a GGUF input"));
     };
-    let target = ggml_of(dtype).expect("float dtypes are GGML types");
+    let target = ggml_of(dtype).ok_or_else(|| Error::input(format!("{dtype} has no GGML type")))?;
     let changes = |t: GgmlType| BlockType::from_ggml(t).is_some() || dtype_of(t).is_some();
     let to_gguf = out.extension().is_some_and(|e| e == "gguf");
     let mut report = Report {
@@ -493,7 +507,10 @@ pub fn dequantize_gguf(
         meta.retain(|(k, _)| k != "general.file_type" && k != "general.quantization_version");
         meta.push((
             "general.file_type".into(),
-            Value::U32(file_type(target).expect("float type")),
+            Value::U32(
+                file_type(target)
+                    .ok_or_else(|| Error::input(format!("{}: no file type", target.name())))?,
+            ),
         ));
         let outs = g
             .tensors

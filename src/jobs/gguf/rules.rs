@@ -473,7 +473,7 @@ pub fn fallback(ncols: usize, t: GgmlType) -> GgmlType {
     if ncols.is_multiple_of(f.block() as usize) {
         f
     } else {
-        GgmlType::from_name("F16").unwrap()
+        GgmlType::F16
     }
 }
 

@@ -193,6 +193,8 @@ impl Method {
         SPECS
             .iter()
             .find(|s| s.method == self)
+            // Cannot fail: SPECS has one entry per variant (each is parsed
+            // back from its name in the tests).
             .expect("every method has a spec")
     }
 

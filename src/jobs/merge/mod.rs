@@ -313,15 +313,6 @@ impl Merge {
     }
 }
 
-/// The dtype's name in `config.json`.
-fn torch_name(d: DType) -> &'static str {
-    match d {
-        DType::F16 => "float16",
-        DType::BF16 => "bfloat16",
-        _ => "float32",
-    }
-}
-
 impl TensorOp for Merge {
     fn describe(&self) -> String {
         format!(
@@ -407,13 +398,14 @@ impl TensorOp for Merge {
             } else {
                 "torch_dtype"
             };
-            cfg.insert(key.into(), torch_name(d).into());
+            cfg.insert(key.into(), d.torch_name().into());
         }
         if let Some(r) = rows.filter(|_| cfg.contains_key("vocab_size")) {
             cfg.insert("vocab_size".into(), r.into());
         }
         Ok(Some(
-            (serde_json::to_string_pretty(&cfg).expect("json") + "\n").into_bytes(),
+            (serde_json::to_string_pretty(&cfg).map_err(|e| Error::input(e.to_string()))? + "\n")
+                .into_bytes(),
         ))
     }
 

@@ -172,6 +172,8 @@ pub fn lookup(scopes: &[&Params], key: &str, name: &str, t: f64) -> Option<Resol
 
 fn layer_regex() -> &'static Regex {
     static R: OnceLock<Regex> = OnceLock::new();
+    // Cannot fail: a constant pattern, compiled by every test that resolves
+    // a gradient.
     R.get_or_init(|| Regex::new(r"(?:^|\.)(?:layers|h|layer|blocks)\.(\d+)\.").expect("regex"))
 }
 

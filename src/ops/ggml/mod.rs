@@ -237,6 +237,7 @@ fn quantize_gpu(g: &Gpu, ty: BlockType, t: &TensorRef, blocks: usize) -> Result<
         let end = (r.end * gbytes).min(data.len());
         data[start..end].copy_from_slice(&outs[0][..end - start]);
         for (i, f) in outs[1].chunks_exact(4).enumerate() {
+            // Cannot fail: chunks_exact(4) yields 4-byte slices.
             let f = u32::from_le_bytes(f.try_into().unwrap());
             if f & FLAG_NON_FINITE != 0 {
                 bad_input = true;

@@ -111,6 +111,8 @@ pub(crate) fn find_many(
         .iter()
         .zip(&bins)
         .map(|(&(m, k), b)| {
+            // Cannot fail: `wanted` has one low level per request with a bin,
+            // in request order.
             let low = b.map(|_| lows.next().expect("one low histogram per bin"));
             find_cut(k, true, |level| match level {
                 Level::High => Ok(high[m].clone()),
