@@ -193,8 +193,26 @@ pub(super) struct QuantizeArgs {
     /// Q5_1, Q8_0, Q2_K, Q3_K (= Q3_K_M), Q3_K_S, Q3_K_M, Q3_K_L,
     /// Q4_K (= Q4_K_M), Q4_K_S, Q4_K_M, Q5_K (= Q5_K_M),
     /// Q5_K_S, Q5_K_M, Q6_K; or F32, F16, BF16.
-    #[arg(long = "type", value_name = "T", conflicts_with_all = ["scale", "int8", "dequantize"])]
+    #[arg(long = "type", value_name = "T", conflicts_with_all = ["scale", "int8", "dequantize", "scheme"])]
     pub(super) gguf_type: Option<String>,
+    /// compressed-tensors output (vLLM, transformers) of llm-compressor's
+    /// preset S: W8A16, W4A16, W4A16_ASYM, W8A8, FP8_DYNAMIC, FP8_BLOCK,
+    /// NVFP4A16, MXFP4A16. Quantizes the Linear layers' weights.
+    #[arg(long, value_name = "S", conflicts_with_all = ["scale", "int8", "dequantize"])]
+    pub(super) scheme: Option<String>,
+    /// With --scheme (W8A16, W4A16, W4A16_ASYM): columns per scale group.
+    #[arg(long, value_name = "N", requires = "scheme")]
+    pub(super) group_size: Option<usize>,
+    /// With --scheme: symmetric int weights (no zero points).
+    #[arg(long, requires = "scheme", conflicts_with = "asymmetric")]
+    pub(super) symmetric: bool,
+    /// With --scheme W8A16 or W4A16: int weights with zero points.
+    #[arg(long, requires = "scheme")]
+    pub(super) asymmetric: bool,
+    /// With --scheme: leave the Linear layers whose module path matches
+    /// REGEX as they are; repeatable (default: lm_head).
+    #[arg(long, value_name = "REGEX", requires = "scheme")]
+    pub(super) ignore: Vec<String>,
     /// With --type: every quantized tensor gets T itself (llama-quantize
     /// --pure), without the mixes' per-tensor choices.
     #[arg(long, requires = "gguf_type")]
@@ -230,7 +248,7 @@ pub(super) struct QuantizeArgs {
         long,
         allow_negative_numbers = true,
         conflicts_with = "int8",
-        required_unless_present_any = ["int8", "gguf_type"]
+        required_unless_present_any = ["int8", "gguf_type", "scheme"]
     )]
     pub(super) scale: Option<f32>,
     #[arg(long, value_enum)]

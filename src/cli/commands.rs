@@ -240,6 +240,11 @@ pub(super) fn quantize(a: QuantizeArgs) -> Result<()> {
         scale,
         int8,
         dequantize,
+        scheme,
+        group_size,
+        symmetric,
+        asymmetric,
+        ignore,
         common,
     } = a;
     if let Some(t) = gguf_type {
@@ -284,6 +289,25 @@ pub(super) fn quantize(a: QuantizeArgs) -> Result<()> {
         )?;
         print_gguf_report(&r)?;
         return Ok(());
+    }
+    if let Some(s) = scheme {
+        if !common.include.is_empty() || !common.exclude.is_empty() || common.any_rank {
+            return Err(Error::input(
+                "--scheme quantizes the Linear layers: leave layers out with --ignore \
+                 (not --include, --exclude or --any-rank)",
+            ));
+        }
+        let m = open(&model)?;
+        let op = modelpress::jobs::CompressedTensors::new(
+            &m,
+            modelpress::jobs::SchemeOptions {
+                scheme: modelpress::jobs::Scheme::parse(&s)?,
+                group_size,
+                symmetric: (symmetric || asymmetric).then_some(symmetric),
+                ignore: (!ignore.is_empty()).then_some(ignore),
+            },
+        )?;
+        return job(&op, &[m], &common).map(|_| ());
     }
     let scheme = match (scale, int8) {
         (Some(q), _) => {

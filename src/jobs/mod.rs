@@ -4,6 +4,7 @@
 //! and hand it to [`run`].
 
 pub mod combine;
+pub mod compressed;
 pub mod gguf;
 pub mod merge;
 pub mod neurons;
@@ -14,6 +15,7 @@ pub mod quantize;
 pub mod report;
 
 pub use combine::{Mix, Transfer};
+pub use compressed::{CompressedTensors, Scheme, SchemeOptions};
 pub use neurons::RemoveNeurons;
 pub use op::{Applied, Selection, Src, TensorOp};
 pub use pipeline::{run, JobOptions, Progress};

@@ -3,7 +3,7 @@
 //! the op's module). The tests check each parameter block against the WGSL
 //! struct of the same name, field for field.
 
-use super::{ggml, mix, prune, quantize, reduce, select, selfcheck, transfer, KernelParams};
+use super::{ct, ggml, mix, prune, quantize, reduce, select, selfcheck, transfer, KernelParams};
 use crate::device::KernelDef;
 
 /// A WGSL file of kernels, with what is generated in front of it.
@@ -57,6 +57,16 @@ const GGML: Shader = Shader {
     source: include_str!("../../shaders/ggml.wgsl"),
     prelude: ggml::wgsl_prelude,
 };
+
+const CT: Shader = Shader {
+    name: "ct",
+    source: include_str!("../../shaders/ct.wgsl"),
+    prelude: ct_prelude,
+};
+
+fn ct_prelude() -> String {
+    format!("const CT_WG: u32 = {}u;\n", ct::CT_WG)
+}
 
 macro_rules! kernels {
     ($($kernel:ident => $shader:ident, $entry:literal, $params:ty;)*) => {
@@ -118,6 +128,7 @@ kernels! {
     RowCutApply => SELECT, "row_cut_apply", select::RowApplyParams;
     DivCheck => SELFCHECK, "div_check", selfcheck::CheckParams;
     GgmlQuantize => GGML, "ggml_quantize", ggml::GgmlParams;
+    CtQuantize => CT, "ct_quantize", ct::CtParams;
 }
 
 impl KernelDef for Kernel {

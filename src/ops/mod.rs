@@ -39,6 +39,7 @@ macro_rules! fast {
 }
 
 pub(crate) mod codec;
+pub mod ct;
 pub mod diff;
 pub mod ggml;
 pub(crate) mod kernels;
