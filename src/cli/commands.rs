@@ -347,6 +347,9 @@ pub(super) fn dequantize(a: DequantizeArgs) -> Result<()> {
         return Ok(());
     }
     let m = open(&model)?;
+    if let Some(ck) = modelpress::jobs::Checkpoint::open(&m)? {
+        return job(&modelpress::jobs::CtDequantize(ck), &[m], &common).map(|_| ());
+    }
     let op = Dequantize::new(&m)?;
     job(&op, &[m], &common).map(|_| ())
 }

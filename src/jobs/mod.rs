@@ -15,7 +15,7 @@ pub mod quantize;
 pub mod report;
 
 pub use combine::{Mix, Transfer};
-pub use compressed::{CompressedTensors, Scheme, SchemeOptions};
+pub use compressed::{Checkpoint, CompressedTensors, CtDequantize, Scheme, SchemeOptions};
 pub use neurons::RemoveNeurons;
 pub use op::{Applied, Selection, Src, TensorOp};
 pub use pipeline::{run, JobOptions, Progress};

@@ -14,6 +14,7 @@
 //! additions or products meet a subnormal (which a GPU may flush) is
 //! redone by the CPU reference and counted.
 
+mod cpu;
 pub mod reference;
 
 use crate::device::{Chunk, Device, Gpu, StreamLayout};
@@ -180,8 +181,9 @@ fn get(codes: &[u8], bit: usize, bits: u32) -> u32 {
     (codes[bit / 8] as u32 >> (bit % 8)) & ((1 << bits) - 1)
 }
 
-/// A code as stored: int codes offset or masked to two's complement.
-#[inline]
+/// A code as stored: int codes offset or masked to two's complement (the
+/// CPU path computes it in bulk; tests compare with this).
+#[cfg(test)]
 fn stored(spec: &Spec, packing: Packing, c: i32) -> u32 {
     match spec.kind {
         Kind::Int { bits, .. } if packing.offset => (c + (1 << (bits - 1))) as u32,
@@ -208,73 +210,34 @@ fn row_align(spec: &Spec) -> usize {
     }
 }
 
-/// Quantizes group (gi, gj) of `t` into `codes` (whose bit 0 is row `r0`'s
-/// first code) with the reference; its parameters, or None for a
-/// non-finite value.
-#[allow(clippy::too_many_arguments)]
-fn quantize_group<C: Codec>(
-    spec: &Spec,
-    packing: Packing,
-    t: &TensorRef,
-    gs: f32,
-    (gi, gj): (usize, usize),
-    r0: usize,
-    codes: &mut [u8],
-    diff: &mut Diff,
-) -> Option<GroupParams> {
-    let (rows, cols) = (t.shape[0], t.shape[1]);
-    let (gr, gc) = spec.group_dims(cols);
-    let (ra, rb) = (gi * gr, ((gi + 1) * gr).min(rows));
-    let (ca, cb) = (gj * gc, ((gj + 1) * gc).min(cols));
-    let x = |r: usize, c: usize| C::to_f32(C::read(t.data, r * cols + c));
-    let (mut lo, mut hi) = (0f32, 0f32);
-    for r in ra..rb {
-        for c in ca..cb {
-            let v = x(r, c);
-            if !v.is_finite() {
-                return None;
-            }
-            lo = lo.min(v);
-            hi = hi.max(v);
-        }
-    }
-    let p = reference::group_params(spec, t.dtype, lo, hi, gs);
-    let bits = spec.code_bits();
-    for r in ra..rb {
-        for c in ca..cb {
-            let v = x(r, c);
-            let q = reference::code(spec, t.dtype, &p, v);
-            let bit = (r - r0) * packing.row_stride_bits + c * bits as usize;
-            put(codes, bit, bits, stored(spec, packing, q));
-            diff.add(v, C::to_f32(C::from_f32(reference::value(spec, &p, q))));
-        }
-    }
-    Some(p)
-}
-
 fn quantize_cpu(spec: &Spec, packing: Packing, t: &TensorRef, gs: f32) -> Result<Quantized> {
     let (rows, cols) = (t.shape[0], t.shape[1]);
     let (grid_r, grid_c) = spec.group_grid(rows, cols);
     let (gr, _) = spec.group_dims(cols);
     let stride_bytes = packing.row_stride_bits / 8;
     let mut codes = vec![0u8; rows * stride_bytes];
-    let align = row_align(spec);
-    let band = (CPU_BLOCK / cols.max(1)).max(1).next_multiple_of(align);
+    let band = band_rows(spec, cols);
+    // Each group's figures are taken with its codes, in the order
+    // `error_stats` takes them (the same bits on every device).
     let parts: Vec<Option<(Vec<GroupParams>, Diff)>> = with_codec!(t.dtype, C => codes
         .par_chunks_mut((band * stride_bytes).max(1))
         .enumerate()
-        .map(|(k, out)| {
+        .map(|(k, out)| fast!({
             let r0 = k * band;
             let r1 = (r0 + band).min(rows);
             let mut diff = Diff::default();
+            let mut s = cpu::Scratch::default();
             let mut ps = Vec::new();
             for gi in r0 / gr..r1.div_ceil(gr) {
                 for gj in 0..grid_c {
-                    ps.push(quantize_group::<C>(spec, packing, t, gs, (gi, gj), r0, out, &mut diff)?);
+                    ps.push(cpu::quantize_group::<C>(
+                        spec, packing, t, gs, (gi, gj), r0, out, &mut diff, &mut s,
+                    )?);
                 }
             }
+            s.flush(&mut diff);
             Some((ps, diff))
-        })
+        }))
         .collect());
     let mut groups = Vec::with_capacity(grid_r * grid_c);
     let mut diffs = Vec::new();
@@ -291,28 +254,36 @@ fn quantize_cpu(spec: &Spec, packing: Packing, t: &TensorRef, gs: f32) -> Result
     })
 }
 
-/// The dequantized codes (rounded to `t`'s dtype) against `t`: one host
-/// pass, for codes made on the GPU.
+/// Rows of one CPU task: whole aligned bands of about `CPU_BLOCK` values.
+fn band_rows(spec: &Spec, cols: usize) -> usize {
+    (CPU_BLOCK / cols.max(1))
+        .max(1)
+        .next_multiple_of(row_align(spec))
+}
+
+/// The figures of codes made on the GPU: one host pass, banded and
+/// ordered as the CPU path's.
 fn error_stats(spec: &Spec, packing: Packing, t: &TensorRef, q: &Quantized) -> Diff {
-    let (rows, cols) = (t.shape[0], t.shape[1]);
-    let (gr, gc) = spec.group_dims(cols);
-    let grid_c = cols.div_ceil(gc);
-    let bits = spec.code_bits();
-    let band = (CPU_BLOCK / cols.max(1)).max(1);
+    let rows = t.shape[0];
+    let cols = t.shape[1];
+    let (gr, _) = spec.group_dims(cols);
+    let (_, grid_c) = spec.group_grid(rows, cols);
+    let band = band_rows(spec, cols);
     let parts: Vec<Diff> = with_codec!(t.dtype, C => (0..rows.div_ceil(band))
         .into_par_iter()
-        .map(|k| {
+        .map(|k| fast!({
+            let (r0, r1) = (k * band, ((k + 1) * band).min(rows));
             let mut d = Diff::default();
-            for r in k * band..((k + 1) * band).min(rows) {
-                for c in 0..cols {
-                    let p = &q.groups[(r / gr) * grid_c + c / gc];
-                    let u = get(&q.codes, r * packing.row_stride_bits + c * bits as usize, bits);
-                    let y = reference::value(spec, p, unstored(spec, packing, u));
-                    d.add(C::to_f32(C::read(t.data, r * cols + c)), C::to_f32(C::from_f32(y)));
+            let mut s = cpu::Scratch::default();
+            for gi in r0 / gr..r1.div_ceil(gr) {
+                for gj in 0..grid_c {
+                    let p = &q.groups[gi * grid_c + gj];
+                    cpu::group_diff::<C>(spec, packing, t, p, (gi, gj), &q.codes, &mut d, &mut s);
                 }
             }
+            s.flush(&mut d);
             d
-        })
+        }))
         .collect());
     Diff::sum(parts)
 }
@@ -465,11 +436,13 @@ fn quantize_gpu(
     }
     let cpu_groups = redo.len();
     with_codec!(t.dtype, C => {
-        let mut scratch = Diff::default();
+        let (mut scratch, mut s) = (Diff::default(), cpu::Scratch::default());
         for gi in redo {
             let (i, j) = (gi / grid_c, gi % grid_c);
-            groups[gi] = quantize_group::<C>(spec, packing, t, gs, (i, j), 0, &mut codes, &mut scratch)
-                .ok_or_else(non_finite)?;
+            groups[gi] = cpu::quantize_group::<C>(
+                spec, packing, t, gs, (i, j), 0, &mut codes, &mut scratch, &mut s,
+            )
+            .ok_or_else(non_finite)?;
         }
     });
     let mut q = Quantized {
@@ -496,6 +469,44 @@ pub fn divisor(spec: &Spec, dt: DType, p: &GroupParams, gs: f32) -> f32 {
             }
         }
     }
+}
+
+/// The weights that packed `codes` with group parameters `groups` (from
+/// `divisor`) stand for, in `dtype`'s bytes: compressed-tensors'
+/// dequantization ((q − zp)·scale, FP4 and FP8 values times their
+/// divisor) rounded once to `dtype`. CPU.
+pub fn dequantize(
+    spec: &Spec,
+    packing: Packing,
+    (rows, cols): (usize, usize),
+    codes: &[u8],
+    groups: &[GroupParams],
+    dtype: DType,
+) -> Result<Vec<u8>> {
+    dtype.require_float("dequantize")?;
+    let (grid_r, grid_c) = spec.group_grid(rows, cols);
+    if codes.len() * 8 < rows * packing.row_stride_bits || groups.len() != grid_r * grid_c {
+        return Err(Error::input(format!(
+            "{} bytes of codes and {} groups do not describe a {rows}×{cols} matrix",
+            codes.len(),
+            groups.len()
+        )));
+    }
+    let (gr, gc) = spec.group_dims(cols);
+    let bits = spec.code_bits();
+    let mut out = vec![0u8; rows * cols * dtype.size()];
+    with_codec!(dtype, C => out
+    .par_chunks_mut((cols * C::SIZE).max(1))
+    .enumerate()
+    .for_each(|(r, o)| {
+        for c in 0..cols {
+            let p = &groups[(r / gr) * grid_c + c / gc];
+            let u = get(codes, r * packing.row_stride_bits + c * bits as usize, bits);
+            let y = reference::value(spec, p, unstored(spec, packing, u));
+            C::write(o, c, C::from_f32(y));
+        }
+    }));
+    Ok(out)
 }
 
 #[cfg(test)]

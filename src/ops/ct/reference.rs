@@ -87,7 +87,8 @@ pub fn e4m3_value(c: u32) -> f32 {
     } else if e == 0 {
         m as f32 / 512.0
     } else {
-        (8 + m) as f32 * 2f32.powi(e as i32 - 10)
+        // (8 + m)·2^(e−10), the power of two built from its bits.
+        (8 + m) as f32 * f32::from_bits((e + 117) << 23)
     };
     if c & 0x80 != 0 {
         -a

@@ -8,6 +8,10 @@
 //! weights are Linear layers is read from names: every `*.weight` of rank 2
 //! but embeddings (`embed`, `wte`, `wpe`, `shared`).
 
+mod read;
+
+pub use read::{Checkpoint, CtDequantize};
+
 use super::op::{Applied, Src, TensorOp};
 use crate::device::Device;
 use crate::error::{Error, Result};
@@ -571,7 +575,17 @@ impl TensorOp for CompressedTensors {
     }
 
     fn prepare(&self, e: &Entry) -> Result<()> {
-        self.spec.check_shape(e.shape[1])
+        self.spec.check_shape(e.shape[1]).map_err(|err| match err {
+            Error::Input(why) => {
+                let hint = if matches!(self.spec.kind, Kind::Int { .. }) {
+                    "--ignore the layer, or give a --group-size that divides it"
+                } else {
+                    "--ignore the layer"
+                };
+                Error::input(format!("{why} ({hint})"))
+            }
+            other => other,
+        })
     }
 
     fn rewrite_file(&self, name: &str, bytes: &[u8]) -> Result<Option<Vec<u8>>> {
