@@ -11,10 +11,10 @@
 // it with the reference. Infinities never reach float arithmetic (WGSL
 // lets drivers assume there are none).
 //
-// kind: 0 int, 1 float8_e4m3fn, 2 NVFP4, 3 MXFP4. The group's two output
+// kind: 0 int, 1 float8_e4m3fn, 2 NVFP4, 3 MXFP4. The group's four output
 // words: the stored scale (T's bits, the e4m3 code, or the e8m0 exponent),
-// then the zero point in the low 16 bits and flags above (1 = redo on the
-// CPU, 2 = a non-finite value).
+// the zero point in the low 16 bits and flags above (1 = redo on the CPU,
+// 2 = a non-finite value), the divisor's f32 bits, and 0.
 
 struct CtParams {
     rows: u32,
@@ -71,6 +71,11 @@ fn ct_key(b: u32) -> u32 {
 
 fn ct_subnormal(b: u32) -> bool {
     return (b & 0x7f800000u) == 0u && (b & 0x7fffffu) != 0u;
+}
+
+// b + 0.0 (the symmetric zero point is still added: −0.0 becomes +0.0).
+fn ct_plus_zero(b: u32) -> u32 {
+    return select(b, 0u, b == 0x80000000u);
 }
 
 fn ct_is_zero(b: u32) -> bool {
@@ -191,7 +196,7 @@ fn ct_quantize(
         for (var c = c0; c < c1; c++) {
             let b = ct_load(r * ct.cols + c);
             if (!is_finite_bits(b)) {
-                ct_groups[2u * gid + 1u] = CT_FLAG_NON_FINITE;
+                ct_groups[4u * gid + 1u] = CT_FLAG_NON_FINITE;
                 return;
             }
             let k = ct_key(b);
@@ -297,7 +302,8 @@ fn ct_quantize(
             if (is_finite_bits(s)) {
                 scale_raw = u32(127 + ct_log2_pow2(s)) & 0xffu;
             } else {
-                scale_raw = 255u;
+                // As reference.rs stores an infinite scale.
+                scale_raw = 127u;
             }
             div = s;
         }
@@ -330,15 +336,15 @@ fn ct_quantize(
                     }
                 }
                 case 1u: {
-                    let y = ct_rt(div_rn(x, div));
+                    let y = ct_plus_zero(ct_rt(div_rn(x, div)));
                     u = ct_e4m3(bitcast<u32>(ct_clamp(y, 448.0)));
                 }
                 case 2u: {
-                    let y = div_rn(x, div);
+                    let y = ct_plus_zero(div_rn(x, div));
                     u = ct_fp4(ct_clamp(y, 6.0), y);
                 }
                 default: {
-                    let y = ct_rt(div_rn(x, div));
+                    let y = ct_plus_zero(ct_rt(div_rn(x, div)));
                     u = ct_fp4(ct_clamp(y, 6.0), y);
                 }
             }
@@ -357,6 +363,8 @@ fn ct_quantize(
     if (cur != 0xffffffffu) {
         atomicOr(&ct_codes[cur], acc);
     }
-    ct_groups[2u * gid] = scale_raw;
-    ct_groups[2u * gid + 1u] = (u32(zp) & 0xffffu) | flags;
+    ct_groups[4u * gid] = scale_raw;
+    ct_groups[4u * gid + 1u] = (u32(zp) & 0xffffu) | flags;
+    ct_groups[4u * gid + 2u] = div;
+    ct_groups[4u * gid + 3u] = 0u;
 }

@@ -71,13 +71,22 @@ pub(super) fn inspect(a: InspectArgs) -> Result<()> {
         return inspect_gguf(&model, json);
     }
     let m = open(&model)?;
-    let rows = modelpress::tools::inspect::inspect(&m)?;
+    let ck = modelpress::jobs::Checkpoint::open(&m)?;
+    let rows = modelpress::tools::inspect::inspect(&m, ck.as_ref())?;
     if json {
         modelpress::outln!(
             "{}",
             serde_json::to_string_pretty(&rows).map_err(|e| Error::input(e.to_string()))?
         )?;
         return Ok(());
+    }
+    if let Some(c) = &ck {
+        modelpress::outln!(
+            "compressed-tensors checkpoint ({}): {} quantized layers; * = statistics of the \
+             dequantized weight",
+            c.summary,
+            c.modules().len()
+        )?;
     }
     modelpress::outln!(
         "{:<48} {:>5} {:>16} {:>10} {:>10} {:>10} {:>10} {:>10} {:>8} {:>5}",
@@ -94,18 +103,22 @@ pub(super) fn inspect(a: InspectArgs) -> Result<()> {
     )?;
     for r in &rows {
         let shape = format!("{:?}", r.shape);
-        match r.stats {
+        let mut dtype = r.dtype.clone();
+        if r.dequantized.is_some() {
+            dtype.push('*');
+        }
+        match r.dequantized.or(r.stats) {
             Some(s) => modelpress::outln!(
                 "{:<48} {:>5} {:>16} {:>10} {:>10.4} {:>10.4} {:>10.4} {:>10.4} {:>8.2} {:>5}",
                 r.name,
-                r.dtype,
+                dtype,
                 shape,
                 human_bytes(r.bytes),
                 s.min,
                 s.max,
                 s.mean,
                 s.std,
-                100.0 * s.zeros as f64 / r.shape.iter().product::<usize>().max(1) as f64,
+                100.0 * s.zeros as f64 / s.count.max(1) as f64,
                 s.nonfinite
             )?,
             None => modelpress::outln!(

@@ -144,6 +144,20 @@ pub trait TensorOp: Sync {
     fn apply(&self, dev: &Device, srcs: &[Src], models: &[Model]) -> Result<Applied>;
 }
 
+/// Compiles `pattern`, given as `what` (a flag), or an error of one line
+/// (the regex crate explains over several, with a caret under the spot).
+pub fn regex(what: &str, pattern: &str) -> Result<Regex> {
+    Regex::new(pattern).map_err(|e| {
+        let msg = e.to_string();
+        let why = msg
+            .lines()
+            .last()
+            .unwrap_or("")
+            .trim_start_matches("error: ");
+        Error::input(format!("{what} '{pattern}': bad regex: {why}"))
+    })
+}
+
 /// Which tensors a job touches. Each operation has a default set (float
 /// tensors of rank ≥ 2 for most: norms and biases pass through);
 /// `--include` and `--exclude` regexes over names only narrow it, so that
@@ -165,7 +179,7 @@ impl Selection {
     pub fn new(include: &[String], exclude: &[String], any_rank: bool) -> Result<Selection> {
         let compile = |v: &[String]| {
             v.iter()
-                .map(|p| Regex::new(p).map_err(|e| Error::input(format!("bad regex '{p}': {e}"))))
+                .map(|p| regex("regex", p))
                 .collect::<Result<Vec<_>>>()
         };
         Ok(Selection {

@@ -2,6 +2,7 @@
 
 use crate::error::Result;
 use crate::formats::model::Model;
+use crate::jobs::Checkpoint;
 use crate::tensor::TensorRef;
 use rayon::prelude::*;
 use serde::Serialize;
@@ -22,6 +23,10 @@ pub struct TensorSummary {
     /// Statistics of float tensors (F32, F16, BF16) over their finite values.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stats: Option<Stats>,
+    /// For the codes of a compressed-tensors module: the statistics of the
+    /// weight they dequantize to.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dequantized: Option<Stats>,
 }
 
 /// Statistics of a float tensor's finite values.
@@ -41,6 +46,8 @@ pub struct Stats {
     pub zeros: u64,
     /// NaN and infinite values.
     pub nonfinite: u64,
+    /// Values, finite or not.
+    pub count: u64,
 }
 
 /// Min, max, abs-max, mean, std (population) over finite values; zeros and
@@ -113,18 +120,27 @@ pub fn stats(t: &TensorRef) -> Stats {
         std: (acc.sumsq / c - mean * mean).max(0.0).sqrt(),
         zeros: acc.zeros,
         nonfinite: acc.nonfinite,
+        count: acc.count + acc.nonfinite,
     }
 }
 
 /// Every tensor of `model` with its statistics, shard by shard (each
-/// tensor's pages released once read).
-pub fn inspect(model: &Model) -> Result<Vec<TensorSummary>> {
-    Ok(model
+/// tensor's pages released once read); for a compressed-tensors checkpoint
+/// (`ck`), the codes tensors also get their dequantized weight's.
+pub fn inspect(model: &Model, ck: Option<&Checkpoint>) -> Result<Vec<TensorSummary>> {
+    model
         .entries()
         .map(|(f, e)| {
             let s = f.tensor(e).map(|t| stats(&t));
+            let dequantized = match ck.and_then(|c| Some((c, c.codes_of(&e.name)?))) {
+                Some((c, p)) => {
+                    let (dtype, shape, bytes) = c.dequantize(model, p)?;
+                    Some(stats(&TensorRef::new(dtype, &shape, &bytes)?))
+                }
+                None => None,
+            };
             f.release(e);
-            TensorSummary {
+            Ok(TensorSummary {
                 name: e.name.clone(),
                 file: f.path.file_name().map_or_else(
                     || f.path.display().to_string(),
@@ -134,7 +150,8 @@ pub fn inspect(model: &Model) -> Result<Vec<TensorSummary>> {
                 shape: e.shape.clone(),
                 bytes: e.bytes() as u64,
                 stats: s,
-            }
+                dequantized,
+            })
         })
-        .collect())
+        .collect()
 }

@@ -173,14 +173,14 @@ def quantize(dt, x, scheme, gs=None):
         elif kind == "fp8":
             s = rt(absmax / np.float32(448))
             s[s == 0] = EPS[dt]
-            q = e4m3(np.clip(rt(xg / s[..., None]), -448, 448))
+            q = e4m3(np.clip(rt(xg / s[..., None]) + np.float32(0), -448, 448))
             scale = to_raw(dt, s)
         elif kind == "nvfp4":
             s2 = np.float32(gs) * rt(absmax / np.float32(6))
             sc = e4m3(np.clip(s2, -448, 448))
             sc[e4m3_value(sc) == 0] = e4m3(np.float32([0.125]))[0]
             d = e4m3_value(sc) / np.float32(gs)
-            q = fp4(np.clip(xg / d[..., None], -6, 6))
+            q = fp4(np.clip(xg / d[..., None] + np.float32(0), -6, 6))
             scale = sc.tobytes()
         else:  # mxfp4
             mant = {"BF16": 7, "F16": 10, "F32": 23}[dt]
@@ -197,8 +197,8 @@ def quantize(dt, x, scheme, gs=None):
             e = np.clip(127 + np.floor(np.log2(p)) - 2, 0, 255)
             s = rt(np.float32(2.0) ** (e.astype(np.float32) - 127)).astype(np.float32)
             s[s == 0] = 1
-            stored = np.where(np.isinf(s), 255, 127 + np.floor(np.log2(s))).astype(np.uint8)
-            q = fp4(np.clip(rt(xg / s[..., None]), -6, 6))
+            stored = np.where(np.isinf(s), 127, 127 + np.floor(np.log2(s))).astype(np.uint8)  # torch: int32(inf) = INT_MIN
+            q = fp4(np.clip(rt(xg / s[..., None]) + np.float32(0), -6, 6))
             scale = stored.tobytes()
     codes = back(q)
     rows, cols = x.shape
@@ -254,6 +254,7 @@ def build(dt, path):
         "model.layers.0.self_attn.o_proj.weight": w(h, h),
         "model.layers.0.mlp.gate_proj.weight": w(inter, h),
         "model.layers.0.mlp.up_proj.weight": w(inter, h),
+        "model.layers.0.post_attention_layernorm.weight": np.ones(h, np.float32),
         "model.norm.weight": np.ones(h, np.float32),
         "lm_head.weight": w(64, h),
     }

@@ -19,7 +19,6 @@ use crate::formats::model::Model;
 use crate::formats::safetensors::{Entry, OutEntry};
 use crate::ops::ct::{self, reference, Kind, Packing, Spec, Strategy};
 use crate::ops::reduce::tensor_stats;
-use regex::Regex;
 use serde_json::{json, Map, Value};
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Mutex;
@@ -243,7 +242,7 @@ impl CompressedTensors {
         };
         let regexes = patterns
             .iter()
-            .map(|p| Regex::new(p).map_err(|e| Error::input(format!("--ignore '{p}': {e}"))))
+            .map(|p| super::op::regex("--ignore", p))
             .collect::<Result<Vec<_>>>()?;
         // The Linear layers, in module order (numbers compared as numbers,
         // lm_head last as in every transformers causal LM).

@@ -185,6 +185,11 @@ impl Checkpoint {
         &self.modules
     }
 
+    /// The module whose codes tensor `name` is.
+    pub fn codes_of<'a>(&self, name: &'a str) -> Option<&'a str> {
+        self.part(name).filter(|&(_, codes)| codes).map(|(p, _)| p)
+    }
+
     /// The module a tensor belongs to and whether it holds the codes.
     fn part<'a>(&self, name: &'a str) -> Option<(&'a str, bool)> {
         let (p, suffix) = name.rsplit_once('.')?;

@@ -201,7 +201,7 @@ impl Overrides {
         if ty.is_empty() {
             return Err(bad("missing quantization type"));
         }
-        let re = Regex::new(&pattern.to_lowercase()).map_err(|e| bad(&e.to_string()))?;
+        let re = crate::jobs::op::regex("--tensor-type", &pattern.to_lowercase())?;
         self.patterns.push((re, writable_type(ty)?));
         Ok(())
     }

@@ -90,17 +90,17 @@ fn codes<C: Codec>(spec: &Spec, packing: Packing, p: &GroupParams, x: &[f32], q:
         }
         Kind::Fp8 => {
             for (q, &v) in q.iter_mut().zip(x) {
-                *q = e4m3(rt::<C>(v / d).clamp(-E4M3_MAX, E4M3_MAX));
+                *q = e4m3((rt::<C>(v / d) + 0.0).clamp(-E4M3_MAX, E4M3_MAX));
             }
         }
         Kind::Nvfp4 => {
             for (q, &v) in q.iter_mut().zip(x) {
-                *q = fp4((v / d).clamp(-FP4_MAX, FP4_MAX));
+                *q = fp4((v / d + 0.0).clamp(-FP4_MAX, FP4_MAX));
             }
         }
         Kind::Mxfp4 => {
             for (q, &v) in q.iter_mut().zip(x) {
-                *q = fp4(rt::<C>(v / d).clamp(-FP4_MAX, FP4_MAX));
+                *q = fp4((rt::<C>(v / d) + 0.0).clamp(-FP4_MAX, FP4_MAX));
             }
         }
     }
@@ -171,6 +171,12 @@ fn figures<C: Codec>(
         }
         Kind::Nvfp4 | Kind::Mxfp4 => {
             let t: [f32; 16] = std::array::from_fn(|c| reference::fp4_value(c as u32));
+            // As `reference::value`: an infinite MX scale dequantizes as 1.
+            let d = if d.is_infinite() && spec.kind == Kind::Mxfp4 {
+                1.0
+            } else {
+                d
+            };
             for (y, &u) in y.iter_mut().zip(q) {
                 *y = rt::<C>(t[u as usize & 15] * d);
             }

@@ -309,7 +309,8 @@ kernel_params!(
     }
 );
 
-/// Flags in the high half of a group's second word.
+/// Flags in the high half of a group's second word (of four: see
+/// shaders/ct.wgsl).
 const FLAG_CPU: u32 = 1 << 16;
 const FLAG_NON_FINITE: u32 = 2 << 16;
 
@@ -371,7 +372,7 @@ fn quantize_gpu(
         inputs: vec![cr as u64 * row_bytes],
         outputs: vec![
             ((cr * stride_bytes) as u64, true),
-            ((cr.div_ceil(gr) * grid_c * 8) as u64, false),
+            ((cr.div_ceil(gr) * grid_c * 16) as u64, false),
         ],
     };
     let pipeline = g
@@ -398,7 +399,7 @@ fn quantize_gpu(
                 gs_bits: gs.to_bits(),
             }),
             inputs: vec![(&t.data[r0 * cols * es..r1 * cols * es]).into()],
-            read: vec![((r1 - r0) * stride_bytes) as u64, (n_groups * 8) as u64],
+            read: vec![((r1 - r0) * stride_bytes) as u64, (n_groups * 16) as u64],
             workgroups: g.ctx.workgroups_of(n_groups as u64, CT_WG),
         }
     });
@@ -411,7 +412,7 @@ fn quantize_gpu(
         codes[r0 * stride_bytes..r1 * stride_bytes].copy_from_slice(&outs[0][..n]);
         let g0 = r0 / gr * grid_c;
         let n_groups = (r1 - r0).div_ceil(gr) * grid_c;
-        for (i, w) in outs[1][..n_groups * 8].chunks_exact(8).enumerate() {
+        for (i, w) in outs[1][..n_groups * 16].chunks_exact(16).enumerate() {
             let word = |j: usize| u32::from_le_bytes([w[j], w[j + 1], w[j + 2], w[j + 3]]);
             let (scale_raw, second) = (word(0), word(4));
             if second & FLAG_NON_FINITE != 0 {
@@ -422,17 +423,13 @@ fn quantize_gpu(
             groups[g0 + i] = GroupParams {
                 scale_raw,
                 zp: (second & 0xffff) as i16 as i32,
-                div: 0.0,
+                div: f32::from_bits(word(8)),
             };
         }
         Ok(())
     })?;
     if bad_input {
         return Err(non_finite());
-    }
-    // The divisors, from what was stored, as the reference derives them.
-    for p in groups.iter_mut() {
-        p.div = divisor(spec, t.dtype, p, gs);
     }
     let cpu_groups = redo.len();
     with_codec!(t.dtype, C => {
@@ -455,7 +452,8 @@ fn quantize_gpu(
     Ok(q)
 }
 
-/// What a group's values were divided by, from its stored scale.
+/// What a group's values are multiplied by when read back, from its
+/// stored scale (as compressed-tensors' decompression derives it).
 pub fn divisor(spec: &Spec, dt: DType, p: &GroupParams, gs: f32) -> f32 {
     match spec.kind {
         Kind::Int { .. } | Kind::Fp8 => reference::from_raw(dt, p.scale_raw),

@@ -258,8 +258,11 @@ pub fn mx_scale(dt: DType, absmax: f32) -> (f32, u32) {
     if s == 0.0 {
         s = 1.0;
     }
+    // An infinite scale (the abs-max rounded past T's range) is stored as
+    // llm-compressor's torch stores it: floor(log2 inf) converted to int32
+    // is INT_MIN on x86, plus 127, low byte 0x7f.
     let stored = if s.is_infinite() {
-        255
+        127
     } else {
         (127 + s.log2().floor() as i32) as u32 & 0xff
     };
@@ -278,9 +281,11 @@ pub fn code(spec: &Spec, dt: DType, p: &GroupParams, x: f32) -> i32 {
             let y = rt(dt, rt(dt, x / p.div) + p.zp as f32);
             y.clamp(qmin, -qmin - 1.0).round_ties_even() as i32
         }
-        Kind::Fp8 => e4m3(rt(dt, x / p.div).clamp(-E4M3_MAX, E4M3_MAX)) as i32,
-        Kind::Nvfp4 => fp4((x / p.div).clamp(-FP4_MAX, FP4_MAX)) as i32,
-        Kind::Mxfp4 => fp4(rt(dt, x / p.div).clamp(-FP4_MAX, FP4_MAX)) as i32,
+        // `+ 0.0`: the zero point (0) is added here too, which turns a
+        // quotient of −0.0 into +0.0 and so clears its code's sign bit.
+        Kind::Fp8 => e4m3((rt(dt, x / p.div) + 0.0).clamp(-E4M3_MAX, E4M3_MAX)) as i32,
+        Kind::Nvfp4 => fp4((x / p.div + 0.0).clamp(-FP4_MAX, FP4_MAX)) as i32,
+        Kind::Mxfp4 => fp4((rt(dt, x / p.div) + 0.0).clamp(-FP4_MAX, FP4_MAX)) as i32,
     }
 }
 
@@ -291,7 +296,11 @@ pub fn value(spec: &Spec, p: &GroupParams, c: i32) -> f32 {
     match spec.kind {
         Kind::Int { .. } => (c - p.zp) as f32 * p.div,
         Kind::Fp8 => e4m3_value(c as u32) * p.div,
-        Kind::Nvfp4 | Kind::Mxfp4 => fp4_value(c as u32) * p.div,
+        Kind::Nvfp4 => fp4_value(c as u32) * p.div,
+        // An infinite MX scale is stored as exponent 127 (see `mx_scale`):
+        // what a loader multiplies by is 1.
+        Kind::Mxfp4 if p.div.is_infinite() => fp4_value(c as u32),
+        Kind::Mxfp4 => fp4_value(c as u32) * p.div,
     }
 }
 
