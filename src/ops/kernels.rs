@@ -3,7 +3,9 @@
 //! the op's module). The tests check each parameter block against the WGSL
 //! struct of the same name, field for field.
 
-use super::{ct, ggml, mix, prune, quantize, reduce, select, selfcheck, transfer, KernelParams};
+use super::{
+    ct, ggml, matmul, mix, prune, quantize, reduce, select, selfcheck, transfer, KernelParams,
+};
 use crate::device::KernelDef;
 
 /// A WGSL file of kernels, with what is generated in front of it.
@@ -63,6 +65,16 @@ const CT: Shader = Shader {
     source: include_str!("../../shaders/ct.wgsl"),
     prelude: ct_prelude,
 };
+
+const MATMUL: Shader = Shader {
+    name: "matmul",
+    source: include_str!("../../shaders/matmul.wgsl"),
+    prelude: matmul_prelude,
+};
+
+fn matmul_prelude() -> String {
+    format!("const MM_TILE: u32 = {}u;\n", matmul::MM_TILE)
+}
 
 fn ct_prelude() -> String {
     format!("const CT_WG: u32 = {}u;\n", ct::CT_WG)
@@ -129,6 +141,7 @@ kernels! {
     DivCheck => SELFCHECK, "div_check", selfcheck::CheckParams;
     GgmlQuantize => GGML, "ggml_quantize", ggml::GgmlParams;
     CtQuantize => CT, "ct_quantize", ct::CtParams;
+    Matmul => MATMUL, "matmul", matmul::MatmulParams;
 }
 
 impl KernelDef for Kernel {
