@@ -109,6 +109,10 @@ pub(super) enum Command {
     /// task_arithmetic, ties, dare_*, breadcrumbs*, della*, slerp, nearswap,
     /// nuslerp, model_stock, sce, passthrough).
     Merge(MergeArgs),
+    /// PEFT LoRA adapters: `lora merge BASE ADAPTER_DIR... -o OUT` folds
+    /// them into the base (W + s·B·A), `--unmerge` takes them out.
+    #[command(subcommand)]
+    Lora(LoraCommand),
     /// Write a seeded LLaMA-shaped sample model directory.
     Sample(SampleArgs),
     /// List the GPU adapters wgpu finds, with the limits that matter.
@@ -309,6 +313,30 @@ pub(super) struct MixArgs {
     /// Divide the weights by their sum.
     #[arg(long)]
     pub(super) normalize: bool,
+    #[command(flatten)]
+    pub(super) common: Common,
+}
+
+/// `modelpress lora ...`.
+#[derive(Subcommand)]
+pub(super) enum LoraCommand {
+    /// Fold PEFT LoRA adapters (directories with adapter_config.json and
+    /// adapter_model.safetensors) into BASE: W + Σ wᵢ·sᵢ·Bᵢ·Aᵢ, rounded once.
+    Merge(LoraMergeArgs),
+}
+
+/// `modelpress lora merge`.
+#[derive(Args)]
+pub(super) struct LoraMergeArgs {
+    pub(super) base: PathBuf,
+    #[arg(required = true, num_args = 1..)]
+    pub(super) adapters: Vec<PathBuf>,
+    /// One weight per adapter (default 1 each).
+    #[arg(long, allow_hyphen_values = true, value_delimiter = ',')]
+    pub(super) weights: Vec<f32>,
+    /// Subtract the adapters instead (W − s·B·A); DoRA cannot be unmerged.
+    #[arg(long)]
+    pub(super) unmerge: bool,
     #[command(flatten)]
     pub(super) common: Common,
 }

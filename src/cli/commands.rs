@@ -435,6 +435,29 @@ pub(super) fn mix(a: MixArgs) -> Result<()> {
     job(&Mix { weights }, &ms, &common).map(|_| ())
 }
 
+/// `modelpress lora merge`.
+pub(super) fn lora_merge(a: LoraMergeArgs) -> Result<()> {
+    let LoraMergeArgs {
+        base,
+        adapters,
+        weights,
+        unmerge,
+        common,
+    } = a;
+    if !common.include.is_empty() || !common.exclude.is_empty() || common.any_rank {
+        return Err(Error::input(
+            "lora merge changes the adapted modules: --include, --exclude and --any-rank do not apply",
+        ));
+    }
+    let m = open(&base)?;
+    let ads = adapters
+        .iter()
+        .map(|d| modelpress::jobs::lora::Adapter::open(d))
+        .collect::<Result<Vec<_>>>()?;
+    let op = modelpress::jobs::lora::LoraMerge::new(&m, ads, weights, unmerge)?;
+    job(&op, &[m], &common).map(|_| ())
+}
+
 /// `modelpress merge`.
 pub(super) fn merge(a: MergeArgs) -> Result<()> {
     let MergeArgs {

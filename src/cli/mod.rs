@@ -73,6 +73,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Delta(a) => commands::delta(a),
         Command::Mix(a) => commands::mix(a),
         Command::Merge(a) => commands::merge(a),
+        Command::Lora(args::LoraCommand::Merge(a)) => commands::lora_merge(a),
         Command::Sample(a) => commands::sample(a),
         Command::Devices => commands::devices(),
         Command::Demo(a) => commands::demo(a),

@@ -6,6 +6,7 @@
 pub mod combine;
 pub mod compressed;
 pub mod gguf;
+pub mod lora;
 pub mod merge;
 pub mod neurons;
 pub mod op;

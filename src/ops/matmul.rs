@@ -144,7 +144,7 @@ fn matmul_cpu(
                         return false;
                     }
                     for (v, &cv) in row.iter_mut().zip(&cr) {
-                        *v = cv + *v;
+                        *v += cv;
                     }
                 }
                 true
