@@ -19,66 +19,15 @@ import sys
 import numpy as np
 from safetensors import safe_open
 
-from interop_common import fail, round_to
+from interop_common import fail, from_raw, read_tensors, round_to, to_raw, write_safetensors
 
 BIN, DEV, WORK = sys.argv[1], sys.argv[2], sys.argv[3]
 os.makedirs(WORK, exist_ok=True)
-NP = {"BF16": None, "F16": np.float16, "F32": np.float32}
 EPS = {"BF16": 2.0**-7, "F16": 2.0**-10, "F32": 2.0**-23}
 TINY = {"BF16": 2.0**-126, "F16": 2.0**-14, "F32": 2.0**-126}
 
 
 # --- values as the file stores them ---------------------------------------
-
-def to_raw(dt, x):
-    """float32 values already in dt -> little-endian bytes of dt."""
-    x = np.asarray(x, np.float32)
-    if dt == "BF16":
-        return (x.view(np.uint32) >> 16).astype("<u2").tobytes()
-    return x.astype(NP[dt]).tobytes()
-
-
-def from_raw(dt, b):
-    if dt == "BF16":
-        return (np.frombuffer(b, "<u2").astype(np.uint32) << 16).view(np.float32)
-    return np.frombuffer(b, NP[dt]).astype(np.float32)
-
-
-def write_safetensors(path, tensors):
-    """{name: (dtype, shape, bytes)} -> a safetensors file."""
-    header, off = {}, 0
-    for k, (dt, shape, b) in tensors.items():
-        header[k] = {"dtype": dt, "shape": list(shape), "data_offsets": [off, off + len(b)]}
-        off += len(b)
-    h = json.dumps(header).encode()
-    h += b" " * (-len(h) % 8)
-    with open(path, "wb") as f:
-        f.write(len(h).to_bytes(8, "little") + h)
-        for _, _, b in tensors.values():
-            f.write(b)
-
-
-def read_tensors(d):
-    out = {}
-    for f in sorted(os.listdir(d)):
-        if not f.endswith(".safetensors"):
-            continue
-        full = os.path.join(d, f)
-        with safe_open(full, framework="numpy") as so:  # the reader accepts it
-            keys = set(so.keys())
-        with open(full, "rb") as fh:
-            n = int.from_bytes(fh.read(8), "little")
-            hdr = json.loads(fh.read(n))
-            for k, v in hdr.items():
-                if k == "__metadata__":
-                    continue
-                a, b = v["data_offsets"]
-                fh.seek(8 + n + a)
-                out[k] = (v["dtype"], tuple(v["shape"]), fh.read(b - a))
-        if keys != set(hdr) - {"__metadata__"}:
-            fail(f"{full}: safe_open lists other tensors")
-    return out
-
 
 # --- codes -------------------------------------------------------------------
 
