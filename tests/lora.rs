@@ -234,3 +234,99 @@ fn gpu_equals_cpu_and_bad_adapters_are_refused() {
     }
     assert_eq!(snapshot(tmp.path()), before, "inputs changed");
 }
+
+#[test]
+fn extract_refusals_write_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (base, other, wide) = (
+        tmp.path().join("base"),
+        tmp.path().join("other"),
+        tmp.path().join("wide"),
+    );
+    write_llama_model(&base, common::SMALL, DType::BF16, 1, 5).unwrap();
+    write_llama_model(&other, common::SMALL, DType::BF16, 1, 6).unwrap();
+    let mut shape = common::SMALL;
+    shape.intermediate += 16;
+    write_llama_model(&wide, shape, DType::BF16, 1, 6).unwrap();
+    let before = snapshot(tmp.path());
+    let out = tmp.path().join("ad");
+    let o = s(&out);
+    for (args, want) in [
+        (
+            vec![
+                "lora",
+                "extract",
+                s(&other),
+                s(&base),
+                "-o",
+                o,
+                "--rank",
+                "0",
+            ],
+            "--rank must be at least 1",
+        ),
+        (
+            vec![
+                "lora",
+                "extract",
+                s(&base),
+                s(&base),
+                "-o",
+                o,
+                "--rank",
+                "4",
+            ],
+            "nothing to extract",
+        ),
+        (
+            vec![
+                "lora",
+                "extract",
+                s(&wide),
+                s(&base),
+                "-o",
+                o,
+                "--rank",
+                "4",
+            ],
+            "in the fine-tune",
+        ),
+        (
+            vec![
+                "lora",
+                "extract",
+                s(&other),
+                s(&base),
+                "-o",
+                s(&base),
+                "--rank",
+                "4",
+                "--force",
+            ],
+            "base",
+        ),
+    ] {
+        let (ok, err) = run(&args);
+        assert!(!ok, "{args:?} succeeded");
+        assert!(err.contains(want), "{args:?}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{args:?}: one line: {err}");
+        assert!(!out.exists(), "{args:?} wrote an output");
+    }
+    assert_eq!(snapshot(tmp.path()), before, "inputs changed");
+    let (ok, err) = run(&[
+        "lora",
+        "extract",
+        s(&other),
+        s(&base),
+        "-o",
+        o,
+        "--rank",
+        "4",
+        "--device",
+        "cpu",
+    ]);
+    assert!(ok, "{err}");
+    assert!(
+        out.join("adapter_config.json").exists() && out.join("adapter_model.safetensors").exists()
+    );
+}

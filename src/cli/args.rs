@@ -323,6 +323,35 @@ pub(super) enum LoraCommand {
     /// Fold PEFT LoRA adapters (directories with adapter_config.json and
     /// adapter_model.safetensors) into BASE: W + Σ wᵢ·sᵢ·Bᵢ·Aᵢ, rounded once.
     Merge(LoraMergeArgs),
+    /// Turn FINETUNED − BASE back into a PEFT LoRA adapter of rank R
+    /// (a truncated SVD of each Linear layer's delta).
+    Extract(LoraExtractArgs),
+}
+
+/// `modelpress lora extract`.
+#[derive(Args)]
+pub(super) struct LoraExtractArgs {
+    pub(super) finetuned: PathBuf,
+    pub(super) base: PathBuf,
+    /// The adapter directory to write.
+    #[arg(short, long)]
+    pub(super) output: PathBuf,
+    /// Rank R of every module (lower where the delta's rank is).
+    #[arg(long)]
+    pub(super) rank: usize,
+    /// Drop singular values at or below E.
+    #[arg(long, value_name = "E", default_value_t = 0.0)]
+    pub(super) sv_epsilon: f64,
+    /// auto (a hardware GPU, else the CPU), gpu, cpu, or an adapter name
+    /// substring.
+    #[arg(long, default_value = "auto")]
+    pub(super) device: String,
+    /// Write a JSON report: per module, the rank and the energy kept.
+    #[arg(long)]
+    pub(super) report: Option<PathBuf>,
+    /// Replace an existing output.
+    #[arg(long)]
+    pub(super) force: bool,
 }
 
 /// `modelpress lora merge`.

@@ -458,6 +458,52 @@ pub(super) fn lora_merge(a: LoraMergeArgs) -> Result<()> {
     job(&op, &[m], &common).map(|_| ())
 }
 
+/// `modelpress lora extract`.
+pub(super) fn lora_extract(a: LoraExtractArgs) -> Result<()> {
+    let dev = Device::choose(&a.device)?;
+    let (ft, base) = (open(&a.finetuned)?, open(&a.base)?);
+    let rows = modelpress::jobs::lora::extract(
+        &dev,
+        &ft,
+        &base,
+        &modelpress::jobs::lora::ExtractOptions {
+            rank: a.rank,
+            sv_epsilon: a.sv_epsilon,
+            output: &a.output,
+            report: a.report.as_deref(),
+            force: a.force,
+        },
+    )?;
+    modelpress::outln!(
+        "{:<56} {:>5} {:>12} {:>12} {:>12}",
+        "module",
+        "rank",
+        "energy kept",
+        "σ max",
+        "σ next"
+    )?;
+    for r in &rows {
+        modelpress::outln!(
+            "{:<56} {:>5} {:>11.4}% {:>12.4e} {:>12.4e}",
+            r.module,
+            r.rank,
+            100.0 * r.energy_kept,
+            r.sigma_max,
+            r.sigma_next
+        )?;
+    }
+    let worst = rows.iter().map(|r| r.energy_kept).fold(1.0, f64::min);
+    modelpress::outln!(
+        "wrote {}: {} modules, rank ≤ {}, least energy kept {:.4}% on {}",
+        a.output.display(),
+        rows.iter().filter(|r| r.rank > 0).count(),
+        a.rank,
+        100.0 * worst,
+        dev.name()
+    )?;
+    Ok(())
+}
+
 /// `modelpress merge`.
 pub(super) fn merge(a: MergeArgs) -> Result<()> {
     let MergeArgs {

@@ -144,6 +144,19 @@ pub trait TensorOp: Sync {
     fn apply(&self, dev: &Device, srcs: &[Src], models: &[Model]) -> Result<Applied>;
 }
 
+/// Whether tensor `e` is the weight of a Linear layer, as far as names
+/// tell: a rank-2 float `*.weight` that is not an embedding (`embed`,
+/// `wte`, `wpe`, `shared`). Norms and biases have rank 1.
+pub fn is_linear_weight(e: &Entry) -> bool {
+    let Some(module) = e.name.strip_suffix(".weight") else {
+        return false;
+    };
+    let leaf = module.rsplit('.').next().unwrap_or(module);
+    e.shape.len() == 2
+        && e.kernel_dtype().is_some()
+        && !(leaf.contains("embed") || matches!(leaf, "wte" | "wpe" | "shared"))
+}
+
 /// Compiles `pattern`, given as `what` (a flag), or an error of one line
 /// (the regex crate explains over several, with a caret under the spot).
 pub fn regex(what: &str, pattern: &str) -> Result<Regex> {

@@ -43,6 +43,7 @@ pub mod ct;
 pub mod diff;
 pub mod ggml;
 pub(crate) mod kernels;
+pub mod linalg;
 pub mod matmul;
 pub mod merge;
 pub mod mix;

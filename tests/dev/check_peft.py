@@ -8,9 +8,11 @@ merged tensor compared (in bf16 ulps) and the logits of both models.
     /tmp/mk/bin/pip install peft==0.21.2
     HF_HUB_OFFLINE=1 /tmp/mk/bin/python tests/dev/check_peft.py target/release/modelpress WORKDIR
 """
+import json
 import os
 import subprocess
 import sys
+import time
 
 import torch
 import transformers
@@ -176,5 +178,38 @@ for label, names, weights in cases:
             else:
                 print(f"{label} {dev}: unmerge failed: {r.stderr.strip()}")
                 failures += 1
+# Extraction: the fine-tune made by merging the plain adapter, extracted
+# back at ranks 8 (its rank: everything but bf16 rounding) and 4, loaded by
+# PEFT; the logits' distance to the fine-tune's should follow the energy.
+ft = os.path.join(WORK, "mp-lora-cpu")
+ft_logits = logits(ft)
+# The floor: PEFT running the original adapter unmerged (bf16 products)
+# against the merged model.
+with torch.no_grad():
+    orig = PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16),
+                                     os.path.join(WORK, "lora"))(input_ids=torch.arange(3, 40).reshape(1, -1)).logits.float()
+floor = float((orig - ft_logits).norm() / ft_logits.norm())
+print(f"extract: PEFT's own adapter, unmerged, is {floor:.1e} relative from the merged fine-tune (the floor)")
+for rank in (8, 4):
+    for dev in ("cpu", "gpu"):
+        ext = os.path.join(WORK, f"extract-{rank}-{dev}")
+        t = time.time()
+        r = subprocess.run([BIN, "lora", "extract", ft, base, "-o", ext, "--rank", str(rank), "--device", dev,
+                            "--force", "--report", ext + ".json"], capture_output=True, text=True)
+        dt = time.time() - t
+        if r.returncode != 0:
+            print(f"extract r={rank} {dev}: failed: {r.stderr.strip()}")
+            failures += 1
+            continue
+        rep = json.load(open(ext + ".json"))["modules"]
+        kept = min(m["energy_kept"] for m in rep)
+        m = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
+        pm = PeftModel.from_pretrained(m, ext)
+        with torch.no_grad():
+            got = pm(input_ids=torch.arange(3, 40).reshape(1, -1)).logits.float()
+        rel = float((got - ft_logits).norm() / ft_logits.norm())
+        print(f"extract r={rank} {dev}: {dt:.1f} s, PEFT loads it; least energy kept {100 * kept:.4f}%; "
+              f"logits {rel:.1e} relative from the fine-tune's")
+        failures += rank == 8 and rel > 1.5 * floor
 print("FAILED" if failures else "all within bounds")
 sys.exit(1 if failures else 0)

@@ -12,7 +12,7 @@ mod read;
 
 pub use read::{Checkpoint, CtDequantize};
 
-use super::op::{Applied, Src, TensorOp};
+use super::op::{is_linear_weight, Applied, Src, TensorOp};
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::formats::model::Model;
@@ -182,17 +182,6 @@ pub struct CompressedTensors {
     global: Mutex<HashMap<String, f32>>,
 }
 
-/// Whether tensor `e` is the weight of a Linear layer.
-fn is_linear(e: &Entry) -> bool {
-    let Some(module) = e.name.strip_suffix(".weight") else {
-        return false;
-    };
-    let leaf = module.rsplit('.').next().unwrap_or(module);
-    e.shape.len() == 2
-        && e.kernel_dtype().is_some()
-        && !(leaf.contains("embed") || matches!(leaf, "wte" | "wpe" | "shared"))
-}
-
 impl CompressedTensors {
     /// Plans the job over `model` (a directory with config.json).
     pub fn new(model: &Model, opts: SchemeOptions) -> Result<CompressedTensors> {
@@ -248,7 +237,7 @@ impl CompressedTensors {
         // lm_head last as in every transformers causal LM).
         let mut linear: Vec<String> = model
             .entries()
-            .filter(|(_, e)| is_linear(e))
+            .filter(|(_, e)| is_linear_weight(e))
             .map(|(_, e)| e.name[..e.name.len() - ".weight".len()].to_string())
             .collect();
         // A tied lm_head is a Linear layer without a tensor of its own.

@@ -7,8 +7,10 @@
 //! `--unmerge` subtracts (DoRA and replaced modules cannot be undone).
 
 mod adapter;
+mod extract;
 
 pub use adapter::{Adapter, Layer};
+pub use extract::{extract, ExtractOptions, ModuleExtract};
 
 use super::op::{Applied, Src, TensorOp};
 use crate::device::Device;
