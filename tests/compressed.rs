@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{gpu_variants, seed, FLOATS};
+use common::{gpu_variants, run_bin, s, seed, snapshot, FLOATS};
 use modelpress::ops::ct::{quantize, reference, Kind, Packing, Spec, Strategy};
 use modelpress::tools::sample::Rng;
 use modelpress::{DType, Device, Tensor};
@@ -146,37 +146,6 @@ fn non_finite_weights_are_refused_on_every_device() {
 
 use modelpress::formats::model::Model;
 use modelpress::tools::sample::write_llama_model;
-use std::path::{Path, PathBuf};
-use std::process::Command;
-
-fn run(args: &[&str]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_modelpress"))
-        .env("XDG_RUNTIME_DIR", std::env::temp_dir())
-        .args(args)
-        .output()
-        .expect("run modelpress");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stderr).to_string(),
-    )
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-fn snapshot(p: &Path) -> Vec<(PathBuf, Vec<u8>)> {
-    let mut v = Vec::new();
-    if p.is_dir() {
-        for e in std::fs::read_dir(p).unwrap() {
-            v.extend(snapshot(&e.unwrap().path()));
-        }
-    } else if p.exists() {
-        v.push((p.to_path_buf(), std::fs::read(p).unwrap()));
-    }
-    v.sort();
-    v
-}
 
 /// Every scheme on a sharded model (hidden 64, intermediate 96: int groups
 /// of 32), GPU and CPU outputs byte-identical, and `dequantize` restoring
@@ -209,7 +178,7 @@ fn schemes_through_the_command_line_round_trip() {
             let mut args = vec!["quantize", s(&base), "-o", s(&out), "--scheme", scheme];
             args.extend_from_slice(extra);
             args.extend_from_slice(&["--device", dev]);
-            let (ok, err) = run(&args);
+            let (ok, err) = run_bin(&args);
             assert!(ok, "{scheme} {extra:?} on {dev}: {err}");
             outs.push(out);
         }
@@ -238,7 +207,7 @@ fn schemes_through_the_command_line_round_trip() {
             "{scheme}: index kept"
         );
         let back = tmp.path().join(format!("{scheme}-{}-back", extra.len()));
-        let (ok, err) = run(&["dequantize", s(out), "-o", s(&back)]);
+        let (ok, err) = run_bin(&["dequantize", s(out), "-o", s(&back)]);
         assert!(ok, "dequantize {scheme}: {err}");
         let restored = Model::open(&back).unwrap();
         for (f, e) in original.entries() {
@@ -407,7 +376,7 @@ fn bad_schemes_and_inputs_fail_with_one_line_and_write_nothing() {
             "no Linear layer to quantize",
         ),
     ] {
-        let (ok, err) = run(&args);
+        let (ok, err) = run_bin(&args);
         assert!(!ok, "{args:?} succeeded");
         assert!(err.contains(want), "{args:?}: {err}");
         assert_eq!(err.trim().lines().count(), 1, "{args:?}: one line: {err}");
@@ -415,8 +384,8 @@ fn bad_schemes_and_inputs_fail_with_one_line_and_write_nothing() {
     }
     // A quantized model is not quantized again.
     let q = tmp.path().join("q");
-    assert!(run(&["quantize", s(&base), "-o", s(&q), "--scheme", "W8A8"]).0);
-    let (ok, err) = run(&["quantize", s(&q), "-o", o, "--scheme", "W8A8"]);
+    assert!(run_bin(&["quantize", s(&base), "-o", s(&q), "--scheme", "W8A8"]).0);
+    let (ok, err) = run_bin(&["quantize", s(&q), "-o", o, "--scheme", "W8A8"]);
     assert!(
         !ok && err.contains("already has a quantization_config"),
         "{err}"

@@ -5,40 +5,11 @@
 
 mod common;
 
+use common::{run_bin, s, snapshot};
 use modelpress::formats::safetensors::{OutEntry, SafetensorsWriter};
 use modelpress::tools::sample::write_llama_model;
 use modelpress::{DType, Tensor};
-use std::path::{Path, PathBuf};
-use std::process::Command;
-
-fn run(args: &[&str]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_modelpress"))
-        .env("XDG_RUNTIME_DIR", std::env::temp_dir())
-        .args(args)
-        .output()
-        .expect("run modelpress");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stderr).to_string(),
-    )
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-fn snapshot(p: &Path) -> Vec<(PathBuf, Vec<u8>)> {
-    let mut v = Vec::new();
-    if p.is_dir() {
-        for e in std::fs::read_dir(p).unwrap() {
-            v.extend(snapshot(&e.unwrap().path()));
-        }
-    } else if p.exists() {
-        v.push((p.to_path_buf(), std::fs::read(p).unwrap()));
-    }
-    v.sort();
-    v
-}
+use std::path::Path;
 
 /// An adapter directory: `config` as adapter_config.json, and f32 tensors
 /// (name without PEFT's prefix, shape) filled with small seeded values.
@@ -87,7 +58,7 @@ fn gpu_equals_cpu_and_bad_adapters_are_refused() {
     if common::gpu().is_some() {
         let (c, g) = (tmp.path().join("c"), tmp.path().join("g"));
         assert!(
-            run(&[
+            run_bin(&[
                 "lora",
                 "merge",
                 s(&base),
@@ -100,7 +71,7 @@ fn gpu_equals_cpu_and_bad_adapters_are_refused() {
             .0
         );
         assert!(
-            run(&[
+            run_bin(&[
                 "lora",
                 "merge",
                 s(&base),
@@ -226,7 +197,7 @@ fn gpu_equals_cpu_and_bad_adapters_are_refused() {
             "good",
         ),
     ] {
-        let (ok, err) = run(&args);
+        let (ok, err) = run_bin(&args);
         assert!(!ok, "{args:?} succeeded");
         assert!(err.contains(want), "{args:?}: {err}");
         assert_eq!(err.trim().lines().count(), 1, "{args:?}: one line: {err}");
@@ -306,14 +277,14 @@ fn extract_refusals_write_nothing() {
             "base",
         ),
     ] {
-        let (ok, err) = run(&args);
+        let (ok, err) = run_bin(&args);
         assert!(!ok, "{args:?} succeeded");
         assert!(err.contains(want), "{args:?}: {err}");
         assert_eq!(err.trim().lines().count(), 1, "{args:?}: one line: {err}");
         assert!(!out.exists(), "{args:?} wrote an output");
     }
     assert_eq!(snapshot(tmp.path()), before, "inputs changed");
-    let (ok, err) = run(&[
+    let (ok, err) = run_bin(&[
         "lora",
         "extract",
         s(&other),

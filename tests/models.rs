@@ -9,7 +9,7 @@ use modelpress::formats::model::Model;
 use modelpress::formats::safetensors::{OutEntry, SafetensorsWriter};
 use modelpress::tools::sample::{write_llama_model, LlamaShape};
 use modelpress::DType;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 fn bin() -> Command {
@@ -30,24 +30,6 @@ fn run(args: &[&str]) -> (bool, String, String) {
 
 fn argv(v: &[String]) -> Vec<&str> {
     v.iter().map(|x| x.as_str()).collect()
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-/// Every file under `dir` with its bytes, to prove inputs unchanged.
-fn snapshot(p: &Path) -> Vec<(PathBuf, Vec<u8>)> {
-    let mut v = Vec::new();
-    if p.is_dir() {
-        for e in std::fs::read_dir(p).unwrap() {
-            v.extend(snapshot(&e.unwrap().path()));
-        }
-    } else if p.exists() {
-        v.push((p.to_path_buf(), std::fs::read(p).unwrap()));
-    }
-    v.sort();
-    v
 }
 
 fn gpu_name() -> Option<String> {

@@ -230,3 +230,36 @@ pub fn assert_diff_close(
         );
     }
 }
+
+/// Runs the binary (with a runtime directory, which lavapipe wants);
+/// returns (success, stderr).
+pub fn run_bin(args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_modelpress"))
+        .env("XDG_RUNTIME_DIR", std::env::temp_dir())
+        .args(args)
+        .output()
+        .expect("run modelpress");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+/// A path as the `&str` an argument list takes.
+pub fn s(p: &std::path::Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// Every file under `p` with its bytes, sorted: to prove inputs unchanged.
+pub fn snapshot(p: &std::path::Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
+    let mut v = Vec::new();
+    if p.is_dir() {
+        for e in std::fs::read_dir(p).unwrap() {
+            v.extend(snapshot(&e.unwrap().path()));
+        }
+    } else if p.exists() {
+        v.push((p.to_path_buf(), std::fs::read(p).unwrap()));
+    }
+    v.sort();
+    v
+}

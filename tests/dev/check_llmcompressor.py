@@ -22,7 +22,6 @@ FP8_DYNAMIC.
 """
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -30,6 +29,9 @@ import time
 import numpy as np
 import torch
 import transformers
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "interop"))
+from interop_common import read_tensors as tensors  # noqa: E402
 
 BIN, WORK = os.path.abspath(sys.argv[1]), os.path.abspath(sys.argv[2])
 BENCH = "--bench" in sys.argv
@@ -77,24 +79,6 @@ def llmcompressor(kind, base, scheme, out):
         return f"{type(e).__name__}: {str(e)[:200]}"
     m.save_pretrained(out, save_compressed=True)
     return None
-
-
-def tensors(d):
-    """name -> (dtype, shape, bytes), from the raw safetensors files."""
-    out = {}
-    for f in sorted(os.listdir(d)):
-        if not f.endswith(".safetensors"):
-            continue
-        with open(os.path.join(d, f), "rb") as fh:
-            n = int.from_bytes(fh.read(8), "little")
-            hdr = json.loads(fh.read(n))
-            for k, v in hdr.items():
-                if k == "__metadata__":
-                    continue
-                a, b = v["data_offsets"]
-                fh.seek(8 + n + a)
-                out[k] = (v["dtype"], tuple(v["shape"]), fh.read(b - a))
-    return out
 
 
 def compare(ref, ours):
