@@ -4,7 +4,7 @@
 //! struct of the same name, field for field.
 
 use super::{
-    ct, ggml, matmul, mix, prune, quantize, reduce, select, selfcheck, transfer, KernelParams,
+    ct, ggml, matmul, mix, moe, prune, quantize, reduce, select, selfcheck, transfer, KernelParams,
 };
 use crate::device::KernelDef;
 
@@ -66,6 +66,11 @@ const CT: Shader = Shader {
     prelude: ct_prelude,
 };
 
+const MOE: Shader = Shader {
+    name: "moe",
+    source: include_str!("../../shaders/moe.wgsl"),
+    prelude: nothing,
+};
 const MATMUL: Shader = Shader {
     name: "matmul",
     source: include_str!("../../shaders/matmul.wgsl"),
@@ -142,6 +147,8 @@ kernels! {
     GgmlQuantize => GGML, "ggml_quantize", ggml::GgmlParams;
     CtQuantize => CT, "ct_quantize", ct::CtParams;
     Matmul => MATMUL, "matmul", matmul::MatmulParams;
+    MoeRoute => MOE, "moe_route", moe::RouteParams;
+    MoeCombine => MOE, "moe_combine", moe::CombineParams;
 }
 
 impl KernelDef for Kernel {

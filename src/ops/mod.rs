@@ -47,6 +47,7 @@ pub mod linalg;
 pub mod matmul;
 pub mod merge;
 pub mod mix;
+pub mod moe;
 pub mod prune;
 pub mod quantize;
 pub mod reduce;

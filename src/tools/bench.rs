@@ -9,7 +9,7 @@
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::ops::ggml::{self, BlockType};
-use crate::ops::{mix, prune, quantize, transfer};
+use crate::ops::{mix, moe, prune, quantize, transfer};
 use crate::tensor::{max_ulp_diff, DType, Tensor};
 use crate::tools::sample::{self, Rng};
 use std::time::Instant;
@@ -344,6 +344,46 @@ pub fn cases() -> Vec<Case> {
                 )?))
             },
             bytes: |s| (s.rows.data.len() + s.rows.data.len() / 64) as u64,
+        },
+        Case {
+            name: "moe.route",
+            // 64 experts, Mixtral's top-2: `a` as tokens × 64 logits.
+            run: |d, s| {
+                let shape = [s.a.numel() / 64, 64];
+                let l = crate::tensor::TensorRef::new(s.a.dtype, &shape, &s.a.data)?;
+                let r = moe::route(
+                    d,
+                    &l,
+                    moe::Gating::Softmax {
+                        k: 2,
+                        renormalize: true,
+                    },
+                )?;
+                Ok(Output::Float(Tensor::from_f32(
+                    DType::F32,
+                    &[r.weights.len()],
+                    &r.weights,
+                )?))
+            },
+            bytes: |s| (s.a.data.len() + s.a.numel() / 64 * 16) as u64,
+        },
+        Case {
+            name: "moe.combine",
+            // `a` as tokens × 2 experts' outputs × 512.
+            run: |d, s| {
+                let tokens = s.a.numel() / 1024;
+                let shape = [tokens, 2, 512];
+                let x = crate::tensor::TensorRef::new(
+                    s.a.dtype,
+                    &shape,
+                    &s.a.data[..tokens * 1024 * s.a.dtype.size()],
+                )?;
+                let w: Vec<f32> = (0..tokens * 2)
+                    .map(|i| 0.25 + (i % 3) as f32 * 0.25)
+                    .collect();
+                Ok(Output::Float(moe::combine(d, &x, &w, s.a.dtype)?))
+            },
+            bytes: |s| s.a.data.len() as u64 * 3 / 2,
         },
     ];
     v.extend([

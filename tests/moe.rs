@@ -1,0 +1,184 @@
+//! Mixture-of-experts gating: routing and combination against plain
+//! re-derivations of Mixtral's, Qwen's, DeepSeek-V3's and Switch's rules,
+//! and the GPU against the CPU (the same experts; weights within the bound
+//! moe.rs states; combination bit for bit).
+
+mod common;
+
+use common::{gpu_variants, seed, FLOATS};
+use modelpress::ops::moe::{combine, route, Gating};
+use modelpress::tools::sample::Rng;
+use modelpress::{DType, Device, Tensor};
+
+fn gatings() -> Vec<Gating> {
+    vec![
+        Gating::Softmax {
+            k: 2,
+            renormalize: true,
+        },
+        Gating::Softmax {
+            k: 4,
+            renormalize: false,
+        },
+        Gating::Sigmoid {
+            k: 3,
+            renormalize: true,
+            scale: 2.5,
+        },
+        Gating::Sigmoid {
+            k: 8,
+            renormalize: false,
+            scale: 1.0,
+        },
+        Gating::Switch,
+    ]
+}
+
+/// Logits in [−10, 10] with exact ties (copied values) to test the
+/// lower-index rule.
+fn logits(rng: &mut Rng, dtype: DType, tokens: usize, experts: usize) -> Tensor {
+    let mut v: Vec<f32> = (0..tokens * experts)
+        .map(|_| (rng.uniform() * 20.0 - 10.0) as f32)
+        .collect();
+    for t in 0..tokens {
+        if t % 3 == 0 {
+            let row = &mut v[t * experts..(t + 1) * experts];
+            let m = row.iter().cloned().fold(f32::MIN, f32::max);
+            row[experts - 1] = m; // ties the maximum at the last index
+            row[1] = m;
+        }
+    }
+    Tensor::from_f32(dtype, &[tokens, experts], &v).unwrap()
+}
+
+#[test]
+fn routing_follows_the_rules_and_gpu_picks_the_same_experts() {
+    let mut rng = Rng::new(seed("moe route"));
+    let gpus = gpu_variants();
+    for dtype in FLOATS {
+        for &experts in &[8usize, 16, 64] {
+            let l = logits(&mut rng, dtype, 37, experts);
+            let lv = l.to_f32_vec();
+            for g in gatings() {
+                let r = route(&Device::Cpu, &l.view(), g).unwrap();
+                for t in 0..37 {
+                    let row = &lv[t * experts..(t + 1) * experts];
+                    // Expected choice: descending logit, ties to the lower index.
+                    let mut order: Vec<usize> = (0..experts).collect();
+                    order.sort_by(|&a, &b| row[b].partial_cmp(&row[a]).unwrap().then(a.cmp(&b)));
+                    let k = r.k;
+                    let chosen: Vec<usize> = r.experts[t * k..(t + 1) * k]
+                        .iter()
+                        .map(|&e| e as usize)
+                        .collect();
+                    assert_eq!(chosen, order[..k].to_vec(), "{g:?} token {t}");
+                    // Expected weights, in f64.
+                    let m = row[order[0]] as f64;
+                    let soft: Vec<f64> = row.iter().map(|&x| (x as f64 - m).exp()).collect();
+                    let z: f64 = soft.iter().sum();
+                    let mut want: Vec<f64> = match g {
+                        Gating::Sigmoid { .. } => chosen
+                            .iter()
+                            .map(|&e| 1.0 / (1.0 + (-(row[e] as f64)).exp()))
+                            .collect(),
+                        _ => chosen.iter().map(|&e| soft[e] / z).collect(),
+                    };
+                    let sum: f64 = want.iter().sum();
+                    match g {
+                        Gating::Softmax {
+                            renormalize: true, ..
+                        }
+                        | Gating::Sigmoid {
+                            renormalize: true, ..
+                        } => want.iter_mut().for_each(|w| *w /= sum),
+                        _ => {}
+                    }
+                    if let Gating::Sigmoid { scale, .. } = g {
+                        want.iter_mut().for_each(|w| *w *= scale as f64);
+                    }
+                    for (j, &w) in want.iter().enumerate() {
+                        let got = r.weights[t * k + j] as f64;
+                        assert!(
+                            (got - w).abs() <= 1e-5 * w.abs().max(1e-30) + 1e-30,
+                            "{g:?} token {t}: {got} vs {w}"
+                        );
+                    }
+                }
+                for (name, dev) in &gpus {
+                    let rg = route(dev, &l.view(), g).unwrap();
+                    assert_eq!(
+                        rg.experts, r.experts,
+                        "{g:?} {dtype} {experts} on {name}: experts"
+                    );
+                    // The stated bound: (8 + 4·R)·2^-24 relative, R ≤ 20 here.
+                    let bound = (8.0 + 4.0 * 20.0) * 2f64.powi(-24);
+                    for (a, b) in rg.weights.iter().zip(&r.weights) {
+                        let (a, b) = (*a as f64, *b as f64);
+                        assert!(
+                            (a - b).abs() <= bound * b.abs() * 4.0,
+                            "{g:?} on {name}: {a} vs {b}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn combination_is_the_weighted_sum_and_gpu_equals_cpu() {
+    let mut rng = Rng::new(seed("moe combine"));
+    let gpus = gpu_variants();
+    for dtype in FLOATS {
+        let (tokens, k, dim) = (19, 3, 70);
+        let x: Vec<f32> = (0..tokens * k * dim).map(|_| rng.normal() as f32).collect();
+        let xs = Tensor::from_f32(dtype, &[tokens, k, dim], &x).unwrap();
+        let xv = xs.to_f32_vec();
+        let w: Vec<f32> = (0..tokens * k).map(|_| rng.uniform() as f32).collect();
+        let want = combine(&Device::Cpu, &xs.view(), &w, DType::F32)
+            .unwrap()
+            .to_f32_vec();
+        for t in 0..tokens {
+            for d in 0..dim {
+                let mut acc = 0f32;
+                for j in 0..k {
+                    acc += w[t * k + j] * xv[(t * k + j) * dim + d];
+                }
+                assert_eq!(want[t * dim + d].to_bits(), acc.to_bits());
+            }
+        }
+        for out in FLOATS {
+            let c = combine(&Device::Cpu, &xs.view(), &w, out).unwrap();
+            for (name, dev) in &gpus {
+                let g = combine(dev, &xs.view(), &w, out).unwrap();
+                assert_eq!(g.data, c.data, "{dtype} -> {out} on {name}");
+            }
+        }
+    }
+}
+
+#[test]
+fn bad_inputs_are_refused() {
+    let mut devs = vec![("cpu".to_string(), Device::Cpu)];
+    devs.extend(gpu_variants());
+    let l = Tensor::from_f32(
+        DType::F32,
+        &[2, 4],
+        &[0.0, 1.0, f32::NAN, 2.0, 0.0, 0.0, 0.0, 0.0],
+    )
+    .unwrap();
+    for (name, dev) in &devs {
+        let e = route(dev, &l.view(), Gating::Switch).unwrap_err();
+        assert!(e.to_string().contains("non-finite"), "{name}: {e}");
+        let e = route(
+            dev,
+            &l.view(),
+            Gating::Softmax {
+                k: 5,
+                renormalize: true,
+            },
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("k = 5 for 4 experts"), "{name}: {e}");
+    }
+}
