@@ -182,3 +182,135 @@ fn bad_inputs_are_refused() {
         assert!(e.to_string().contains("k = 5 for 4 experts"), "{name}: {e}");
     }
 }
+
+// --- `modelpress moe` through the command line ----------------------------------
+
+use common::{run_bin, s, snapshot};
+use modelpress::formats::model::Model;
+use modelpress::tools::sample::write_llama_model;
+
+#[test]
+fn moe_builds_mixtral_tensors_and_refuses_what_it_cannot_build() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (base, ft) = (tmp.path().join("base"), tmp.path().join("ft"));
+    write_llama_model(&base, common::SMALL, DType::BF16, 2, 3).unwrap();
+    write_llama_model(&ft, common::SMALL, DType::BF16, 1, 4).unwrap();
+    let yml = |name: &str, body: &str| {
+        let p = tmp.path().join(name);
+        std::fs::write(&p, body).unwrap();
+        p
+    };
+    let good = yml(
+        "good.yml",
+        &format!(
+            "base_model: {}\ngate_mode: random\nexperts_per_token: 2\nexperts:\n  - source_model: {}\n    positive_prompts: [a]\n  - source_model: {}\n",
+            s(&base),
+            s(&ft),
+            s(&base)
+        ),
+    );
+    let out = tmp.path().join("moe");
+    let (ok, err) = run_bin(&["moe", s(&good), "-o", s(&out), "--device", "cpu"]);
+    assert!(ok, "{err}");
+    let (m, b, f) = (
+        Model::open(&out).unwrap(),
+        Model::open(&base).unwrap(),
+        Model::open(&ft).unwrap(),
+    );
+    for (src, e) in b.entries() {
+        let data = src.data(e);
+        if let Some(p) = e.name.strip_suffix(".mlp.gate_proj.weight") {
+            for (x, model) in [(0, &f), (1, &b)] {
+                let (ef, ee) = m
+                    .find(&format!("{p}.block_sparse_moe.experts.{x}.w1.weight"))
+                    .unwrap();
+                let (sf, se) = model.find(&e.name).unwrap();
+                assert_eq!(ef.data(ee), sf.data(se), "{p} expert {x}");
+            }
+            let (gf, ge) = m
+                .find(&format!("{p}.block_sparse_moe.gate.weight"))
+                .unwrap();
+            assert_eq!(ge.shape, vec![2, common::SMALL.hidden]);
+            let g = gf.tensor(ge).unwrap().to_f32_vec();
+            for row in g.chunks(common::SMALL.hidden) {
+                let n: f32 = row.iter().map(|x| x * x).sum::<f32>().sqrt();
+                assert!((n - 1.0).abs() < 0.01, "router rows have unit length: {n}");
+            }
+        } else if e.name.contains(".mlp.") {
+            assert!(m.find(&e.name).is_none(), "{} left in", e.name);
+        } else {
+            let (of, oe) = m.find(&e.name).unwrap();
+            assert_eq!(of.data(oe), data, "{} from the base", e.name);
+        }
+    }
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(
+        cfg["architectures"],
+        serde_json::json!(["MixtralForCausalLM"])
+    );
+    assert_eq!(
+        (
+            cfg["num_local_experts"].as_u64(),
+            cfg["num_experts_per_tok"].as_u64()
+        ),
+        (Some(2), Some(2))
+    );
+    assert_eq!(
+        cfg["hidden_size"].as_u64(),
+        Some(common::SMALL.hidden as u64)
+    );
+
+    let before = snapshot(tmp.path());
+    let out2 = tmp.path().join("out2");
+    let two = format!(
+        "  - source_model: {}\n  - source_model: {}\n",
+        s(&ft),
+        s(&base)
+    );
+    for (body, want) in [
+        (
+            format!(
+                "base_model: {}\ngate_mode: cheap_embed\nexperts:\n{two}",
+                s(&base)
+            ),
+            "cheap_embed needs the base's tokenizer",
+        ),
+        (
+            format!(
+                "base_model: {}\ngate_mode: hidden\nexperts:\n{two}",
+                s(&base)
+            ),
+            "gate_mode hidden needs a forward pass",
+        ),
+        (
+            format!(
+                "base_model: {}\nexperts:\n  - source_model: {}\n",
+                s(&base),
+                s(&ft)
+            ),
+            "at least two experts",
+        ),
+        (format!("experts:\n{two}"), "no base_model"),
+        (
+            format!(
+                "base_model: {}\nexperts_per_token: 3\nexperts:\n{two}",
+                s(&base)
+            ),
+            "experts_per_token 3 exceeds the 2 experts",
+        ),
+        (
+            format!("base_model: {}\nbogus: 1\nexperts:\n{two}", s(&base)),
+            "bogus: unknown key",
+        ),
+    ] {
+        let p = tmp.path().join("bad.yml");
+        std::fs::write(&p, &body).unwrap();
+        let (ok, err) = run_bin(&["moe", s(&p), "-o", s(&out2)]);
+        assert!(!ok && err.contains(want), "{body}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+        assert!(!out2.exists());
+        std::fs::remove_file(&p).unwrap();
+    }
+    assert_eq!(snapshot(tmp.path()), before, "inputs changed");
+}

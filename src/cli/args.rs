@@ -113,6 +113,9 @@ pub(super) enum Command {
     /// them into the base (W + s·B·A), `--unmerge` takes them out.
     #[command(subcommand)]
     Lora(LoraCommand),
+    /// Build a Mixtral-style mixture of experts from dense models
+    /// (mergekit-moe's configuration: base_model, experts, gate_mode random).
+    Moe(MoeArgs),
     /// Write a seeded LLaMA-shaped sample model directory.
     Sample(SampleArgs),
     /// List the GPU adapters wgpu finds, with the limits that matter.
@@ -366,6 +369,19 @@ pub(super) struct LoraMergeArgs {
     /// Subtract the adapters instead (W − s·B·A); DoRA cannot be unmerged.
     #[arg(long)]
     pub(super) unmerge: bool,
+    #[command(flatten)]
+    pub(super) common: Common,
+}
+
+/// `modelpress moe`.
+#[derive(Args)]
+pub(super) struct MoeArgs {
+    /// mergekit-moe's YAML: base_model, experts (source_model), gate_mode,
+    /// experts_per_token.
+    pub(super) config: PathBuf,
+    /// Seed of the random routers.
+    #[arg(long, default_value_t = 0)]
+    pub(super) seed: u64,
     #[command(flatten)]
     pub(super) common: Common,
 }

@@ -504,6 +504,29 @@ pub(super) fn lora_extract(a: LoraExtractArgs) -> Result<()> {
     Ok(())
 }
 
+/// `modelpress moe`.
+pub(super) fn moe(a: MoeArgs) -> Result<()> {
+    let MoeArgs {
+        config,
+        seed,
+        common,
+    } = a;
+    if !common.include.is_empty() || !common.exclude.is_empty() || common.any_rank {
+        return Err(Error::input(
+            "moe rebuilds every MLP: --include, --exclude and --any-rank do not apply",
+        ));
+    }
+    let cfg = modelpress::jobs::moe::MoeConfig::load(&config, seed)?;
+    let mut models = vec![open(&cfg.base_model)?];
+    for e in &cfg.experts {
+        models.push(open(e)?);
+    }
+    let op = modelpress::jobs::moe::BuildMoe::new(cfg, &models)?;
+    let mut opts = options(&common)?;
+    opts.extra_inputs.push(config);
+    job_with(&op, &models, &common, &opts).map(|_| ())
+}
+
 /// `modelpress merge`.
 pub(super) fn merge(a: MergeArgs) -> Result<()> {
     let MergeArgs {

@@ -75,6 +75,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Merge(a) => commands::merge(a),
         Command::Lora(args::LoraCommand::Merge(a)) => commands::lora_merge(a),
         Command::Lora(args::LoraCommand::Extract(a)) => commands::lora_extract(a),
+        Command::Moe(a) => commands::moe(a),
         Command::Sample(a) => commands::sample(a),
         Command::Devices => commands::devices(),
         Command::Demo(a) => commands::demo(a),

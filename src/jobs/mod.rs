@@ -8,6 +8,7 @@ pub mod compressed;
 pub mod gguf;
 pub mod lora;
 pub mod merge;
+pub mod moe;
 pub mod neurons;
 pub mod op;
 pub mod pipeline;
