@@ -161,11 +161,13 @@ impl BuildMoe {
                 for (i, m) in models[1..].iter().enumerate() {
                     match m.find(&e.name) {
                         Some((_, me)) if me.shape == e.shape && me.dtype == e.dtype => {}
-                        _ => return Err(bad(format!(
+                        _ => {
+                            return Err(bad(format!(
                             "expert {i} ({}): '{}' ({p}) is missing or differs in shape or dtype",
                             m.path.display(),
                             e.name
-                        ))),
+                        )))
+                        }
                     }
                 }
             }

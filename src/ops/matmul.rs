@@ -110,40 +110,60 @@ fn matmul_cpu(
         return Err(non_finite());
     }
     let mut y = vec![0f32; m * n];
+    let rows_of = |i: usize, count: usize, t: &TensorRef, len: usize| {
+        let es = t.dtype.size();
+        values(&TensorRef {
+            dtype: t.dtype,
+            shape: &[count * len],
+            data: &t.data[i * len * es..(i + count) * len * es],
+        })
+    };
+    // Four rows at a time, each B row read once for the four (the same
+    // per-element order: acc += a[i,k]·b[k,j] for k ascending).
     let ok = y
-        .par_chunks_mut(n.max(1))
+        .par_chunks_mut((4 * n).max(1))
         .enumerate()
-        .map(|(i, row)| {
+        .map(|(blk, out)| {
             fast!({
-                // Row i: acc += a[i,k]·B[k,:] for k ascending (each element
-                // sums in ascending k, as the kernel does).
-                let ar = values(&TensorRef {
-                    dtype: a.dtype,
-                    shape: &[k],
-                    data: &a.data[i * k * a.dtype.size()..(i + 1) * k * a.dtype.size()],
-                });
+                let (i0, rows) = (4 * blk, out.len() / n.max(1));
+                let ar = rows_of(i0, rows, a, k);
                 if ar.iter().any(|v| !v.is_finite()) {
                     return false;
                 }
-                for (kk, &av) in ar.iter().enumerate() {
-                    for (acc, &bv) in row.iter_mut().zip(&bv[kk * n..(kk + 1) * n]) {
-                        *acc += av * bv;
+                if rows == 4 {
+                    let (r0, rest) = out.split_at_mut(n);
+                    let (r1, rest) = rest.split_at_mut(n);
+                    let (r2, r3) = rest.split_at_mut(n);
+                    for kk in 0..k {
+                        let (a0, a1, a2, a3) = (ar[kk], ar[k + kk], ar[2 * k + kk], ar[3 * k + kk]);
+                        let brow = &bv[kk * n..(kk + 1) * n];
+                        for j in 0..n {
+                            let b = brow[j];
+                            r0[j] += a0 * b;
+                            r1[j] += a1 * b;
+                            r2[j] += a2 * b;
+                            r3[j] += a3 * b;
+                        }
+                    }
+                } else {
+                    for (r, row) in out.chunks_mut(n.max(1)).enumerate() {
+                        for kk in 0..k {
+                            let av = ar[r * k + kk];
+                            for (acc, &b) in row.iter_mut().zip(&bv[kk * n..(kk + 1) * n]) {
+                                *acc += av * b;
+                            }
+                        }
                     }
                 }
-                for v in row.iter_mut() {
+                for v in out.iter_mut() {
                     *v *= alpha;
                 }
                 if let Some(c) = c {
-                    let es = c.dtype.size();
-                    let cr = values(&TensorRef {
-                        dtype: c.dtype,
-                        shape: &[n],
-                        data: &c.data[i * n * es..(i + 1) * n * es],
-                    });
+                    let cr = rows_of(i0, rows, c, n);
                     if cr.iter().any(|v| !v.is_finite()) {
                         return false;
                     }
-                    for (v, &cv) in row.iter_mut().zip(&cr) {
+                    for (v, &cv) in out.iter_mut().zip(&cr) {
                         *v += cv;
                     }
                 }
