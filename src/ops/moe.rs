@@ -15,7 +15,7 @@
 //!   modelled).
 //! - `Gating::Switch`: top-1 and its softmax probability, no
 //!   renormalization.
-//! - Combination: y[t] = Σⱼ wⱼ·x[t, j] in ascending j, f32, rounded once.
+//! - Combination: `y[t] = Σⱼ wⱼ·x[t, j]` in ascending j, f32, rounded once.
 //!
 //! GPU and CPU choose the same experts and combine to the same bits; the
 //! routing weights differ only through `exp`, which WGSL computes within
@@ -268,7 +268,7 @@ fn route_cpu(logits: &TensorRef, g: Gating, tokens: usize, experts: usize) -> Re
     Ok(out)
 }
 
-/// y[t, :] = Σⱼ weights[t, j]·outputs[t, j, :] (outputs tokens × k × dim,
+/// `y[t, :] = Σⱼ weights[t, j]·outputs[t, j, :]` (outputs tokens × k × dim,
 /// weights tokens × k as `Routing` gives them), in `out`.
 pub fn combine(dev: &Device, outputs: &TensorRef, weights: &[f32], out: DType) -> Result<Tensor> {
     outputs.check_float("combine")?;
