@@ -80,6 +80,18 @@ fn tensor_beyond_the_binding_limit_through_every_kernel() {
                     case.name,
                 )
             }
+            // Routing weights go through WGSL's exp: moe.rs's bound,
+            // (8 + 4·R)·2⁻²⁴ relative with R ≤ twice the largest |logit|.
+            "moe.route" => {
+                let r = 2.0 * a.iter().fold(0f32, |m, x| m.max(x.abs())) as f64;
+                let cv = c.to_f32_vec();
+                assert_within(
+                    g,
+                    c,
+                    |i| (8.0 + 4.0 * r) * 2f64.powi(-24) * cv[i].abs() as f64,
+                    case.name,
+                )
+            }
             name => panic!("{name}: {agree}"),
         }
     }

@@ -119,6 +119,15 @@ fn key(b: u32) -> u32 {
     }
 }
 
+/// Tokens per GPU chunk: `per_token` bytes each within the handle's chunk
+/// bytes, an even count (16-bit rows then start on a word); None when two
+/// tokens do not fit (a chunk set below any real model's width), where the
+/// CPU reference runs instead.
+fn token_chunk(gpu: &crate::device::Gpu, per_token: u64, tokens: usize) -> Option<usize> {
+    let ct = (gpu.chunk_bytes() / per_token.max(1)) as usize / 2 * 2;
+    (ct > 0).then(|| ct.min(tokens.next_multiple_of(2)))
+}
+
 /// Routes every token of `logits` (tokens × experts, f32/f16/bf16).
 pub fn route(dev: &Device, logits: &TensorRef, g: Gating) -> Result<Routing> {
     logits.check_float("route")?;
@@ -151,49 +160,60 @@ pub fn route(dev: &Device, logits: &TensorRef, g: Gating) -> Result<Routing> {
                 });
             }
             let (mode, renorm, scale) = g.code();
-            if logits.data.len().max(tokens * k * 4) as u64 > gpu.context().max_chunk_bytes() {
-                return Err(Error::input(
-                    "route: the batch exceeds this adapter's largest binding: split it",
-                ));
-            }
+            // Tokens per chunk: logits and results within the chunk bytes,
+            // an even count (16-bit rows start on a word).
+            let es = logits.dtype.size();
+            let per_token = (experts * es + k * 8) as u64;
+            let Some(ct) = token_chunk(gpu, per_token, tokens) else {
+                return route_cpu(logits, g, tokens, experts);
+            };
             let layout = StreamLayout {
-                inputs: vec![logits.data.len() as u64],
+                inputs: vec![(ct * experts * es) as u64],
                 outputs: vec![
-                    ((tokens * k * 4) as u64, false),
-                    ((tokens * k * 4) as u64, false),
+                    ((ct * k * 4) as u64, false),
+                    ((ct * k * 4) as u64, false),
                     (4, true),
                 ],
             };
             let pipeline = gpu
                 .ctx
                 .pipeline(Kernel::MoeRoute, logits.dtype.shader_code(), 0)?;
-            let chunk = Chunk {
-                params: params(&RouteParams {
-                    tokens: tokens as u32,
-                    experts: experts as u32,
-                    k: k as u32,
-                    mode,
-                    renorm,
-                    scale_bits: scale.to_bits(),
-                    ..Default::default()
-                }),
-                inputs: vec![logits.data.into()],
-                read: vec![(tokens * k * 4) as u64, (tokens * k * 4) as u64, 4],
-                workgroups: gpu.ctx.workgroups_for(tokens as u64),
-            };
-            let mut out = None;
-            gpu.ctx.stream(&pipeline, &layout, [chunk], |_, outs| {
+            let starts: Vec<usize> = (0..tokens).step_by(ct).collect();
+            let jobs = starts.iter().map(|&t0| {
+                let t1 = (t0 + ct).min(tokens);
+                Chunk {
+                    params: params(&RouteParams {
+                        tokens: (t1 - t0) as u32,
+                        experts: experts as u32,
+                        k: k as u32,
+                        mode,
+                        renorm,
+                        scale_bits: scale.to_bits(),
+                        ..Default::default()
+                    }),
+                    inputs: vec![(&logits.data[t0 * experts * es..t1 * experts * es]).into()],
+                    read: vec![((t1 - t0) * k * 4) as u64, ((t1 - t0) * k * 4) as u64, 4],
+                    workgroups: gpu.ctx.workgroups_for((t1 - t0) as u64),
+                }
+            });
+            let (mut e, mut w, mut flags) = (
+                Vec::with_capacity(tokens * k),
+                Vec::with_capacity(tokens * k),
+                0u32,
+            );
+            gpu.ctx.stream(&pipeline, &layout, jobs, |i, outs| {
+                let n = (starts[i] + ct).min(tokens) - starts[i];
                 let words = |b: &[u8]| -> Vec<u32> {
-                    b.chunks_exact(4)
-                        .map(|w| u32::from_le_bytes([w[0], w[1], w[2], w[3]]))
+                    b[..n * k * 4]
+                        .chunks_exact(4)
+                        .map(|x| u32::from_le_bytes([x[0], x[1], x[2], x[3]]))
                         .collect()
                 };
-                out = Some((words(outs[0]), words(outs[1]), words(outs[2])[0]));
+                e.extend(words(outs[0]));
+                w.extend(words(outs[1]));
+                flags |= u32::from_le_bytes([outs[2][0], outs[2][1], outs[2][2], outs[2][3]]);
                 Ok(())
             })?;
-            let Some((e, w, flags)) = out else {
-                return Err(Error::input("route: no result from the device"));
-            };
             if flags != 0 {
                 return Err(non_finite("logits"));
             }
@@ -313,32 +333,44 @@ pub fn combine(dev: &Device, outputs: &TensorRef, weights: &[f32], out: DType) -
             if n == 0 {
                 return Tensor::from_f32(out, &[tokens, dim], &[]);
             }
-            if outputs.data.len().max(n * 4) as u64 > gpu.context().max_chunk_bytes() {
-                return Err(Error::input(
-                    "combine: the batch exceeds this adapter's largest binding: split it",
-                ));
-            }
+            let es = outputs.dtype.size();
+            let per_token = (k * dim * es + k * 4 + dim * 4) as u64;
+            let Some(ct) = token_chunk(gpu, per_token, tokens) else {
+                return combine(&Device::Cpu, outputs, weights, out);
+            };
             let layout = StreamLayout {
-                inputs: vec![outputs.data.len() as u64, (weights.len() * 4) as u64],
-                outputs: vec![((n * 4) as u64, false)],
+                inputs: vec![(ct * k * dim * es) as u64, (ct * k * 4) as u64],
+                outputs: vec![((ct * dim * 4) as u64, false)],
             };
             let pipeline = gpu
                 .ctx
                 .pipeline(Kernel::MoeCombine, outputs.dtype.shader_code(), 0)?;
-            let chunk = Chunk {
-                params: params(&CombineParams {
-                    tokens: tokens as u32,
-                    k: k as u32,
-                    dim: dim as u32,
-                    zero: 0,
-                }),
-                inputs: vec![outputs.data.into(), f32_bytes(weights).into()],
-                read: vec![(n * 4) as u64],
-                workgroups: gpu.ctx.workgroups_for(n as u64),
-            };
+            let starts: Vec<usize> = (0..tokens).step_by(ct).collect();
+            let jobs = starts.iter().map(|&t0| {
+                let t1 = (t0 + ct).min(tokens);
+                Chunk {
+                    params: params(&CombineParams {
+                        tokens: (t1 - t0) as u32,
+                        k: k as u32,
+                        dim: dim as u32,
+                        zero: 0,
+                    }),
+                    inputs: vec![
+                        (&outputs.data[t0 * k * dim * es..t1 * k * dim * es]).into(),
+                        f32_bytes(&weights[t0 * k..t1 * k]).into(),
+                    ],
+                    read: vec![((t1 - t0) * dim * 4) as u64],
+                    workgroups: gpu.ctx.workgroups_for(((t1 - t0) * dim) as u64),
+                }
+            });
             let mut y = vec![0f32; n];
-            gpu.ctx.stream(&pipeline, &layout, [chunk], |_, outs| {
-                for (d, b) in y.iter_mut().zip(outs[0].chunks_exact(4)) {
+            gpu.ctx.stream(&pipeline, &layout, jobs, |i, outs| {
+                let t0 = starts[i];
+                let t1 = (t0 + ct).min(tokens);
+                for (d, b) in y[t0 * dim..t1 * dim]
+                    .iter_mut()
+                    .zip(outs[0].chunks_exact(4))
+                {
                     *d = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
                 }
                 Ok(())
