@@ -139,10 +139,9 @@ impl DType {
     /// Reads element `i` of little-endian `bytes` as raw bits.
     #[inline(always)]
     pub(crate) fn read_raw(self, bytes: &[u8], i: usize) -> u32 {
-        // Cannot fail: each range is exactly the width converted.
         match self.size() {
-            4 => u32::from_le_bytes(bytes[4 * i..4 * i + 4].try_into().unwrap()),
-            _ => u16::from_le_bytes(bytes[2 * i..2 * i + 2].try_into().unwrap()) as u32,
+            4 => crate::ops::u32_at(bytes, i),
+            _ => u16::from_le_bytes([bytes[2 * i], bytes[2 * i + 1]]) as u32,
         }
     }
 

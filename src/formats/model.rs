@@ -209,6 +209,22 @@ impl Model {
             .map(|&(s, i)| (&self.shards[s], &self.shards[s].entries[i]))
     }
 
+    /// config.json of a model directory as a JSON object: None for a single
+    /// file or a directory without one; an error when it is not an object.
+    pub fn config(&self) -> Result<Option<serde_json::Map<String, serde_json::Value>>> {
+        let path = self.path.join("config.json");
+        if !self.is_dir || !self.other_files.iter().any(|p| p.ends_with("config.json")) {
+            return Ok(None);
+        }
+        match serde_json::from_slice(&crate::formats::read_input(&path)?) {
+            Ok(serde_json::Value::Object(m)) => Ok(Some(m)),
+            _ => Err(Error::input(format!(
+                "{}: not a JSON object",
+                path.display()
+            ))),
+        }
+    }
+
     /// Bytes of all tensor data.
     pub fn total_bytes(&self) -> u64 {
         self.entries().map(|(_, e)| e.bytes() as u64).sum()

@@ -144,6 +144,22 @@ pub trait TensorOp: Sync {
     fn apply(&self, dev: &Device, srcs: &[Src], models: &[Model]) -> Result<Applied>;
 }
 
+/// config.json's bytes after `edit` changes its object, written back as
+/// transformers writes it (two-space indent, a final newline).
+pub fn edit_config(
+    bytes: &[u8],
+    edit: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>) -> Result<()>,
+) -> Result<Vec<u8>> {
+    let Ok(serde_json::Value::Object(mut cfg)) = serde_json::from_slice(bytes) else {
+        return Err(Error::input("config.json: not a JSON object"));
+    };
+    edit(&mut cfg)?;
+    let mut out = serde_json::to_vec_pretty(&serde_json::Value::Object(cfg))
+        .map_err(|e| Error::input(format!("config.json: {e}")))?;
+    out.push(b'\n');
+    Ok(out)
+}
+
 /// Whether tensor `e` is the weight of a Linear layer, as far as names
 /// tell: a rank-2 float `*.weight` that is not an embedding (`embed`,
 /// `wte`, `wpe`, `shared`). Norms and biases have rank 1.

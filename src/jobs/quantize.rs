@@ -254,8 +254,7 @@ impl TensorOp for Dequantize {
         let scales: Vec<f32> = sf
             .data(se)
             .chunks_exact(4)
-            // Cannot fail: chunks_exact(4) yields 4-byte slices.
-            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
             .collect();
         // Per-row scales are stored as [rows, 1], a per-tensor scale as [1].
         let q = QTensor {

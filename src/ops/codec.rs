@@ -25,9 +25,7 @@ impl Codec for F32c {
     const SIZE: usize = 4;
     #[inline(always)]
     fn read(b: &[u8], i: usize) -> u32 {
-        // Cannot fail: the range is 4 bytes long (out of bounds panics first,
-        // and callers index within tensors valid by construction).
-        u32::from_le_bytes(b[4 * i..4 * i + 4].try_into().unwrap())
+        super::u32_at(b, i)
     }
     #[inline(always)]
     fn write(b: &mut [u8], i: usize, raw: u32) {
@@ -45,8 +43,7 @@ impl Codec for F32c {
 
 #[inline(always)]
 fn read16(b: &[u8], i: usize) -> u32 {
-    // Cannot fail: the range is 2 bytes long.
-    u16::from_le_bytes(b[2 * i..2 * i + 2].try_into().unwrap()) as u32
+    u16::from_le_bytes([b[2 * i], b[2 * i + 1]]) as u32
 }
 
 #[inline(always)]

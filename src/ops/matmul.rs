@@ -15,9 +15,8 @@
 //! A streams through the device by rows (any count, chunked by the binding
 //! limit); B must fit one binding (adapters' factors and sketches do).
 
-use super::codec::{with_codec, Codec};
 use super::kernels::Kernel;
-use super::params;
+use super::{f32_at, params, u32_at, values};
 use crate::device::{Chunk, Device, Gpu, StreamLayout};
 use crate::error::{Error, Result};
 use crate::tensor::{DType, Tensor, TensorRef};
@@ -90,10 +89,6 @@ pub fn matmul(
     Tensor::from_f32(out, &[m, n], &y)
 }
 
-fn values(t: &TensorRef) -> Vec<f32> {
-    with_codec!(t.dtype, C => t.data.chunks_exact(C::SIZE).map(|b| C::to_f32(C::read(b, 0))).collect())
-}
-
 fn non_finite() -> Error {
     Error::input("matmul: non-finite inputs (NaN or infinity)".to_string())
 }
@@ -105,19 +100,13 @@ fn matmul_cpu(
     c: Option<&TensorRef>,
     (m, k, n): (usize, usize, usize),
 ) -> Result<Vec<f32>> {
-    let bv = values(b);
+    let bv = values(b, 0..b.numel());
     if bv.iter().any(|v| !v.is_finite()) {
         return Err(non_finite());
     }
     let mut y = vec![0f32; m * n];
-    let rows_of = |i: usize, count: usize, t: &TensorRef, len: usize| {
-        let es = t.dtype.size();
-        values(&TensorRef {
-            dtype: t.dtype,
-            shape: &[count * len],
-            data: &t.data[i * len * es..(i + count) * len * es],
-        })
-    };
+    let rows_of =
+        |i: usize, count: usize, t: &TensorRef, len: usize| values(t, i * len..(i + count) * len);
     // Four rows at a time, each B row read once for the four (the same
     // per-element order: acc += a[i,k]·b[k,j] for k ascending).
     let ok = y
@@ -257,18 +246,14 @@ fn matmul_gpu(
         let r0 = starts[i];
         let r1 = (r0 + cr).min(m);
         let part = &mut y[r0 * n..r1 * n];
-        f32_slice_from(part, &outs[0][..part.len() * 4]);
-        flags |= u32::from_le_bytes([outs[1][0], outs[1][1], outs[1][2], outs[1][3]]);
+        for (j, v) in part.iter_mut().enumerate() {
+            *v = f32_at(outs[0], j);
+        }
+        flags |= u32_at(outs[1], 0);
         Ok(())
     })?;
     if flags & 1 != 0 {
         return Err(non_finite());
     }
     Ok(y)
-}
-
-fn f32_slice_from(dst: &mut [f32], bytes: &[u8]) {
-    for (d, b) in dst.iter_mut().zip(bytes.chunks_exact(4)) {
-        *d = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-    }
 }

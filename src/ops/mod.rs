@@ -200,13 +200,20 @@ pub(crate) fn chunk_rows(range: &Range<usize>, row_len: usize) -> ChunkRows {
     }
 }
 
+/// Elements `r` of float tensor `t` as f32 (exact for every float dtype).
+pub(crate) fn values(t: &TensorRef, r: Range<usize>) -> Vec<f32> {
+    let es = t.dtype.size();
+    let bytes = &t.data[r.start * es..r.end * es];
+    codec::with_codec!(t.dtype, C => bytes.chunks_exact(C::SIZE).map(|x| C::to_f32(C::read(x, 0))).collect())
+}
+
 pub(crate) fn f32_bytes(v: &[f32]) -> &[u8] {
     bytemuck::cast_slice(v)
 }
 
 pub(crate) fn u32_at(bytes: &[u8], i: usize) -> u32 {
-    // Cannot fail: the range is 4 bytes long.
-    u32::from_le_bytes(bytes[4 * i..4 * i + 4].try_into().unwrap())
+    let b = &bytes[4 * i..4 * i + 4];
+    u32::from_le_bytes([b[0], b[1], b[2], b[3]])
 }
 
 pub(crate) fn f32_at(bytes: &[u8], i: usize) -> f32 {

@@ -25,7 +25,7 @@
 
 use super::codec::{with_codec, Codec};
 use super::kernels::Kernel;
-use super::{f32_bytes, params};
+use super::{f32_at, f32_bytes, params, u32_at};
 use crate::device::{Chunk, Device, StreamLayout};
 use crate::error::{Error, Result};
 use crate::tensor::{DType, Tensor, TensorRef};
@@ -203,15 +203,9 @@ pub fn route(dev: &Device, logits: &TensorRef, g: Gating) -> Result<Routing> {
             );
             gpu.ctx.stream(&pipeline, &layout, jobs, |i, outs| {
                 let n = (starts[i] + ct).min(tokens) - starts[i];
-                let words = |b: &[u8]| -> Vec<u32> {
-                    b[..n * k * 4]
-                        .chunks_exact(4)
-                        .map(|x| u32::from_le_bytes([x[0], x[1], x[2], x[3]]))
-                        .collect()
-                };
-                e.extend(words(outs[0]));
-                w.extend(words(outs[1]));
-                flags |= u32::from_le_bytes([outs[2][0], outs[2][1], outs[2][2], outs[2][3]]);
+                e.extend((0..n * k).map(|j| u32_at(outs[0], j)));
+                w.extend((0..n * k).map(|j| u32_at(outs[1], j)));
+                flags |= u32_at(outs[2], 0);
                 Ok(())
             })?;
             if flags != 0 {
@@ -367,11 +361,8 @@ pub fn combine(dev: &Device, outputs: &TensorRef, weights: &[f32], out: DType) -
             gpu.ctx.stream(&pipeline, &layout, jobs, |i, outs| {
                 let t0 = starts[i];
                 let t1 = (t0 + ct).min(tokens);
-                for (d, b) in y[t0 * dim..t1 * dim]
-                    .iter_mut()
-                    .zip(outs[0].chunks_exact(4))
-                {
-                    *d = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                for (j, d) in y[t0 * dim..t1 * dim].iter_mut().enumerate() {
+                    *d = f32_at(outs[0], j);
                 }
                 Ok(())
             })?;

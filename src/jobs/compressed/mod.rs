@@ -48,7 +48,7 @@ pub enum Scheme {
 }
 
 impl Scheme {
-    /// Every scheme, by name.
+    /// Every scheme, by name, in declaration order (`name` indexes it).
     pub const ALL: [(&'static str, Scheme); 8] = [
         ("W8A16", Scheme::W8A16),
         ("W4A16", Scheme::W4A16),
@@ -77,8 +77,7 @@ impl Scheme {
 
     /// llm-compressor's name.
     pub fn name(self) -> &'static str {
-        // Cannot fail: ALL lists every variant.
-        Self::ALL.iter().find(|(_, k)| *k == self).unwrap().0
+        Self::ALL[self as usize].0
     }
 
     fn default_spec(self) -> Spec {
@@ -448,22 +447,13 @@ fn module_order(m: &str) -> (bool, Vec<(u64, String)>) {
 
 /// config.json of a model directory, as an object.
 fn model_config(model: &Model) -> Result<Map<String, Value>> {
-    let path = model.path.join("config.json");
-    if !model.is_dir || !model.other_files.iter().any(|p| p.ends_with("config.json")) {
-        return Err(Error::input(format!(
+    model.config()?.ok_or_else(|| {
+        Error::input(format!(
             "{}: --scheme needs a model directory with config.json (serving engines read \
              quantization_config from it)",
             model.path.display()
-        )));
-    }
-    let bytes = crate::formats::read_input(&path)?;
-    match serde_json::from_slice(&bytes) {
-        Ok(Value::Object(m)) => Ok(m),
-        _ => Err(Error::input(format!(
-            "{}: not a JSON object",
-            path.display()
-        ))),
-    }
+        ))
+    })
 }
 
 /// The weights whose NVFP4 global scale `name`'s is shared with: its
@@ -580,14 +570,11 @@ impl TensorOp for CompressedTensors {
         if name != "config.json" {
             return Ok(None);
         }
-        let Ok(Value::Object(mut cfg)) = serde_json::from_slice::<Value>(bytes) else {
-            return Err(Error::input("config.json: not a JSON object"));
-        };
-        cfg.insert("quantization_config".into(), self.quantization_config());
-        let mut out = serde_json::to_vec_pretty(&Value::Object(cfg))
-            .map_err(|e| Error::input(format!("config.json: {e}")))?;
-        out.push(b'\n');
-        Ok(Some(out))
+        super::op::edit_config(bytes, |cfg| {
+            cfg.insert("quantization_config".into(), self.quantization_config());
+            Ok(())
+        })
+        .map(Some)
     }
 
     fn extra_files(&self) -> Result<Vec<(String, Vec<u8>)>> {

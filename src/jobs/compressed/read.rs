@@ -10,7 +10,7 @@ use crate::formats::safetensors::{Entry, OutEntry, SafetensorsFile};
 use crate::jobs::op::{Applied, Src, TensorOp};
 use crate::ops::ct::{self, reference::GroupParams, Kind, Spec, Strategy};
 use crate::tensor::DType;
-use serde_json::{Map, Value};
+use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
 
 /// Tensors a quantized module `P` may hold besides its codes.
@@ -36,23 +36,12 @@ pub struct Checkpoint {
     pub summary: String,
 }
 
-fn config_of(model: &Model) -> Option<Map<String, Value>> {
-    if !model.is_dir {
-        return None;
-    }
-    let bytes = crate::formats::read_input(&model.path.join("config.json")).ok()?;
-    match serde_json::from_slice(&bytes) {
-        Ok(Value::Object(m)) => Some(m),
-        _ => None,
-    }
-}
-
 impl Checkpoint {
     /// The checkpoint `model` is, or None when its config.json has no
     /// compressed-tensors `quantization_config`; an error when it has one
     /// modelpress cannot read.
     pub fn open(model: &Model) -> Result<Option<Checkpoint>> {
-        let Some(cfg) = config_of(model) else {
+        let Some(cfg) = model.config().ok().flatten() else {
             return Ok(None);
         };
         let Some(q) = cfg.get("quantization_config") else {
@@ -408,14 +397,11 @@ impl TensorOp for CtDequantize {
         if name != "config.json" {
             return Ok(None);
         }
-        let Ok(Value::Object(mut cfg)) = serde_json::from_slice::<Value>(bytes) else {
-            return Err(Error::input("config.json: not a JSON object"));
-        };
-        cfg.remove("quantization_config");
-        let mut out = serde_json::to_vec_pretty(&Value::Object(cfg))
-            .map_err(|e| Error::input(format!("config.json: {e}")))?;
-        out.push(b'\n');
-        Ok(Some(out))
+        crate::jobs::op::edit_config(bytes, |cfg| {
+            cfg.remove("quantization_config");
+            Ok(())
+        })
+        .map(Some)
     }
 
     fn apply(&self, _: &Device, srcs: &[Src], models: &[Model]) -> Result<Applied> {

@@ -307,12 +307,12 @@ fn write_adapter(
             alpha_pattern.insert(m.clone(), json!(r));
         }
     }
-    let causal = base.is_dir
-        && crate::formats::read_input(&base.path.join("config.json"))
-            .ok()
-            .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
-            .and_then(|c| c.get("architectures").cloned())
-            .is_some_and(|a| a.to_string().contains("ForCausalLM"));
+    let causal = base
+        .config()
+        .ok()
+        .flatten()
+        .and_then(|c| c.get("architectures").cloned())
+        .is_some_and(|a| a.to_string().contains("ForCausalLM"));
     let cfg = json!({
         "alpha_pattern": alpha_pattern,
         "base_model_name_or_path": base.path.display().to_string(),
@@ -333,10 +333,14 @@ fn write_adapter(
     });
     let mut bytes = serde_json::to_vec_pretty(&cfg).map_err(|e| Error::input(e.to_string()))?;
     bytes.push(b'\n');
+    // Synced like the tensors, before the directory is committed.
     let cfg_path = dir.join("adapter_config.json");
-    std::fs::write(&cfg_path, bytes).map_err(|e| Error::Io {
-        path: cfg_path,
+    let io = |e| Error::Io {
+        path: cfg_path.clone(),
         source: e,
-    })?;
+    };
+    let mut f = std::fs::File::create(&cfg_path).map_err(io)?;
+    std::io::Write::write_all(&mut f, &bytes).map_err(io)?;
+    f.sync_all().map_err(io)?;
     Ok(())
 }

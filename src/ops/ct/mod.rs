@@ -412,9 +412,9 @@ fn quantize_gpu(
         codes[r0 * stride_bytes..r1 * stride_bytes].copy_from_slice(&outs[0][..n]);
         let g0 = r0 / gr * grid_c;
         let n_groups = (r1 - r0).div_ceil(gr) * grid_c;
-        for (i, w) in outs[1][..n_groups * 16].chunks_exact(16).enumerate() {
-            let word = |j: usize| u32::from_le_bytes([w[j], w[j + 1], w[j + 2], w[j + 3]]);
-            let (scale_raw, second) = (word(0), word(4));
+        for i in 0..n_groups {
+            let word = |j: usize| super::u32_at(outs[1], 4 * i + j);
+            let (scale_raw, second) = (word(0), word(1));
             if second & FLAG_NON_FINITE != 0 {
                 bad_input = true;
             } else if second & FLAG_CPU != 0 {
@@ -423,7 +423,7 @@ fn quantize_gpu(
             groups[g0 + i] = GroupParams {
                 scale_raw,
                 zp: (second & 0xffff) as i16 as i32,
-                div: f32::from_bits(word(8)),
+                div: f32::from_bits(word(2)),
             };
         }
         Ok(())

@@ -20,7 +20,7 @@ use crate::error::{Error, Result};
 use crate::ops::codec::{with_codec, Codec};
 use crate::ops::diff::Diff;
 use crate::ops::kernels::Kernel;
-use crate::ops::{chunks, params};
+use crate::ops::{chunks, params, values};
 use crate::tensor::TensorRef;
 use rayon::prelude::*;
 
@@ -128,13 +128,6 @@ fn quantize_cpu(ty: BlockType, t: &TensorRef, blocks: usize) -> Result<Quantized
     })
 }
 
-/// Elements `r` of `t` as f32 (exact for every float dtype).
-fn values(t: &TensorRef, r: std::ops::Range<usize>) -> Vec<f32> {
-    let es = t.dtype.size();
-    let bytes = &t.data[r.start * es..r.end * es];
-    with_codec!(t.dtype, C => bytes.chunks_exact(C::SIZE).map(|x| C::to_f32(C::read(x, 0))).collect())
-}
-
 /// Invocations per workgroup of the GGML kernel (`GGML_WG` in the shader).
 const GGML_WG: u32 = 64;
 
@@ -236,9 +229,8 @@ fn quantize_gpu(g: &Gpu, ty: BlockType, t: &TensorRef, blocks: usize) -> Result<
         let start = r.start * gbytes;
         let end = (r.end * gbytes).min(data.len());
         data[start..end].copy_from_slice(&outs[0][..end - start]);
-        for (i, f) in outs[1].chunks_exact(4).enumerate() {
-            // Cannot fail: chunks_exact(4) yields 4-byte slices.
-            let f = u32::from_le_bytes(f.try_into().unwrap());
+        for i in 0..outs[1].len() / 4 {
+            let f = crate::ops::u32_at(outs[1], i);
             if f & FLAG_NON_FINITE != 0 {
                 bad_input = true;
             } else if f & FLAG_CPU != 0 {
