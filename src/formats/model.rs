@@ -40,6 +40,8 @@ pub struct Model {
     /// Subdirectories copied whole (sentence-transformers' 1_Pooling, ...).
     pub other_dirs: Vec<PathBuf>,
     by_name: HashMap<String, (usize, usize)>,
+    /// For a `layout`: the files it reads (its shards exist only in memory).
+    sources: Option<Vec<PathBuf>>,
 }
 
 impl Model {
@@ -192,7 +194,36 @@ impl Model {
             other_files,
             other_dirs: Vec::new(),
             by_name,
+            sources: None,
         })
+    }
+
+    /// A model directory that exists only in memory: `shards` built with
+    /// `SafetensorsFile::layout`, with the other files and directories of
+    /// `template`, and an index when `indexed`. `sources` are the files
+    /// it reads, which no output may overwrite. An output written from it
+    /// gets these shards, files and index.
+    pub fn layout(
+        template: &Model,
+        shards: Vec<SafetensorsFile>,
+        indexed: bool,
+        sources: Vec<PathBuf>,
+    ) -> Result<Model> {
+        let index = indexed.then(|| {
+            let mut m = Map::new();
+            m.insert("metadata".into(), Value::Object(Map::new()));
+            m
+        });
+        let mut model = Model::assemble(
+            &template.path,
+            true,
+            shards,
+            index,
+            template.other_files.clone(),
+        )?;
+        model.other_dirs = template.other_dirs.clone();
+        model.sources = Some(sources);
+        Ok(model)
     }
 
     /// Every tensor, shard by shard in file order.
@@ -232,6 +263,9 @@ impl Model {
 
     /// Every path this model reads (for refusing to write over one).
     pub fn input_paths(&self) -> Vec<PathBuf> {
+        if let Some(s) = &self.sources {
+            return s.clone();
+        }
         let mut v = vec![self.path.clone()];
         v.extend(self.shards.iter().map(|s| s.path.clone()));
         v.extend(self.other_files.iter().cloned());

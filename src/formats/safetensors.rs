@@ -11,6 +11,7 @@ use memmap2::{Advice, Mmap};
 use safetensors::tensor::{Dtype, SafeTensorError};
 use serde_json::{Map, Value};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// The file-level metadata (`__metadata__`), in the file's key order.
 pub type Metadata = Map<String, Value>;
@@ -27,6 +28,8 @@ pub struct Entry {
     pub shape: Vec<usize>,
     /// Byte range within the data section.
     pub range: std::ops::Range<usize>,
+    /// Which of its file's maps holds the data (0 but in a `layout`).
+    map: usize,
 }
 
 impl Entry {
@@ -50,8 +53,8 @@ impl Entry {
 pub struct SafetensorsFile {
     /// The file, as opened.
     pub path: PathBuf,
-    map: Mmap,
-    data_start: usize,
+    /// The mapped data: one file's, or several for a `layout`.
+    maps: Vec<Arc<Mapped>>,
     /// In file (data offset) order.
     pub entries: Vec<Entry>,
     /// `__metadata__`, in the file's key order.
@@ -59,6 +62,18 @@ pub struct SafetensorsFile {
     /// Name -> index into `entries`, so lookups stay O(1) in files of
     /// 100,000 tensors.
     by_name: std::collections::HashMap<String, usize>,
+}
+
+/// A mapped safetensors file and where its data section starts.
+struct Mapped {
+    map: Mmap,
+    data_start: usize,
+}
+
+impl Mapped {
+    fn range(&self, e: &Entry) -> std::ops::Range<usize> {
+        self.data_start + e.range.start..self.data_start + e.range.end
+    }
 }
 
 /// The tensor a header error is about (if one) and what is wrong, in words.
@@ -126,6 +141,7 @@ impl SafetensorsFile {
                     dtype: dtype_name(info.dtype),
                     shape: info.shape.clone(),
                     range: info.data_offsets.0..info.data_offsets.1,
+                    map: 0,
                     name,
                 })
             })
@@ -152,17 +168,57 @@ impl SafetensorsFile {
             .collect();
         Ok(SafetensorsFile {
             path: path.to_path_buf(),
-            map,
-            data_start,
+            maps: vec![Arc::new(Mapped { map, data_start })],
             entries,
             metadata,
             by_name,
         })
     }
 
+    /// A file that exists only in memory: tensors of other open files
+    /// under new names (`parts`: (name, file, entry)), in that order, with
+    /// no metadata; `path` names it in messages. Its data stays mapped
+    /// while it lives. Used for outputs laid out from several models (a
+    /// merge's slices).
+    pub fn layout(
+        path: PathBuf,
+        parts: Vec<(String, &SafetensorsFile, &Entry)>,
+    ) -> SafetensorsFile {
+        let mut maps: Vec<Arc<Mapped>> = Vec::new();
+        let mut entries = Vec::with_capacity(parts.len());
+        for (name, f, e) in parts {
+            let m = &f.maps[e.map];
+            let k = match maps.iter().position(|x| Arc::ptr_eq(x, m)) {
+                Some(k) => k,
+                None => {
+                    maps.push(m.clone());
+                    maps.len() - 1
+                }
+            };
+            entries.push(Entry {
+                name,
+                map: k,
+                ..e.clone()
+            });
+        }
+        let by_name = entries
+            .iter()
+            .enumerate()
+            .map(|(i, e)| (e.name.clone(), i))
+            .collect();
+        SafetensorsFile {
+            path,
+            maps,
+            entries,
+            metadata: None,
+            by_name,
+        }
+    }
+
     /// The bytes of tensor `e` (an entry of this file).
     pub fn data(&self, e: &Entry) -> &[u8] {
-        &self.map[self.data_start + e.range.start..self.data_start + e.range.end]
+        let m = &self.maps[e.map];
+        &m.map[m.range(e)]
     }
 
     /// The tensor as the kernels take it; None for other dtypes.
@@ -179,21 +235,22 @@ impl SafetensorsFile {
     /// the whole tensor, where the system has it), so that reading is
     /// measured apart from computing.
     pub fn populate(&self, e: &Entry) {
-        super::populate_pages(&self.map, self.data_start + e.range.start, e.range.len());
+        let m = &self.maps[e.map];
+        super::populate_pages(&m.map, m.range(e).start, e.range.len());
     }
 
     /// Asks the kernel to read `e`'s pages ahead.
     pub fn prefetch(&self, e: &Entry) {
-        let _ = self.map.advise_range(
-            Advice::WillNeed,
-            self.data_start + e.range.start,
-            e.range.len(),
-        );
+        let m = &self.maps[e.map];
+        let _ = m
+            .map
+            .advise_range(Advice::WillNeed, m.range(e).start, e.range.len());
     }
 
     /// Drops `e`'s pages from this process (see `release_pages`).
     pub fn release(&self, e: &Entry) {
-        super::release_pages(&self.map, self.data_start + e.range.start, e.range.len());
+        let m = &self.maps[e.map];
+        super::release_pages(&m.map, m.range(e).start, e.range.len());
     }
 
     /// The tensor `name`, found in O(1).

@@ -68,6 +68,30 @@ configs = {
     "nuslerp": {"merge_method": "nuslerp", "models": [{"model": P["ft2"], "parameters": {"weight": 1.0}}, {"model": P["ft3"], "parameters": {"weight": 0.5}}]},
     "nuslerp_base_rows": {"merge_method": "nuslerp", "base_model": P["base"], "models": [{"model": P["ft2"], "parameters": {"weight": 0.4}}, {"model": P["ft4"], "parameters": {"weight": 0.6}}], "parameters": {"nuslerp_flatten": False}},
     "sce": {"merge_method": "sce", "base_model": P["base"], "models": m3([{}, {}, {}]), "parameters": {"select_topk": 0.5}},
+    "nuslerp_columns": {"merge_method": "nuslerp", "base_model": P["base"], "models": [{"model": P["ft2"], "parameters": {"weight": 0.4}}, {"model": P["ft4"], "parameters": {"weight": 0.6}}],
+                        "parameters": {"nuslerp_flatten": False, "nuslerp_row_wise": True}},
+    "karcher": {"merge_method": "karcher", "models": m3([{}, {}, {}])},
+    # With the base, the four inputs are nearly parallel and mergekit's
+    # bf16 iteration drifts by rounding (up to 86 bf16 ulps from its own
+    # f32 result); in f32 both tools compute the same mean.
+    "karcher_base": {"merge_method": "karcher", "base_model": P["base"], "models": m3([{}, {}, {}]), "dtype": "float32"},
+    "karcher_tol_f32": {"merge_method": "karcher", "base_model": P["base"], "models": m3([{}, {}, {}]), "parameters": {"max_iter": 20, "tol": 1e-7}, "dtype": "float32"},
+    "multislerp": {"merge_method": "multislerp", "models": m3(w3)},
+    # Two models: the norms' deltas are all zero here, where mergekit fails
+    # for three models or more (modelpress keeps the base).
+    "multislerp_base": {"merge_method": "multislerp", "base_model": P["base"], "models": [{"model": P["ft2"], "parameters": {"weight": 0.3}}, {"model": P["ft4"], "parameters": {"weight": 0.7}}]},
+    # Frankenmerge: layers 0-2 of one model, then 1-3 of another.
+    "slices_passthrough": {"merge_method": "passthrough", "slices": [
+        {"sources": [{"model": P["ft2"], "layer_range": [0, 3]}]},
+        {"sources": [{"model": P["ft3"], "layer_range": [1, 4]}]}]},
+    # Per-slice slerp with gradients, the base listed among each slice's sources.
+    "slices_slerp": {"merge_method": "slerp", "base_model": P["base"], "parameters": {"t": [{"filter": "mlp", "value": [0, 1]}, {"value": 0.5}]}, "slices": [
+        {"sources": [{"model": P["base"], "layer_range": [0, 2]}, {"model": P["ft2"], "layer_range": [0, 2]}]},
+        {"sources": [{"model": P["base"], "layer_range": [2, 4]}, {"model": P["ft3"], "layer_range": [1, 3]}], "parameters": {"t": 0.8}}]},
+    # Slices of a task-arithmetic merge with per-source weights.
+    "slices_task_arithmetic": {"merge_method": "task_arithmetic", "base_model": P["base"], "slices": [
+        {"sources": [{"model": P["base"], "layer_range": [0, 4]}, {"model": P["ft2"], "layer_range": [0, 4], "parameters": {"weight": [0.2, 1.0]}},
+                     {"model": P["ft3"], "layer_range": [0, 4], "parameters": {"weight": 0.5}}]}]},
 }
 def bf16_ulp(v):
     return np.exp2(np.floor(np.log2(np.maximum(np.abs(v), 1e-30))) - 7)
@@ -128,7 +152,7 @@ def explained(cfg, name, far):
 env = dict(os.environ, HF_HUB_OFFLINE="1")
 print(f"{'method':18} {'tensors':>7} {'max ulps':>9} {'>4 ulps':>9} {'unexplained':>11} {'mergekit s':>10} {'modelpress s':>12}")
 for label, cfg in configs.items():
-    cfg = dict(cfg, dtype="bfloat16", out_dtype="bfloat16")
+    cfg = dict({"dtype": "bfloat16"}, **cfg, out_dtype="bfloat16")
     path = f"{label}.yml"
     json.dump(cfg, open(path, "w"), indent=1)
     for d in (f"mk_{label}", f"mp_{label}"):
@@ -137,11 +161,16 @@ for label, cfg in configs.items():
     t_mp = sh(BIN, "merge", path, "-o", f"mp_{label}", "--device", "cpu")
     mk, mp = load(f"mk_{label}")[0], load(f"mp_{label}")[0]
     worst, far, total, odd = 0.0, 0, 0, 0
+    if sorted(mk) != sorted(mp):
+        sys.exit(f"{label}: mergekit wrote {len(mk)} tensors, modelpress {len(mp)}: {sorted(set(mk) ^ set(mp))[:5]}")
     for name, (_, a) in mp.items():
         if name not in mk:
             sys.exit(f"{label}: mergekit wrote no {name}")
         b = mk[name][1]
-        ops = [models[k][name][1] for k in models]
+        if a.shape != b.shape:
+            sys.exit(f"{label}: {name} has shape {a.shape}, mergekit's {b.shape}")
+        # Slices move layers, but the operands' scale is alike across layers.
+        ops = [models[k][name][1] for k in models if name in models[k]] + [a, b]
         big = np.max(np.abs(np.stack(ops)), axis=0).astype(np.float32)
         ulp = np.exp2(np.floor(np.log2(np.maximum(big, 1e-30))) - 7)
         err = (np.abs(a.astype(np.float64) - b.astype(np.float64)) / ulp).ravel()

@@ -21,7 +21,7 @@ import sys
 import numpy as np
 
 from interop_common import fail, load, round_to
-from merge_rules import gta, linear, model_stock, nearswap, nuslerp, param, position, sce, slerp
+from merge_rules import gta, karcher, linear, model_stock, multislerp, nearswap, nuslerp, param, position, sce, slerp
 
 BIN, DEVICE, WORK = os.path.abspath(sys.argv[1]), sys.argv[2], sys.argv[3]
 checked = 0
@@ -47,53 +47,124 @@ GTA = {
 }
 
 
-def expect(cfg, models, seed, name, layers):
+USES_BASE = set(GTA) | {"slerp", "nearswap", "model_stock", "nuslerp", "sce", "multislerp"}
+
+
+def layer_of(name):
+    parts = name.split(".")
+    for i, p in enumerate(parts[:-1]):
+        if p in ("layers", "h", "layer", "blocks") and parts[i + 1].isdigit():
+            return int(parts[i + 1])
+    return None
+
+
+def with_layer(name, l):
+    parts = name.split(".")
+    for i, p in enumerate(parts[:-1]):
+        if p in ("layers", "h", "layer", "blocks") and parts[i + 1].isdigit():
+            parts[i + 1] = str(l)
+            return ".".join(parts)
+    return name
+
+
+def sites(cfg, models, layers):
+    """Per output tensor name: (t, shared scopes, the base as (model, name)
+    or None, the merged inputs as [(model, name, scopes)]), as
+    jobs/merge resolves them in the models form and the slices form."""
+    method, top, base_path = cfg["merge_method"], cfg.get("parameters", {}), cfg.get("base_model")
+    out = {}
+    if "models" in cfg:
+        uses = method in USES_BASE
+        entries = [m for m in cfg["models"] if not (uses and m["model"] == base_path)]
+        if method == "karcher" and base_path and all(m["model"] != base_path for m in entries):
+            entries = entries + [{"model": base_path}]
+        for name in models[base_path or cfg["models"][0]["model"]]:
+            ins = [(m["model"], name, [m.get("parameters", {}), top]) for m in entries]
+            out[name] = (position(name, layers), [top], (base_path, name) if uses and base_path else None, ins)
+        return out
+    slices = cfg["slices"]
+
+    def group(i, names, t):
+        sl = slices[i]
+        sp = sl.get("parameters", {})
+        b = sl.get("base_model", base_path)
+        srcs = sl["sources"]
+        at = next((j for j, s in enumerate(srcs) if s["model"] == b), None) if method in USES_BASE else None
+        ins = [(s["model"], names[j], [s.get("parameters", {}), sp, top]) for j, s in enumerate(srcs) if j != at]
+        return (t, [sp, top], (srcs[at]["model"], names[at]) if at is not None else None, ins)
+
+    tpl = models[base_path or slices[0]["sources"][0]["model"]]
+    outside = [n for n in tpl if layer_of(n) is None]
+    pre = [n for n in outside if "embed" in n and "embed_out" not in n]
+    for n in pre:
+        out[n] = group(0, [n] * len(slices[0]["sources"]), 0.0)
+    layer = 0
+    for i, sl in enumerate(slices):
+        first = sl["sources"][0]
+        count = first["layer_range"][1] - first["layer_range"][0]
+        for o in range(count):
+            l0 = first["layer_range"][0] + o
+            for n in [n for n in models[first["model"]] if layer_of(n) == l0]:
+                names = [with_layer(n, s["layer_range"][0] + o) for s in sl["sources"]]
+                out[with_layer(n, layer)] = group(i, names, o / (count - 1) if count > 1 else 1.0)
+            layer += 1
+    for n in outside:
+        if n not in pre:
+            out[n] = group(len(slices) - 1, [n] * len(slices[-1]["sources"]), 0.0)
+    return out
+
+
+def expect(cfg, models, seed, name, site):
     """The merged tensor `name` as float32 (before rounding to out_dtype)."""
     method = cfg["merge_method"]
-    top = cfg.get("parameters", {})
-    t = position(name, layers)
-    base_path = cfg.get("base_model")
-    entries = [m for m in cfg["models"] if m["model"] != base_path]
-    if method in ("linear", "passthrough"):
-        entries = cfg["models"]
-    arr = lambda p: models[p][name][1].astype(np.float32).ravel()
-    shape = models[entries[0]["model"]][name][1].shape
-    xs = [arr(m["model"]) for m in entries]
-    scopes = [[m.get("parameters", {}), top] for m in entries]
-    base = arr(base_path) if base_path else None
+    t, top, base_at, ins = site
+    arr = lambda m, n: models[m][n][1].astype(np.float32).ravel()
+    shape = models[ins[0][0]][ins[0][1]][1].shape
+    xs = [arr(m, n) for m, n, _ in ins]
+    scopes = [s for _, _, s in ins]
+    base = arr(*base_at) if base_at else None
     last = shape[-1] if len(shape) else 1
     if method in GTA:
         sp, cons, norm_d, resc_d = GTA[method]
         terms = [
-            (param(s, "weight", name, t), param(s, "density", name, t, 1.0),
-             param(s, "gamma", name, t, 0.01), param(s, "epsilon", name, t, 0.15))
-            for s in scopes
+            (param(s, "weight", n, t), param(s, "density", n, t, 1.0),
+             param(s, "gamma", n, t, 0.01), param(s, "epsilon", n, t, 0.15))
+            for (_, n, s) in ins
         ]
         row_len = int(np.prod(shape[1:])) if len(shape) >= 2 else base.size
         return gta(
             base, xs, terms, sp, cons,
-            param([top], "normalize", name, t, norm_d),
-            param([top], "rescale", name, t, resc_d),
-            param([top], "lambda", name, t, 1.0), seed, name, row_len,
+            param(top, "normalize", name, t, norm_d),
+            param(top, "rescale", name, t, resc_d),
+            param(top, "lambda", name, t, 1.0), seed, name, row_len,
         )
+    w = [param(s, "weight", n, t) for (_, n, s) in ins] if method in ("linear", "nuslerp", "multislerp") else None
     if method == "linear":
-        return linear(xs, [param(s, "weight", name, t) for s in scopes], param([top], "normalize", name, t, True))
+        return linear(xs, w, param(top, "normalize", name, t, True))
     if method == "slerp":
-        return slerp(base, xs[0], param([top], "t", name, t))
+        return slerp(base, xs[0], param(top, "t", name, t))
     if method == "nearswap":
-        return nearswap(base, xs[0], param([top], "t", name, t))
+        return nearswap(base, xs[0], param(top, "t", name, t))
     if method == "model_stock":
-        return model_stock(base, xs, last if param([top], "filter_wise", name, t, False) else None)
+        return model_stock(base, xs, last if param(top, "filter_wise", name, t, False) else None)
     if method == "nuslerp":
-        w = [np.float32(param(s, "weight", name, t)) for s in scopes]
+        w = [np.float32(v) for v in w]
         total = np.float32(w[0] + w[1])
         tt = np.float32(0.5) if abs(total) < 1e-6 else np.float32(w[1] / total)
-        flat = param([top], "nuslerp_flatten", name, t, True)
-        return nuslerp(base, xs[0], xs[1], tt, None if flat else last)
+        if param(top, "nuslerp_flatten", name, t, True):
+            return nuslerp(base, xs[0], xs[1], tt, None)
+        if param(top, "nuslerp_row_wise", name, t, False):
+            stride = int(np.prod(shape[1:])) if len(shape) >= 2 else None
+            return nuslerp(base, xs[0], xs[1], tt, None, stride)
+        return nuslerp(base, xs[0], xs[1], tt, last)
     if method == "sce":
-        return sce(base, xs, param([top], "select_topk", name, t, 1.0))
+        return sce(base, xs, param(top, "select_topk", name, t, 1.0))
+    if method == "karcher":
+        return karcher(xs, int(param(top, "max_iter", name, t, 10)), param(top, "tol", name, t, 1e-5))
+    if method == "multislerp":
+        return multislerp(base, xs, w, param(top, "normalize_weights", name, t, True), param(top, "eps", name, t, 1e-8))
     if method == "passthrough":
-        return np.float32(param(scopes[0], "scale", name, t, 1.0)) * xs[0]
+        return np.float32(param(scopes[0], "scale", ins[0][1], t, 1.0)) * xs[0]
     fail(f"no reference for {method}")
 
 
@@ -176,6 +247,30 @@ configs = {
     },
     "sce": {"merge_method": "sce", "base_model": "base", "models": m3([{}, {}, {}])},
     "sce_topk": {"merge_method": "sce", "base_model": "base", "models": m3([{}, {}, {}]), "parameters": {"select_topk": 0.3}},
+    "nuslerp_columns": {
+        "merge_method": "nuslerp", "base_model": "base",
+        "models": [{"model": "ft2", "parameters": {"weight": 0.4}}, {"model": "ft4", "parameters": {"weight": 0.6}}],
+        "parameters": {"nuslerp_flatten": False, "nuslerp_row_wise": True},
+    },
+    "karcher": {"merge_method": "karcher", "base_model": "base", "models": m3([{}, {}, {}])},
+    "karcher_tol": {"merge_method": "karcher", "models": m3([{}, {}, {}]), "parameters": {"max_iter": 3, "tol": 1e-9}},
+    "multislerp": {"merge_method": "multislerp", "models": m3([{"weight": 1.0}, {"weight": [0.2, 2.0]}, {"weight": 0.3}])},
+    "multislerp_base": {
+        "merge_method": "multislerp", "base_model": "base",
+        "models": m3([{"weight": 0.2}, {"weight": 0.5}, {"weight": 0.3}]), "parameters": {"normalize_weights": False},
+    },
+    "slices_passthrough": {"merge_method": "passthrough", "slices": [
+        {"sources": [{"model": "ft2", "layer_range": [0, 3], "parameters": {"scale": [{"filter": "mlp", "value": 0.5}, {"value": 1.0}]}}]},
+        {"sources": [{"model": "ft3", "layer_range": [1, 4]}]},
+        {"sources": [{"model": "ft4", "layer_range": [3, 4]}]}]},
+    "slices_slerp": {"merge_method": "slerp", "base_model": "base", "parameters": {"t": [{"filter": "mlp", "value": [0, 1]}, {"value": 0.5}]}, "slices": [
+        {"sources": [{"model": "base", "layer_range": [0, 2]}, {"model": "ft2", "layer_range": [0, 2]}]},
+        {"sources": [{"model": "base", "layer_range": [2, 4]}, {"model": "ft3", "layer_range": [1, 3]}], "parameters": {"t": 0.8}}]},
+    "slices_dare_ties": {"merge_method": "dare_ties", "base_model": "base", "parameters": {"density": 0.5}, "slices": [
+        {"sources": [{"model": "ft2", "layer_range": [0, 4], "parameters": {"weight": [0.2, 1.0]}}, {"model": "base", "layer_range": [0, 4]},
+                     {"model": "ft3", "layer_range": [0, 4], "parameters": {"weight": 0.5, "density": 0.7}}]},
+        {"sources": [{"model": "base", "layer_range": [1, 3]}, {"model": "ft4", "layer_range": [1, 3], "parameters": {"weight": 1.0}}],
+         "parameters": {"lambda": 0.5}}]},
 }
 for label, cfg in configs.items():
     out_dtype = "float32"
@@ -186,17 +281,18 @@ for label, cfg in configs.items():
     seed = 1234567890123 if "dare" in label or "della" in label else 0
     run("merge", path, "-o", f"out_{label}", "--seed", str(seed), "--report", f"{label}.json")
     got, _ = load(f"out_{label}")
-    if sorted(got) != sorted(names):
-        fail(f"{label}: tensor names differ from the base's")
+    where = sites(cfg, models, layers)
+    if sorted(got) != sorted(where):
+        fail(f"{label}: tensor names {sorted(set(got) ^ set(where))[:4]} differ from the layout's")
     cast = "BF16" if cfg.get("dtype") == "bfloat16" else None
-    for name in names:
+    for name in got:
         dt, g = got[name]
         if dt != "F32":
             fail(f"{label} {name}: dtype {dt}, out_dtype says F32")
         src = models
         if cast:  # inputs are rounded to `dtype` first (a no-op for BF16 inputs)
             src = {p: {n: (d, round_to(cast, v)) for n, (d, v) in m.items()} for p, m in models.items()}
-        want = expect(cfg, src, seed, name, layers).reshape(g.shape)
+        want = expect(cfg, src, seed, name, where[name]).reshape(g.shape)
         if not np.array_equal(g.view(np.uint32), want.astype(np.float32).view(np.uint32)):
             i = int(np.flatnonzero(g.view(np.uint32) != want.astype(np.float32).view(np.uint32))[0])
             fail(f"{label} {name}: element {i}: {g.flat[i]!r} != {want.flat[i]!r}")
@@ -207,9 +303,13 @@ for label, cfg in configs.items():
     if json.load(open(f"out_{label}/config.json")).get("torch_dtype") != out_dtype:
         fail(f"{label}: config.json's torch_dtype is not {out_dtype}")
     report = json.load(open(f"{label}.json"))
-    if len(report["tensors"]) != len(names):
+    if len(report["tensors"]) != len(got):
         fail(f"{label}: the report lists {len(report['tensors'])} tensors")
-    print(f"merge interop on device {DEVICE}: {label} equals numpy on {len(names)} tensors")
+    if "slices" in cfg:
+        want_layers = sum(s["sources"][0]["layer_range"][1] - s["sources"][0]["layer_range"][0] for s in cfg["slices"])
+        if json.load(open(f"out_{label}/config.json"))["num_hidden_layers"] != want_layers:
+            fail(f"{label}: config.json's num_hidden_layers is not {want_layers}")
+    print(f"merge interop on device {DEVICE}: {label} equals numpy on {len(got)} tensors")
 
 # DARE's masks depend on the seed alone: a second run is byte-identical.
 run("merge", "dare_ties.yml", "-o", "again", "--seed", "1234567890123")

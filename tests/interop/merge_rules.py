@@ -174,21 +174,37 @@ def linear(xs, ws, normalize):
     return acc
 
 
-def vec_sums(vs, row_len):
-    """Per vector (the whole tensor, or rows of row_len), the f64 sums of
-    the products of each pair (i, j) of `vs`, as ops/merge sums them."""
+def vec_sums(vs, row_len, stride=None):
+    """Per vector (the whole tensor, rows of row_len, or with `stride` the
+    vectors along dimension 0), the f64 sums of the products of each pair
+    (i, j) of `vs`, as ops/merge sums them."""
+    n = vs[0].size
+    if stride is not None:
+        # Blocks of whole rows, each summed row by row, then the blocks.
+        rows, per = n // stride, max(BLOCK // stride, 1)
+        out = [{} for _ in range(stride)]
+        for i in range(len(vs)):
+            for j in range(i, len(vs)):
+                p = (vs[i].astype(np.float64) * vs[j].astype(np.float64)).reshape(rows, stride)
+                total = np.zeros(stride)
+                for b in range(0, rows, per):
+                    total = total + np.cumsum(p[b : b + per], axis=0)[-1]
+                for c in range(stride):
+                    out[c][i, j] = float(total[c])
+        return out
     def one(idx):
         return {(i, j): (seqsum(vs[i][idx].astype(np.float64) * vs[j][idx].astype(np.float64)))
                 for i in range(len(vs)) for j in range(i, len(vs))}
-    n = vs[0].size
     if row_len is None:
         return [one(slice(0, n))]
     return [one(slice(r * row_len, (r + 1) * row_len)) for r in range(n // row_len)]
 
 
-def per_element(coef, n, row_len):
+def per_element(coef, n, row_len, stride=None):
     """A per-vector coefficient spread over the elements."""
     c = np.asarray(coef, np.float32)
+    if stride is not None:
+        return np.tile(c, n // stride)
     return np.full(n, c[0], np.float32) if row_len is None else np.repeat(c, row_len)
 
 
@@ -228,11 +244,11 @@ def model_stock(base, xs, row_len):
     return t * (avg / np.float32(m)) + (np.float32(1) - t) * base
 
 
-def nuslerp(base, a, b, t, row_len):
+def nuslerp(base, a, b, t, row_len, stride=None):
     if base is not None:
         a, b = a - base, b - base
     ca, cb = [], []
-    for s in vec_sums([a, b], row_len):
+    for s in vec_sums([a, b], row_len, stride):
         na, nb = max(math.sqrt(s[0, 0]), 1e-7), max(math.sqrt(s[1, 1]), 1e-7)
         cos = min(max(s[0, 1] / (na * nb), -1.0), 1.0)
         if 1.0 - cos * cos <= 1e-16:
@@ -242,7 +258,7 @@ def nuslerp(base, a, b, t, row_len):
             sn = math.sin(th)
             ca.append(math.sin((1.0 - float(np.float32(t))) * th) / sn)
             cb.append(math.sin(float(np.float32(t)) * th) / sn)
-    y = per_element(ca, a.size, row_len) * a + per_element(cb, a.size, row_len) * b
+    y = per_element(ca, a.size, row_len, stride) * a + per_element(cb, a.size, row_len, stride) * b
     start = base if base is not None else np.zeros(a.size, np.float32)
     return start + y
 
@@ -276,3 +292,124 @@ def sce(base, xs, topk):
         acc = np.where(mk, acc + d * wi, acc)
         div = np.where(mk, div + wi, div)
     return base + acc / np.maximum(div, np.float32(1e-6))
+
+
+# --- means on the sphere (ops/merge/sphere.rs): the Gram matrix in f64, the
+# iteration on coefficients, in the same order of operations.
+def gram(xs):
+    m = len(xs)
+    g = [[0.0] * m for _ in range(m)]
+    for i in range(m):
+        for j in range(i, m):
+            g[i][j] = g[j][i] = seqsum(xs[i].astype(np.float64) * xs[j].astype(np.float64))
+    return g
+
+
+def _form(u, c, d):
+    s = 0.0
+    for i in range(len(c)):
+        for j in range(len(d)):
+            s += c[i] * u[i][j] * d[j]
+    return s
+
+
+def _norm(u, c):
+    return math.sqrt(max(_form(u, c, c), 0.0))
+
+
+def _dots(u, c):
+    out = []
+    for row in u:
+        s = 0.0
+        for a, b in zip(row, c):
+            s += a * b
+        out.append(s)
+    return out
+
+
+def _combine(xs, c, base=None):
+    y = np.zeros(xs[0].size, np.float32)
+    for x, ci in zip(xs, c):
+        y = y + np.float32(ci) * x
+    return y if base is None else y + base
+
+
+def karcher(xs, max_iter, tol):
+    m = len(xs)
+    if m == 1:
+        return xs[0]
+    g = gram(xs)
+    norms = [math.sqrt(g[i][i]) for i in range(m)]
+    inv = [0.0 if n == 0.0 else 1.0 / n for n in norms]
+    u = [[g[i][j] * inv[i] * inv[j] for j in range(m)] for i in range(m)]
+    valid = [n > tol for n in norms]
+    count = sum(valid)
+    if count == 0:
+        return _combine(xs, [0.0] * m)
+    a = [1.0 / count if v else 0.0 for v in valid]
+    beta = list(a)
+    mn = _norm(u, beta)
+    if mn < tol:
+        beta = [0.0] * m
+        beta[valid.index(True)] = 1.0
+    else:
+        beta = [b / mn for b in beta]
+    for _ in range(max_iter):
+        d = _dots(u, beta)
+        tangent = [0.0] * m
+        for i in range(m):
+            if not valid[i]:
+                continue
+            dot = min(max(d[i], -1.0), 1.0)
+            theta = math.acos(dot)
+            if theta < tol:
+                continue
+            s = a[i] * theta / math.sin(theta)
+            tangent[i] += s
+            tangent = [t - s * dot * b for t, b in zip(tangent, beta)]
+        tn = _norm(u, tangent)
+        if tn < tol:
+            break
+        beta = [math.cos(tn) * b + math.sin(tn) * t / tn for b, t in zip(beta, tangent)]
+        un = _norm(u, beta)
+        if un > tol:
+            beta = [b / un for b in beta]
+    scale = 0.0
+    for n in norms:
+        scale += n
+    scale = scale / m
+    return _combine(xs, [scale * beta[i] * inv[i] for i in range(m)])
+
+
+def multislerp(base, xs, weights, normalize, eps):
+    if len(xs) == 1:
+        return xs[0]
+    m = len(xs)
+    w = [float(np.float32(v)) for v in weights]
+    if normalize:
+        s = 0.0
+        for v in w:
+            s += v
+        w = [v / s for v in w]
+    ds = xs if base is None else [x - base for x in xs]
+    g = gram(ds)
+    norms = [math.sqrt(g[i][i]) for i in range(m)]
+    u = [[g[i][j] / ((norms[i] + eps) * (norms[j] + eps)) for j in range(m)] for i in range(m)]
+    if all(n == 0.0 for n in norms):
+        return _combine(ds, [0.0] * m, base)
+    mn = _norm(u, w)
+    if mn < eps:
+        assert m == 2, "multislerp: zero mean"
+        return _combine(ds, w, base)
+    beta = [v / mn for v in w]
+    d = _dots(u, beta)
+    along = 0.0
+    for a, b in zip(w, d):
+        along += a * b
+    tangent = [a - along * b for a, b in zip(w, beta)]
+    tn = _norm(u, tangent) + eps
+    avg = 0.0
+    for n, v in zip(norms, w):
+        avg += n * v
+    c = [avg * (math.cos(tn) * beta[i] + tangent[i] * math.sin(tn) / tn) / (norms[i] + eps) for i in range(m)]
+    return _combine(ds, c, base)

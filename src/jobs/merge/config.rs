@@ -42,6 +42,10 @@ pub enum Method {
     Sce,
     /// One model's tensors, optionally scaled.
     Passthrough,
+    /// The Riemannian (Karcher) mean of all inputs on the unit sphere.
+    Karcher,
+    /// Weighted spherical mean of several models (or of their deltas).
+    Multislerp,
 }
 
 /// What a method reads: its name, per-model and merge-wide parameters,
@@ -182,11 +186,27 @@ const SPECS: &[Spec] = &[
         needs_base: false,
         uses_base: false,
     },
+    Spec {
+        method: Method::Karcher,
+        name: "karcher",
+        per_model: &[],
+        shared: &["max_iter", "tol"],
+        needs_base: false,
+        uses_base: false,
+    },
+    Spec {
+        method: Method::Multislerp,
+        name: "multislerp",
+        per_model: &["weight"],
+        shared: &["normalize_weights", "eps"],
+        needs_base: false,
+        uses_base: true,
+    },
 ];
 
 /// mergekit methods this version does not run yet (a clear error, not
 /// "unknown method").
-const NOT_YET: &[&str] = &["karcher", "multislerp", "arcee_fusion", "ram", "ramplus_tl"];
+const NOT_YET: &[&str] = &["arcee_fusion", "ram", "ramplus_tl"];
 
 impl Method {
     fn spec(self) -> &'static Spec {
@@ -238,6 +258,28 @@ pub struct ModelEntry {
     pub parameters: Params,
 }
 
+/// One source of an output slice: layers `layers` of a model.
+#[derive(Clone, Debug)]
+pub struct SliceSource {
+    /// The local path.
+    pub path: PathBuf,
+    /// `layer_range`: [start, end).
+    pub layers: (usize, usize),
+    /// `slices[i].sources[j].parameters`.
+    pub parameters: Params,
+}
+
+/// One entry of `slices:`: output layers merged from its sources' layers.
+#[derive(Clone, Debug)]
+pub struct Slice {
+    /// `sources`, in order.
+    pub sources: Vec<SliceSource>,
+    /// `parameters` of the slice (between its sources' and the top level).
+    pub parameters: Params,
+    /// `base_model` of the slice, which overrides the top-level one.
+    pub base_model: Option<PathBuf>,
+}
+
 /// A parsed, checked merge configuration.
 #[derive(Clone, Debug)]
 pub struct MergeConfig {
@@ -245,8 +287,10 @@ pub struct MergeConfig {
     pub method: Method,
     /// `base_model`.
     pub base_model: Option<PathBuf>,
-    /// `models`, in order.
+    /// `models`, in order (empty in the slices form).
     pub models: Vec<ModelEntry>,
+    /// `slices`, in order (empty in the models form).
+    pub slices: Vec<Slice>,
     /// Top-level `parameters`.
     pub parameters: Params,
     /// `dtype`: inputs are rounded to it before merging.
@@ -341,6 +385,107 @@ fn model_path(y: &Yaml, path: &str) -> Result<PathBuf> {
     Err(bad(path, format!("'{s}': no such file or directory")))
 }
 
+/// `slices:`: [{sources: [{model, layer_range: [a, b], parameters}],
+/// parameters, base_model}].
+fn parse_slices(y: &Yaml) -> Result<Vec<Slice>> {
+    let Yaml::Array(list) = y else {
+        return Err(bad(
+            "slices",
+            "expected a list of {sources: [{model: PATH, layer_range: [START, END]}]}",
+        ));
+    };
+    if list.is_empty() {
+        return Err(bad("slices", "an empty list"));
+    }
+    let mut out = Vec::new();
+    for (i, sl) in list.iter().enumerate() {
+        let path = format!("slices[{i}]");
+        let mut slice = Slice {
+            sources: Vec::new(),
+            parameters: Params::default(),
+            base_model: None,
+        };
+        let mut sources = None;
+        for (k, v) in mapping(sl, &path)? {
+            let kp = join(&path, k);
+            match k {
+                "sources" => {
+                    let Yaml::Array(srcs) = v else {
+                        return Err(bad(
+                            &kp,
+                            "expected a list of {model: PATH, layer_range: [START, END]}",
+                        ));
+                    };
+                    let mut list = Vec::new();
+                    for (j, src) in srcs.iter().enumerate() {
+                        list.push(parse_source(src, &format!("{kp}[{j}]"))?);
+                    }
+                    if list.is_empty() {
+                        return Err(bad(&kp, "an empty list"));
+                    }
+                    sources = Some(list);
+                }
+                "parameters" => slice.parameters = params(v, &kp)?,
+                "base_model" => slice.base_model = Some(model_path(v, &kp)?),
+                "residual_weight" => return Err(bad(&kp, "not supported")),
+                _ => {
+                    return Err(bad(
+                        &kp,
+                        "unknown key (expected sources, parameters, base_model)",
+                    ))
+                }
+            }
+        }
+        slice.sources = sources.ok_or_else(|| bad(&path, "no sources"))?;
+        out.push(slice);
+    }
+    Ok(out)
+}
+
+fn parse_source(y: &Yaml, path: &str) -> Result<SliceSource> {
+    let (mut model, mut layers, mut parameters) = (None, None, Params::default());
+    for (k, v) in mapping(y, path)? {
+        let kp = join(path, k);
+        match k {
+            "model" => model = Some(model_path(v, &kp)?),
+            "layer_range" => {
+                let pair = match v {
+                    Yaml::Array(a) if a.len() == 2 => match (&a[0], &a[1]) {
+                        (Yaml::Integer(s), Yaml::Integer(e)) if *s >= 0 && *e >= 0 => {
+                            Some((*s as usize, *e as usize))
+                        }
+                        _ => None,
+                    },
+                    _ => None,
+                };
+                let (s, e) =
+                    pair.ok_or_else(|| bad(&kp, "expected [START, END]: two layer numbers ≥ 0"))?;
+                if s >= e {
+                    return Err(bad(
+                        &kp,
+                        format!(
+                            "[{s}, {e}] holds no layer (END is exclusive and must exceed START)"
+                        ),
+                    ));
+                }
+                layers = Some((s, e));
+            }
+            "parameters" => parameters = params(v, &kp)?,
+            _ => {
+                return Err(bad(
+                    &kp,
+                    "unknown key (expected model, layer_range, parameters)",
+                ))
+            }
+        }
+    }
+    Ok(SliceSource {
+        path: model.ok_or_else(|| bad(path, "no model"))?,
+        layers: layers.ok_or_else(|| bad(path, "no layer_range"))?,
+        parameters,
+    })
+}
+
 fn params(y: &Yaml, path: &str) -> Result<Params> {
     let mut p = Params::default();
     for (k, v) in mapping(y, path)? {
@@ -372,6 +517,7 @@ impl MergeConfig {
         let mut method = None;
         let mut base_model = None;
         let mut models = None;
+        let mut slices = None;
         let mut parameters = Params::default();
         let (mut dt, mut out_dtype) = (None, None);
         let mut tokenizer = TokenizerSource::Base;
@@ -437,20 +583,30 @@ impl MergeConfig {
                         _ => TokenizerSource::Model(model_path(src, path)?),
                     };
                 }
-                "slices" => return Err(bad(k, "the slices form (layer ranges, frankenmerges) is not supported yet; use models")),
+                "slices" => slices = Some(parse_slices(v)?),
                 "modules" => return Err(bad(k, "the modules form is not supported; use models")),
                 "chat_template" => return Err(bad(k, "not supported: the tokenizer files are copied as they are")),
-                _ => return Err(bad(k, "unknown key (expected merge_method, base_model, models, parameters, dtype, out_dtype, tokenizer_source)")),
+                _ => return Err(bad(k, "unknown key (expected merge_method, base_model, models or slices, parameters, dtype, out_dtype, tokenizer_source)")),
             }
         }
         let method = method.ok_or_else(|| Error::input("merge_method is missing"))?;
-        let models = models.ok_or_else(|| {
-            Error::input("models is missing (a list of {model: PATH, parameters: {...}})")
-        })?;
+        let (models, slices) = match (models, slices) {
+            (Some(m), None) => (m, Vec::new()),
+            (None, Some(s)) => (Vec::new(), s),
+            (Some(_), Some(_)) => {
+                return Err(bad("slices", "give models or slices, not both"));
+            }
+            (None, None) => {
+                return Err(Error::input(
+                    "models is missing (a list of {model: PATH, parameters: {...}}, or slices)",
+                ))
+            }
+        };
         let cfg = MergeConfig {
             method,
             base_model,
             models,
+            slices,
             parameters,
             dtype: dt,
             out_dtype,
@@ -465,12 +621,25 @@ impl MergeConfig {
     fn check(&self) -> Result<()> {
         let spec = self.method.spec();
         let m = spec.name;
-        if spec.needs_base && self.base_model.is_none() {
+        let slice_bases = self.slices.iter().all(|s| s.base_model.is_some());
+        if spec.needs_base && self.base_model.is_none() && (self.slices.is_empty() || !slice_bases)
+        {
             return Err(bad("base_model", format!("{m} needs a base model")));
         }
-        for (i, e) in self.models.iter().enumerate() {
-            for k in e.parameters.keys() {
-                let path = format!("models[{i}].parameters.{k}");
+        let per_input = self
+            .models
+            .iter()
+            .enumerate()
+            .map(|(i, e)| (format!("models[{i}]"), &e.parameters))
+            .chain(self.slices.iter().enumerate().flat_map(|(i, s)| {
+                s.sources
+                    .iter()
+                    .enumerate()
+                    .map(move |(j, e)| (format!("slices[{i}].sources[{j}]"), &e.parameters))
+            }));
+        for (path, params) in per_input {
+            for k in params.keys() {
+                let path = format!("{path}.parameters.{k}");
                 if spec.shared.contains(&k) {
                     return Err(bad(
                         &path,
@@ -490,65 +659,85 @@ impl MergeConfig {
                 }
             }
         }
-        for k in self.parameters.keys() {
-            if !spec.shared.contains(&k) && !spec.per_model.contains(&k) {
-                let all: Vec<&str> = spec.shared.iter().chain(spec.per_model).copied().collect();
+        let scopes = std::iter::once(("parameters".to_string(), &self.parameters)).chain(
+            self.slices
+                .iter()
+                .enumerate()
+                .map(|(i, s)| (format!("slices[{i}].parameters"), &s.parameters)),
+        );
+        for (path, params) in scopes {
+            for k in params.keys() {
+                if !spec.shared.contains(&k) && !spec.per_model.contains(&k) {
+                    let all: Vec<&str> =
+                        spec.shared.iter().chain(spec.per_model).copied().collect();
+                    return Err(bad(
+                        &format!("{path}.{k}"),
+                        format!("{m} takes no parameter {k} (it takes: {})", list(&all)),
+                    ));
+                }
+            }
+        }
+        if self.slices.is_empty() {
+            self.check_arity("models", self.weighted().len(), self.models.len())?;
+        }
+        for (i, s) in self.slices.iter().enumerate() {
+            let key = format!("slices[{i}].sources");
+            let base = s.base_model.as_ref().or(self.base_model.as_ref());
+            let base_at = base.and_then(|b| s.sources.iter().position(|e| same_path(&e.path, b)));
+            let uses = spec.uses_base || spec.needs_base;
+            if let (true, Some(b), None) = (uses, base, base_at) {
                 return Err(bad(
-                    &format!("parameters.{k}"),
-                    format!("{m} takes no parameter {k} (it takes: {})", list(&all)),
+                    &key,
+                    format!(
+                        "the base model {} is not among this slice's sources ({m} measures from it: list it with a layer_range like the others)",
+                        b.display()
+                    ),
+                ));
+            }
+            let others = s.sources.len() - usize::from(uses && base_at.is_some());
+            self.check_arity(&key, others, s.sources.len())?;
+            if matches!(self.method, Method::Slerp | Method::Nearswap)
+                && self.parameters.get("t").is_none()
+                && s.parameters.get("t").is_none()
+            {
+                return Err(bad(
+                    &format!("slices[{i}].parameters.t"),
+                    format!("{m} needs t (in this slice's or the top-level parameters)"),
                 ));
             }
         }
-        let others = self.weighted().len();
-        match self.method {
-            Method::Slerp | Method::Nearswap if others != 1 => {
-                return Err(bad(
-                    "models",
-                    format!(
-                        "{m} works between base_model and exactly one other model; found {others}"
-                    ),
-                ));
-            }
-            Method::Nuslerp if others != 2 => {
-                return Err(bad("models", format!("nuslerp interpolates between exactly two models besides the base; found {others}")));
-            }
-            Method::ModelStock if others < 2 => {
-                return Err(bad(
-                    "models",
-                    format!(
-                        "model_stock needs at least two models besides the base; found {others}"
-                    ),
-                ));
-            }
-            Method::Passthrough if self.models.len() != 1 => {
-                return Err(bad(
-                    "models",
-                    format!(
-                        "passthrough takes exactly one model; found {}",
-                        self.models.len()
-                    ),
-                ));
-            }
-            _ if others == 0 => {
-                return Err(bad(
-                    "models",
-                    format!("{m} needs at least one model besides the base"),
-                ))
-            }
-            _ => {}
-        }
-        if matches!(self.method, Method::Slerp | Method::Nearswap)
+        if self.slices.is_empty()
+            && matches!(self.method, Method::Slerp | Method::Nearswap)
             && self.parameters.get("t").is_none()
         {
             return Err(bad("parameters.t", format!("{m} needs t")));
         }
-        if self.parameters.get("nuslerp_row_wise") == Some(&ParamValue::Bool(true)) {
-            return Err(bad(
-                "parameters.nuslerp_row_wise",
-                "interpolating column by column is not supported yet",
-            ));
-        }
         Ok(())
+    }
+
+    /// How many inputs the method takes: `others` besides the base, `total`
+    /// in all (the models, or one slice's sources, at key `key`).
+    fn check_arity(&self, key: &str, others: usize, total: usize) -> Result<()> {
+        let m = self.method.name();
+        let why = match self.method {
+            Method::Slerp | Method::Nearswap if others != 1 => {
+                format!(
+                    "{m} works between the base model and exactly one other model; found {others}"
+                )
+            }
+            Method::Nuslerp if others != 2 => {
+                format!("nuslerp interpolates between exactly two models besides the base; found {others}")
+            }
+            Method::ModelStock if others < 2 => {
+                format!("model_stock needs at least two models besides the base; found {others}")
+            }
+            Method::Passthrough if total != 1 => {
+                format!("passthrough takes exactly one model; found {total}")
+            }
+            _ if others == 0 => format!("{m} needs at least one model besides the base"),
+            _ => return Ok(()),
+        };
+        Err(bad(key, why))
     }
 
     /// The models that are merged into the base: `models` without the base
@@ -563,11 +752,14 @@ impl MergeConfig {
 
     /// Whether `p` names the base model (the same directory).
     pub fn is_base(&self, p: &Path) -> bool {
-        let canon = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
-        self.base_model
-            .as_deref()
-            .is_some_and(|b| canon(b) == canon(p))
+        self.base_model.as_deref().is_some_and(|b| same_path(b, p))
     }
+}
+
+/// Whether two paths name the same file or directory.
+pub fn same_path(a: &Path, b: &Path) -> bool {
+    let canon = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+    canon(a) == canon(b)
 }
 
 fn list(v: &[&str]) -> String {

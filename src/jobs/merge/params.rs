@@ -182,6 +182,13 @@ pub fn layer_of(name: &str) -> Option<usize> {
     layer_regex().captures(name).and_then(|c| c[1].parse().ok())
 }
 
+/// `name` moved to layer `i` (`model.layers.7.x`, 2 → `model.layers.2.x`);
+/// None for a tensor outside the layers.
+pub fn with_layer(name: &str, i: usize) -> Option<String> {
+    let m = layer_regex().captures(name)?.get(1)?;
+    Some(format!("{}{i}{}", &name[..m.start()], &name[m.end()..]))
+}
+
 /// A tensor's position for gradients: layer i of L at i/(L − 1) (1 when
 /// L = 1); tensors outside the layers (embeddings, final norm, head) at 0.
 pub fn position(name: &str, layers: usize) -> f64 {
@@ -214,6 +221,15 @@ mod tests {
         assert_eq!(position("model.embed_tokens.weight", 5), 0.0);
         assert_eq!(position("lm_head.weight", 5), 0.0);
         assert_eq!(position("model.layers.0.x", 1), 1.0);
+        assert_eq!(
+            with_layer("model.layers.17.mlp.up_proj.weight", 3).as_deref(),
+            Some("model.layers.3.mlp.up_proj.weight")
+        );
+        assert_eq!(
+            with_layer("transformer.h.0.attn.c_attn.weight", 12).as_deref(),
+            Some("transformer.h.12.attn.c_attn.weight")
+        );
+        assert_eq!(with_layer("lm_head.weight", 3), None);
         let g = parse("[0, 1]");
         assert_eq!(
             g.resolve("model.layers.2.self_attn.q_proj.weight", 0.5),

@@ -19,41 +19,106 @@ pub enum Vectors {
     Whole,
     /// Each row of the last dimension (a 1-D tensor is one row).
     Rows,
+    /// Each vector along the first dimension (mergekit's
+    /// `nuslerp_row_wise`, which interpolates `dim=0`: the columns of a
+    /// matrix; a 1-D tensor is one vector).
+    Columns,
 }
 
-impl Vectors {
-    fn row_len(self, t: &TensorRef) -> Option<usize> {
+/// How a tensor's elements fall into vectors.
+#[derive(Clone, Copy)]
+enum Layout {
+    Whole,
+    /// Contiguous vectors of this length.
+    Rows(usize),
+    /// Vectors along dimension 0: element i belongs to vector i % stride.
+    Strided(usize),
+}
+
+impl Layout {
+    /// The vector element `i` belongs to.
+    fn of(self, i: usize) -> usize {
         match self {
-            Vectors::Whole => None,
-            Vectors::Rows => Some(t.shape.last().copied().unwrap_or(1).max(1)),
+            Layout::Whole => 0,
+            Layout::Rows(l) => i / l,
+            Layout::Strided(s) => i % s,
         }
     }
 }
 
-/// Sums `f` gives over the elements of each vector, in f64, in a fixed
-/// order (so they repeat exactly).
+impl Vectors {
+    fn layout(self, t: &TensorRef) -> Layout {
+        match self {
+            Vectors::Whole => Layout::Whole,
+            Vectors::Rows => Layout::Rows(t.shape.last().copied().unwrap_or(1).max(1)),
+            Vectors::Columns if t.shape.len() < 2 => Layout::Whole,
+            Vectors::Columns => Layout::Strided(t.shape[1..].iter().product::<usize>().max(1)),
+        }
+    }
+}
+
+/// Per vector, the sums of the `k` terms `f` gives for each element
+/// (`f(r)` returns them element by element: k values for each of `r`), in
+/// f64, each added in element order and blocks in block order, so they
+/// repeat exactly.
 fn sums(
     n: usize,
-    row_len: Option<usize>,
+    layout: Layout,
+    k: usize,
     f: impl Fn(Range<usize>) -> Vec<f64> + Sync,
 ) -> Vec<Vec<f64>> {
-    match row_len {
-        None => {
+    let add = |acc: &mut [f64], terms: &[f64]| {
+        for t in terms.chunks_exact(k) {
+            acc.iter_mut().zip(t).for_each(|(a, v)| *a += v);
+        }
+    };
+    match layout {
+        Layout::Whole => {
             let parts: Vec<Vec<f64>> = (0..n.div_ceil(CPU_BLOCK))
                 .into_par_iter()
-                .map(|b| f(block_range(b, n)))
+                .map(|b| {
+                    let mut acc = vec![0f64; k];
+                    add(&mut acc, &f(block_range(b, n)));
+                    acc
+                })
                 .collect();
-            let mut total = f(0..0);
+            let mut total = vec![0f64; k];
             for p in parts {
                 total.iter_mut().zip(p).for_each(|(a, b)| *a += b);
             }
             vec![total]
         }
-        Some(l) => (0..n / l)
+        Layout::Rows(l) => (0..n / l)
             .into_par_iter()
             .with_min_len((CPU_BLOCK / l).max(1))
-            .map(|r| f(r * l..(r + 1) * l))
+            .map(|r| {
+                let mut acc = vec![0f64; k];
+                add(&mut acc, &f(r * l..(r + 1) * l));
+                acc
+            })
             .collect(),
+        Layout::Strided(stride) => {
+            // Blocks of whole rows; each gives every vector's partial sums.
+            let rows = n / stride;
+            let per_block = (CPU_BLOCK / stride).max(1);
+            let parts: Vec<Vec<f64>> = (0..rows.div_ceil(per_block))
+                .into_par_iter()
+                .map(|b| {
+                    let (r0, r1) = (b * per_block, ((b + 1) * per_block).min(rows));
+                    let terms = f(r0 * stride..r1 * stride);
+                    let mut acc = vec![0f64; stride * k];
+                    for row in terms.chunks_exact(stride * k) {
+                        acc.iter_mut().zip(row).for_each(|(a, v)| *a += v);
+                    }
+                    acc
+                })
+                .collect();
+            let mut total = vec![0f64; stride * k];
+            for p in parts {
+                total.iter_mut().zip(p).for_each(|(a, b)| *a += b);
+            }
+            total.chunks_exact(k).map(|c| c.to_vec()).collect()
+        }
     }
 }
 
@@ -101,16 +166,13 @@ pub fn model_stock(
     }
     let base = &ts[0];
     let n = base.numel();
-    let row_len = by.row_len(base);
+    let layout = by.layout(base);
     // Per vector: ‖δᵢ‖² for each i, then δᵢ·δⱼ for each pair i < j.
     let pairs: Vec<(usize, usize)> = (0..m)
         .flat_map(|i| (i + 1..m).map(move |j| (i, j)))
         .collect();
-    let s = sums(n, row_len, |r| {
-        let mut acc = vec![0f64; m + pairs.len()];
-        if r.is_empty() {
-            return acc;
-        }
+    let k = m + pairs.len();
+    let s = sums(n, layout, k, |r| {
         let mut b0 = Vec::new();
         decode(base, r.clone(), cast, &mut b0);
         let ds: Vec<Vec<f32>> = ts[1..]
@@ -122,17 +184,16 @@ pub fn model_stock(
                 x
             })
             .collect();
-        for (i, d) in ds.iter().enumerate() {
-            acc[i] = d.iter().map(|&v| (v as f64) * (v as f64)).sum();
+        let mut terms = vec![0f64; r.len() * k];
+        for (e, t) in terms.chunks_exact_mut(k).enumerate() {
+            for (i, d) in ds.iter().enumerate() {
+                t[i] = d[e] as f64 * d[e] as f64;
+            }
+            for (p, &(i, j)) in pairs.iter().enumerate() {
+                t[m + p] = ds[i][e] as f64 * ds[j][e] as f64;
+            }
         }
-        for (p, &(i, j)) in pairs.iter().enumerate() {
-            acc[m + p] = ds[i]
-                .iter()
-                .zip(&ds[j])
-                .map(|(&a, &b)| a as f64 * b as f64)
-                .sum();
-        }
-        acc
+        terms
     });
     let t: Vec<f32> = s
         .iter()
@@ -163,7 +224,7 @@ pub fn model_stock(
             avg.iter_mut().zip(&x).for_each(|(a, v)| *a += v);
         }
         for (k, (y, a)) in ys.iter_mut().zip(&avg).enumerate() {
-            let tk = t[row_len.map_or(0, |l| (r.start + k) / l)];
+            let tk = t[layout.of(r.start + k)];
             *y = tk * (a / m as f32) + (1.0 - tk) * *y;
         }
         ((), other)
@@ -172,8 +233,8 @@ pub fn model_stock(
 }
 
 /// NuSLERP: spherical interpolation at t between `v0` and `v1` — or, with
-/// a base, base + the interpolation of their deltas — per tensor or per
-/// row: unit vectors (norms clamped to ≥ 1e-7), cos θ clamped to [−1, 1],
+/// a base, base + the interpolation of their deltas — per tensor, per row
+/// or per column: unit vectors (norms clamped to ≥ 1e-7), cos θ clamped to [−1, 1],
 /// and the plain lerp where 1 − cos² θ ≤ 1e-16.
 pub fn nuslerp(
     base: Option<&TensorRef>,
@@ -189,7 +250,7 @@ pub fn nuslerp(
     check_inputs("nuslerp", &all, out)?;
     crate::ops::finite_param("nuslerp t", t)?;
     let n = v0.numel();
-    let row_len = by.row_len(v0);
+    let layout = by.layout(v0);
     // The two vectors of elements r: the models, or their deltas.
     // Returns the NaN and infinite values of the inputs other than the
     // first (the base, or v0).
@@ -204,17 +265,16 @@ pub fn nuslerp(
         }
         bad
     };
-    let s = sums(n, row_len, |r| {
+    let s = sums(n, layout, 3, |r| {
         let (mut a, mut b) = (Vec::new(), Vec::new());
         vecs(r, &mut a, &mut b);
-        let mut acc = vec![0f64; 3];
-        for (&x, &y) in a.iter().zip(&b) {
-            let (x, y) = (x as f64, y as f64);
-            acc[0] += x * x;
-            acc[1] += y * y;
-            acc[2] += x * y;
-        }
-        acc
+        a.iter()
+            .zip(&b)
+            .flat_map(|(&x, &y)| {
+                let (x, y) = (x as f64, y as f64);
+                [x * x, y * y, x * y]
+            })
+            .collect()
     });
     let coef: Vec<(f32, f32)> = s
         .iter()
@@ -244,7 +304,7 @@ pub fn nuslerp(
             ys.resize(r.len(), 0.0);
         }
         for (k, y) in ys.iter_mut().enumerate() {
-            let (ca, cb) = coef[row_len.map_or(0, |l| (r.start + k) / l)];
+            let (ca, cb) = coef[layout.of(r.start + k)];
             *y += ca * a[k] + cb * b[k];
         }
         ((), bad)

@@ -1,7 +1,8 @@
 //! Merging models tensor by tensor with mergekit's methods: the generalized
 //! task arithmetic family (`task_arithmetic`, `ties`, `dare_*`,
 //! `breadcrumbs*`, `della*`), `linear` and `slerp` here; `nearswap`,
-//! `model_stock` and `nuslerp` in `geometry`, `sce` in `sce`.
+//! `model_stock` and `nuslerp` in `geometry`, `karcher` and `multislerp`
+//! in `sphere`, `sce` in `sce`.
 //! The exact math is in ../shared/reference/pruning_merging.md §3.
 //!
 //! This is the CPU reference: every step in f32, rounded once into the
@@ -20,9 +21,11 @@ mod geometry;
 mod rank;
 pub mod rng;
 mod sce;
+mod sphere;
 
 pub use geometry::{model_stock, nearswap, nuslerp, Vectors};
 pub use sce::sce;
+pub use sphere::{karcher, multislerp};
 
 use super::codec::{with_codec, Codec};
 use super::diff::Diff;

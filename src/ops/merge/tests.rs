@@ -370,3 +370,167 @@ fn model_stock_keeps_the_base_when_offsets_cancel() {
         assert!((g - x).abs() <= 1e-6 * (1.0 + x.abs()), "{g} vs {x}");
     }
 }
+
+fn close(got: &[f32], want: &[f32], tol: f32) {
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!((g - w).abs() <= tol * (1.0 + w.abs()), "{i}: {g} vs {w}");
+    }
+}
+
+#[test]
+fn karcher_and_multislerp_on_simple_geometry() {
+    let mut rng = Rng::new(5);
+    let n = 70_000; // past one block: the Gram matrix sums blocks
+    let x: Vec<f32> = (0..n).map(|_| rng.normal() as f32).collect();
+    let y: Vec<f32> = (0..n).map(|_| rng.normal() as f32).collect();
+    let scaled = |v: &[f32], s: f32| {
+        tensor(
+            DType::F32,
+            &[n],
+            &v.iter().map(|a| a * s).collect::<Vec<_>>(),
+        )
+    };
+    let (x1, x2, y1) = (scaled(&x, 1.0), scaled(&x, 2.0), scaled(&y, 1.0));
+    // One direction: the mean of the norms along it.
+    let (k, _) = karcher(&[x1.view(), x2.view()], 10, 1e-5, None, DType::F32).unwrap();
+    close(&k.to_f32_vec(), &scaled(&x, 1.5).to_f32_vec(), 1e-5);
+    // Two orthogonal unit-norm directions: the midpoint of the arc, at the
+    // mean norm (x and y are nearly orthogonal and of norm ≈ √n).
+    let (k, _) = karcher(&[x1.view(), y1.view()], 10, 1e-7, None, DType::F32).unwrap();
+    let (nx, ny) = (norm(&x), norm(&y));
+    let mid: Vec<f32> = x.iter().zip(&y).map(|(a, b)| a / nx + b / ny).collect();
+    let want: Vec<f32> = mid
+        .iter()
+        .map(|v| v / norm(&mid) * (nx + ny) / 2.0)
+        .collect();
+    close(&k.to_f32_vec(), &want, 1e-4);
+    let (m, _) = multislerp(
+        None,
+        &[x1.view(), x2.view()],
+        &[0.5, 0.5],
+        true,
+        1e-8,
+        None,
+        DType::F32,
+    )
+    .unwrap();
+    close(&m.to_f32_vec(), &scaled(&x, 1.5).to_f32_vec(), 1e-5);
+    // Every model equal to the base: the base.
+    let (m, _) = multislerp(
+        Some(&y1.view()),
+        &[y1.view(), y1.view(), y1.view()],
+        &[1.0, 1.0, 1.0],
+        true,
+        1e-8,
+        None,
+        DType::F32,
+    )
+    .unwrap();
+    assert_eq!(m.to_f32_vec(), y);
+    // Antipodal deltas with balancing weights: the lerp for two, an error
+    // for three.
+    let neg = scaled(&x, -1.0);
+    let (m, _) = multislerp(
+        None,
+        &[x1.view(), neg.view()],
+        &[1.0, 1.0],
+        true,
+        1e-8,
+        None,
+        DType::F32,
+    )
+    .unwrap();
+    assert!(m.to_f32_vec().iter().all(|v| v.abs() < 1e-6));
+    assert!(multislerp(
+        None,
+        &[x1.view(), neg.view(), x1.view(), neg.view()],
+        &[1.0; 4],
+        true,
+        1e-8,
+        None,
+        DType::F32
+    )
+    .is_err());
+    assert!(multislerp(
+        None,
+        &[x1.view(), y1.view()],
+        &[1.0, -1.0],
+        true,
+        1e-8,
+        None,
+        DType::F32
+    )
+    .is_err());
+}
+
+fn norm(v: &[f32]) -> f32 {
+    v.iter()
+        .map(|a| (*a as f64) * (*a as f64))
+        .sum::<f64>()
+        .sqrt() as f32
+}
+
+#[test]
+fn nuslerp_by_columns_is_by_rows_of_the_transpose() {
+    let mut rng = Rng::new(6);
+    // 300 × 200: the column sums span several blocks of rows.
+    let (r, c) = (300, 200);
+    let a: Vec<f32> = (0..r * c).map(|_| rng.normal() as f32).collect();
+    let b: Vec<f32> = (0..r * c).map(|_| rng.normal() as f32).collect();
+    let tr = |v: &[f32]| -> Vec<f32> { (0..r * c).map(|k| v[(k % r) * c + k / r]).collect() };
+    let (ta, tb) = (
+        tensor(DType::F32, &[r, c], &a),
+        tensor(DType::F32, &[r, c], &b),
+    );
+    let (sa, sb) = (
+        tensor(DType::F32, &[c, r], &tr(&a)),
+        tensor(DType::F32, &[c, r], &tr(&b)),
+    );
+    let (cols, _) = nuslerp(
+        None,
+        &ta.view(),
+        &tb.view(),
+        0.3,
+        Vectors::Columns,
+        None,
+        DType::F32,
+    )
+    .unwrap();
+    let (rows, _) = nuslerp(
+        None,
+        &sa.view(),
+        &sb.view(),
+        0.3,
+        Vectors::Rows,
+        None,
+        DType::F32,
+    )
+    .unwrap();
+    close(&tr(&cols.to_f32_vec()), &rows.to_f32_vec(), 1e-6);
+    // A 1-D tensor is one vector either way.
+    let (v0, v1) = (
+        tensor(DType::F32, &[c], &a[..c]),
+        tensor(DType::F32, &[c], &b[..c]),
+    );
+    let (x, _) = nuslerp(
+        None,
+        &v0.view(),
+        &v1.view(),
+        0.3,
+        Vectors::Columns,
+        None,
+        DType::F32,
+    )
+    .unwrap();
+    let (w, _) = nuslerp(
+        None,
+        &v0.view(),
+        &v1.view(),
+        0.3,
+        Vectors::Whole,
+        None,
+        DType::F32,
+    )
+    .unwrap();
+    assert_eq!(x.to_f32_vec(), w.to_f32_vec());
+}
