@@ -274,7 +274,25 @@ fn moe_builds_mixtral_tensors_and_refuses_what_it_cannot_build() {
                 "base_model: {}\ngate_mode: cheap_embed\nexperts:\n{two}",
                 s(&base)
             ),
-            "cheap_embed needs the base's tokenizer",
+            "experts[0]: gate_mode cheap_embed needs positive_prompts",
+        ),
+        (
+            format!(
+                "base_model: {}\ngate_mode: cheap_embed\nexperts:\n  - source_model: {}\n    positive_prompts: [a]\n  - source_model: {}\n    positive_prompts: 3\n",
+                s(&ft),
+                s(&ft),
+                s(&base)
+            ),
+            "experts[1].positive_prompts: expected a list of strings",
+        ),
+        (
+            format!(
+                "base_model: {}\ngate_mode: cheap_embed\nexperts:\n  - source_model: {}\n    positive_prompts: [a]\n  - source_model: {}\n    positive_prompts: [b]\n",
+                s(&ft),
+                s(&ft),
+                s(&base)
+            ),
+            "gate_mode cheap_embed needs the base's tokenizer.json",
         ),
         (
             format!(
@@ -313,4 +331,70 @@ fn moe_builds_mixtral_tensors_and_refuses_what_it_cannot_build() {
         std::fs::remove_file(&p).unwrap();
     }
     assert_eq!(snapshot(tmp.path()), before, "inputs changed");
+}
+
+/// A word-level tokenizer.json with a BOS token: enough for cheap_embed.
+const TOKENIZER: &str = r#"{"version":"1.0","truncation":null,"padding":null,
+"added_tokens":[{"id":1,"content":"<s>","single_word":false,"lstrip":false,"rstrip":false,"normalized":false,"special":true}],
+"normalizer":null,"pre_tokenizer":{"type":"Whitespace"},"post_processor":null,"decoder":null,
+"model":{"type":"WordLevel","vocab":{"<unk>":0,"<s>":1,"code":2,"math":3,"poem":4},"unk_token":"<unk>"}}"#;
+
+#[test]
+fn cheap_embed_routers_are_the_prompts_normalized_embeddings() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (base, ft) = (tmp.path().join("base"), tmp.path().join("ft"));
+    write_llama_model(&base, common::SMALL, DType::F32, 1, 3).unwrap();
+    write_llama_model(&ft, common::SMALL, DType::F32, 1, 4).unwrap();
+    std::fs::write(base.join("tokenizer.json"), TOKENIZER).unwrap();
+    std::fs::write(
+        base.join("tokenizer_config.json"),
+        r#"{"bos_token": "<s>"}"#,
+    )
+    .unwrap();
+    let cfg = tmp.path().join("moe.yml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "base_model: {}\ngate_mode: cheap_embed\nexperts:\n  - source_model: {}\n    positive_prompts: [\"code math\", \"math\"]\n  - source_model: {}\n    positive_prompts: [poem]\n    negative_prompts: [code]\n",
+            s(&base),
+            s(&ft),
+            s(&base)
+        ),
+    )
+    .unwrap();
+    let out = tmp.path().join("moe");
+    let (ok, err) = run_bin(&["moe", s(&cfg), "-o", s(&out), "--device", "cpu"]);
+    assert!(ok, "{err}");
+    let b = Model::open(&base).unwrap();
+    let (ef, ee) = b.find("model.embed_tokens.weight").unwrap();
+    let emb = ef.tensor(ee).unwrap().to_f32_vec();
+    let h = common::SMALL.hidden;
+    let sum = |ids: &[usize]| -> Vec<f64> {
+        let mut v = vec![0f64; h];
+        for &i in ids {
+            v.iter_mut()
+                .zip(&emb[i * h..(i + 1) * h])
+                .for_each(|(a, &x)| *a += x as f64);
+        }
+        let n = v.iter().map(|x| x * x).sum::<f64>().sqrt();
+        v.iter().map(|x| x / n).collect()
+    };
+    // "<s>code math" and "<s>math": ids 1 2 3 and 1 3.
+    let e0 = sum(&[1, 2, 3, 1, 3]);
+    let (p, q) = (sum(&[1, 4]), sum(&[1, 2]));
+    let d: Vec<f64> = p.iter().zip(&q).map(|(a, b)| a - b).collect();
+    let n = d.iter().map(|x| x * x).sum::<f64>().sqrt();
+    let e1: Vec<f64> = d.iter().map(|x| x / n).collect();
+    let m = Model::open(&out).unwrap();
+    let (gf, ge) = m
+        .find("model.layers.0.block_sparse_moe.gate.weight")
+        .unwrap();
+    let g = gf.tensor(ge).unwrap().to_f32_vec();
+    for (k, want) in e0.iter().chain(&e1).enumerate() {
+        assert!(
+            (g[k] as f64 - want).abs() < 1e-6,
+            "router element {k}: {} vs {want}",
+            g[k]
+        );
+    }
 }

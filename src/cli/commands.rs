@@ -519,7 +519,7 @@ pub(super) fn moe(a: MoeArgs) -> Result<()> {
     let cfg = modelpress::jobs::moe::MoeConfig::load(&config, seed)?;
     let mut models = vec![open(&cfg.base_model)?];
     for e in &cfg.experts {
-        models.push(open(e)?);
+        models.push(open(&e.path)?);
     }
     let op = modelpress::jobs::moe::BuildMoe::new(cfg, &models)?;
     let mut opts = options(&common)?;

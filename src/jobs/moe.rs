@@ -4,10 +4,12 @@
 //! projections) becomes `block_sparse_moe.experts.e.{w1, w3, w2}`; each
 //! layer gets a router `block_sparse_moe.gate.weight` (experts × hidden).
 //! `gate_mode: random` draws the router from a seeded normal distribution
-//! (rows scaled to unit length, as mergekit-moe's routers are);
-//! `cheap_embed` (needs a tokenizer) and `hidden` (needs a forward pass)
-//! are refused. config.json becomes `MixtralForCausalLM` with the base's
-//! hyperparameters.
+//! (rows scaled to unit length); `cheap_embed` makes each expert's router
+//! row the normalized sum of the base's input embeddings of its
+//! `positive_prompts` (less that of its `negative_prompts`), tokenized with
+//! the base's `tokenizer.json` after its BOS token as mergekit-moe does;
+//! `hidden` (needs a forward pass) is refused. config.json becomes
+//! `MixtralForCausalLM` with the base's hyperparameters.
 
 use super::op::{Applied, Src, TensorOp};
 use crate::device::Device;
@@ -19,13 +21,35 @@ use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use yaml_rust2::{Yaml, YamlLoader};
 
+/// How the routers are initialized (`gate_mode`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GateMode {
+    /// Seeded normal rows of unit length.
+    Random,
+    /// Normalized sums of the prompts' input embeddings.
+    CheapEmbed,
+}
+
+/// One expert of the configuration.
+#[derive(Clone, Debug)]
+pub struct Expert {
+    /// `source_model`: its MLPs become the expert.
+    pub path: PathBuf,
+    /// `positive_prompts`.
+    pub positive: Vec<String>,
+    /// `negative_prompts`.
+    pub negative: Vec<String>,
+}
+
 /// A mergekit-moe configuration.
 #[derive(Clone, Debug)]
 pub struct MoeConfig {
     /// Attention, embeddings and norms come from here.
     pub base_model: PathBuf,
-    /// Each expert's model.
-    pub experts: Vec<PathBuf>,
+    /// The experts, in order.
+    pub experts: Vec<Expert>,
+    /// `gate_mode`.
+    pub gate_mode: GateMode,
     /// Experts per token.
     pub experts_per_token: usize,
     /// Router seed (`--seed`).
@@ -57,20 +81,17 @@ impl MoeConfig {
         let mut base = None;
         let mut experts = Vec::new();
         let mut k = 2usize;
+        let mut gate_mode = GateMode::Random;
         for (key, v) in h {
             let key = key.as_str().unwrap_or("");
             match key {
                 "base_model" => base = Some(path(v.as_str().ok_or_else(|| bad("base_model: expected a path"))?)),
                 "gate_mode" => match v.as_str() {
-                    Some("random") => {}
-                    Some("cheap_embed") => {
-                        return Err(bad(
-                            "gate_mode cheap_embed needs the base's tokenizer, which this version does not run: use random",
-                        ))
-                    }
+                    Some("random") => gate_mode = GateMode::Random,
+                    Some("cheap_embed") => gate_mode = GateMode::CheapEmbed,
                     Some("hidden") => {
                         return Err(bad(
-                            "gate_mode hidden needs a forward pass of the base model: use random",
+                            "gate_mode hidden needs a forward pass of the base model: use cheap_embed or random",
                         ))
                     }
                     _ => return Err(bad("gate_mode: expected random, cheap_embed or hidden")),
@@ -92,14 +113,19 @@ impl MoeConfig {
                             return Err(bad(format!("experts[{i}]: expected a mapping")));
                         };
                         let mut src = None;
+                        let (mut positive, mut negative) = (Vec::new(), Vec::new());
                         for (ek, ev) in eh {
-                            match ek.as_str().unwrap_or("") {
+                            let ek = ek.as_str().unwrap_or("");
+                            match ek {
                                 "source_model" => src = ev.as_str().map(path),
-                                "positive_prompts" | "negative_prompts" | "noise_scale" | "residual_scale" => {}
+                                "positive_prompts" => positive = prompts(ev, &format!("experts[{i}].{ek}"))?,
+                                "negative_prompts" => negative = prompts(ev, &format!("experts[{i}].{ek}"))?,
+                                "noise_scale" | "residual_scale" => {}
                                 other => return Err(bad(format!("experts[{i}].{other}: unknown key"))),
                             }
                         }
-                        experts.push(src.ok_or_else(|| bad(format!("experts[{i}]: no source_model")))?);
+                        let path = src.ok_or_else(|| bad(format!("experts[{i}]: no source_model")))?;
+                        experts.push(Expert { path, positive, negative });
                     }
                 }
                 "shared_experts" => return Err(bad("shared_experts (Qwen2-MoE) are not supported yet")),
@@ -116,12 +142,36 @@ impl MoeConfig {
                 experts.len()
             )));
         }
+        if gate_mode == GateMode::CheapEmbed {
+            if let Some(i) = experts.iter().position(|e| e.positive.is_empty()) {
+                return Err(bad(format!(
+                    "experts[{i}]: gate_mode cheap_embed needs positive_prompts"
+                )));
+            }
+        }
         Ok(MoeConfig {
             base_model,
             experts,
+            gate_mode,
             experts_per_token: k,
             seed,
         })
+    }
+}
+
+/// A list of prompts (a single string counts as one).
+fn prompts(y: &Yaml, key: &str) -> Result<Vec<String>> {
+    match y {
+        Yaml::String(s) => Ok(vec![s.clone()]),
+        Yaml::Array(a) => a
+            .iter()
+            .map(|p| {
+                p.as_str()
+                    .map(str::to_string)
+                    .ok_or_else(|| bad(format!("{key}: expected a list of strings")))
+            })
+            .collect(),
+        _ => Err(bad(format!("{key}: expected a list of strings"))),
     }
 }
 
@@ -132,6 +182,8 @@ const PROJ: [(&str, &str); 3] = [("gate_proj", "w1"), ("down_proj", "w2"), ("up_
 pub struct BuildMoe {
     cfg: MoeConfig,
     hidden: usize,
+    /// cheap_embed's router rows (experts × hidden), the same in every layer.
+    embedded: Option<Vec<f32>>,
 }
 
 impl BuildMoe {
@@ -177,8 +229,107 @@ impl BuildMoe {
                 "the base has no model.layers.N.mlp.{gate,up,down}_proj.weight",
             ));
         }
-        Ok(BuildMoe { cfg, hidden })
+        let embedded = match cfg.gate_mode {
+            GateMode::Random => None,
+            GateMode::CheapEmbed => Some(cheap_embed(base, &cfg.experts, hidden)?),
+        };
+        Ok(BuildMoe {
+            cfg,
+            hidden,
+            embedded,
+        })
     }
+}
+
+/// cheap_embed's router rows: per expert, the sum of the base's input
+/// embeddings of every token of its positive prompts (each tokenized as the
+/// BOS token's text + the prompt, with no other special tokens), scaled to
+/// unit length (norm clamped at 1e-8); less the same of its negative
+/// prompts, and scaled again. Sums in f64.
+fn cheap_embed(base: &Model, experts: &[Expert], hidden: usize) -> Result<Vec<f32>> {
+    let tk_path = base.path.join("tokenizer.json");
+    if !tk_path.is_file() {
+        return Err(bad(format!(
+            "gate_mode cheap_embed needs the base's tokenizer.json ({} has none)",
+            base.path.display()
+        )));
+    }
+    let bytes = crate::formats::read_input(&tk_path)?;
+    let tokenizer = tokenizers::Tokenizer::from_bytes(&bytes)
+        .map_err(|e| bad(format!("{}: {e}", tk_path.display())))?;
+    let bos = bos_token(base)?;
+    let name = "model.embed_tokens.weight";
+    let (f, e) = base
+        .find(name)
+        .ok_or_else(|| bad(format!("the base has no {name}")))?;
+    let embed = f
+        .tensor(e)
+        .ok_or_else(|| bad(format!("{name} is not a float tensor")))?;
+    let vocab = e.shape.first().copied().unwrap_or(0);
+    if e.shape.len() != 2 || e.shape[1] != hidden {
+        return Err(bad(format!(
+            "{name} has shape {:?}; expected [vocab, {hidden}]",
+            e.shape
+        )));
+    }
+    let unit = |v: &mut [f64]| {
+        let n = v.iter().map(|x| x * x).sum::<f64>().sqrt().max(1e-8);
+        v.iter_mut().for_each(|x| *x /= n);
+    };
+    let embedded = |prompts: &[String], which: &str| -> Result<Vec<f64>> {
+        let mut sum = vec![0f64; hidden];
+        for p in prompts {
+            let enc = tokenizer
+                .encode(format!("{bos}{p}"), false)
+                .map_err(|e| bad(format!("{which}: cannot tokenize {p:?}: {e}")))?;
+            for &id in enc.get_ids() {
+                let id = id as usize;
+                if id >= vocab {
+                    return Err(bad(format!(
+                        "{which}: token {id} of {p:?} is past the embeddings' {vocab} rows"
+                    )));
+                }
+                let row = crate::ops::values(&embed, id * hidden..(id + 1) * hidden);
+                sum.iter_mut().zip(&row).for_each(|(s, &x)| *s += x as f64);
+            }
+        }
+        unit(&mut sum);
+        Ok(sum)
+    };
+    let mut out = Vec::with_capacity(experts.len() * hidden);
+    for (i, x) in experts.iter().enumerate() {
+        let mut v = embedded(&x.positive, &format!("experts[{i}].positive_prompts"))?;
+        if !x.negative.is_empty() {
+            let n = embedded(&x.negative, &format!("experts[{i}].negative_prompts"))?;
+            v.iter_mut().zip(&n).for_each(|(a, b)| *a -= b);
+            unit(&mut v);
+        }
+        out.extend(v.iter().map(|&x| x as f32));
+    }
+    Ok(out)
+}
+
+/// The BOS token's text as the base's tokenizer_config.json (or
+/// special_tokens_map.json) names it; empty when there is none.
+fn bos_token(base: &Model) -> Result<String> {
+    for file in ["tokenizer_config.json", "special_tokens_map.json"] {
+        let p = base.path.join(file);
+        if !p.is_file() {
+            continue;
+        }
+        let v: Value = serde_json::from_slice(&crate::formats::read_input(&p)?)
+            .map_err(|e| bad(format!("{}: {e}", p.display())))?;
+        match v.get("bos_token") {
+            Some(Value::String(s)) => return Ok(s.clone()),
+            Some(Value::Object(o)) => {
+                if let Some(Value::String(s)) = o.get("content") {
+                    return Ok(s.clone());
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(String::new())
 }
 
 fn base_config(base: &Model) -> Result<serde_json::Map<String, Value>> {
@@ -283,16 +434,20 @@ impl TensorOp for BuildMoe {
 }
 
 impl BuildMoe {
-    /// A router for the layer of `name`: normal rows of unit length, drawn
-    /// from the seed and the layer's name (the same on every run).
+    /// A router for the layer of `name`: cheap_embed's rows, or normal rows
+    /// of unit length drawn from the seed and the layer's name (the same on
+    /// every run).
     fn router(&self, name: &str, dtype: DType) -> Result<Vec<u8>> {
+        let n = self.cfg.experts.len();
+        if let Some(v) = &self.embedded {
+            return Ok(Tensor::from_f32(dtype, &[n, self.hidden], v)?.data);
+        }
         let h = name
             .bytes()
             .fold(self.cfg.seed ^ 0x9e37_79b9_7f4a_7c15, |a, b| {
                 (a ^ b as u64).wrapping_mul(0x100_0000_01b3)
             });
         let mut rng = crate::tools::sample::Rng::new(h);
-        let n = self.cfg.experts.len();
         let mut v = vec![0f32; n * self.hidden];
         for row in v.chunks_mut(self.hidden.max(1)) {
             for x in row.iter_mut() {

@@ -3,7 +3,9 @@
 a Mixtral from a tiny bf16 LLaMA; transformers loads it as
 MixtralForCausalLM with every tensor (router included) taken from the file;
 with both experts the base's own MLP its logits equal the base's (f32 run);
-with two different experts it loads and runs.
+with two different experts it loads and runs. With `gate_mode:
+cheap_embed` (a BPE tokenizer trained here, saved beside the base), the
+routers equal mergekit-moe's on the same configuration.
 
     HF_HUB_OFFLINE=1 /tmp/mk/bin/python tests/dev/check_moe.py target/release/modelpress WORKDIR
 """
@@ -53,5 +55,45 @@ for label, experts in (("same", [base, base]), ("different", [base, other, base]
         line += f"; logits vs the base: {rel:.1e} relative (max |Δ| {float((x - y).abs().max()):.1e})"
         failures += rel > 1e-5
     print(line)
+# cheap_embed against mergekit-moe: the base needs a tokenizer.
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers  # noqa: E402
+
+tk_dir = os.path.join(WORK, "base")
+if not os.path.exists(os.path.join(tk_dir, "tokenizer.json")):
+    tk = Tokenizer(models.BPE(unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    corpus = ["write python code for sorting a list", "solve the math problem step by step",
+              "compose a poem about the sea", "translate this sentence into french"] * 50
+    tk.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"]))
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    fast.save_pretrained(tk_dir)
+yml = os.path.join(WORK, "cheap.yml")
+open(yml, "w").write(
+    f"base_model: {base}\ngate_mode: cheap_embed\ndtype: float32\nexperts_per_token: 2\nexperts:\n"
+    f"  - source_model: {base}\n    positive_prompts: [\"write python code\", \"sorting a list\"]\n"
+    f"  - source_model: {other}\n    positive_prompts: [\"compose a poem\"]\n    negative_prompts: [\"math problem\"]\n")
+ours, theirs = os.path.join(WORK, "moe-cheap"), os.path.join(WORK, "mk-cheap")
+r = subprocess.run([BIN, "moe", yml, "-o", ours, "--force"], capture_output=True, text=True)
+if r.returncode != 0:
+    sys.exit(f"cheap_embed: {r.stderr}")
+mk = os.path.join(os.path.dirname(sys.executable), "mergekit-moe")
+subprocess.run(["rm", "-rf", theirs])
+r = subprocess.run([mk, yml, theirs, "--device", "cpu"], capture_output=True, text=True)
+if r.returncode != 0:
+    sys.exit(f"mergekit-moe: {r.stderr[-2000:]}")
+a, b = load_file(os.path.join(ours, "model.safetensors")), {}
+for f in os.listdir(theirs):
+    if f.endswith(".safetensors"):
+        b.update(load_file(os.path.join(theirs, f)))
+worst = 0.0
+for layer in range(2):
+    # mergekit-moe 0.1.5 writes transformers 5's fused layout (mlp.gate).
+    x = a[f"model.layers.{layer}.block_sparse_moe.gate.weight"].float()
+    y = b[f"model.layers.{layer}.mlp.gate.weight"].float()  # f32 (dtype: float32)
+    # Ours are in the model's bf16: compare with theirs rounded once.
+    ulp = torch.exp2(torch.floor(torch.log2(y.abs().clamp(min=1e-30))) - 7)
+    worst = max(worst, float(((x - y.bfloat16().float()).abs() / ulp).max()))
+print(f"cheap_embed routers vs mergekit-moe's rounded to bf16: {worst:.1f} bf16 ulps at most")
+failures += worst > 1
 print("FAILED" if failures else "ok")
 sys.exit(1 if failures else 0)
