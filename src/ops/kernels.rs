@@ -4,7 +4,8 @@
 //! struct of the same name, field for field.
 
 use super::{
-    ct, ggml, matmul, mix, moe, prune, quantize, reduce, select, selfcheck, transfer, KernelParams,
+    ct, ggml, matmul, merge, mix, moe, prune, quantize, reduce, select, selfcheck, transfer,
+    KernelParams,
 };
 use crate::device::KernelDef;
 
@@ -47,6 +48,11 @@ const TRANSFER: Shader = Shader {
 const MIX: Shader = Shader {
     name: "mix",
     source: include_str!("../../shaders/mix.wgsl"),
+    prelude: nothing,
+};
+const MERGE: Shader = Shader {
+    name: "merge",
+    source: include_str!("../../shaders/merge.wgsl"),
     prelude: nothing,
 };
 const SELFCHECK: Shader = Shader {
@@ -138,6 +144,7 @@ kernels! {
     OffsetTensor => TRANSFER, "offset_tensor", transfer::TensorParams;
     Mix => MIX, "mix", mix::MixParams;
     MixRows => MIX, "mix_rows", mix::RowMixParams;
+    GtaCombine => MERGE, "gta_combine", merge::GtaParams;
     KeyHist => SELECT, "key_hist", select::HistParams;
     CutApply => SELECT, "cut_apply", select::CutParams;
     NmPrune => SELECT, "nm_prune", select::NmParams;

@@ -595,7 +595,7 @@ impl TensorOp for Merge {
         .map(Some)
     }
 
-    fn apply(&self, _dev: &Device, srcs: &[Src], _: &[Model]) -> Result<Applied> {
+    fn apply(&self, dev: &Device, srcs: &[Src], _: &[Model]) -> Result<Applied> {
         let e = srcs[0].entry;
         let name = &e.name;
         let plan = self.plan(name)?;
@@ -648,7 +648,7 @@ impl TensorOp for Merge {
             _ => None,
         };
         let (tensor, diff, kept) = if let Some(g) = chain {
-            let r = merge::gta(&with_base()?, &plan.terms, &g, name, cast, out)?;
+            let r = merge::gta(dev, &with_base()?, &plan.terms, &g, name, cast, out)?;
             (r.tensor, r.diff, Some(r.kept))
         } else {
             let (t, d) = match m {

@@ -5,7 +5,8 @@
 //! in `sphere`, `sce` in `sce`.
 //! The exact math is in ../shared/reference/pruning_merging.md §3.
 //!
-//! This is the CPU reference: every step in f32, rounded once into the
+//! On a GPU device the chain's combining pass runs in `gpu` (the masks and
+//! factors found here first). This is the CPU reference: every step in f32, rounded once into the
 //! output dtype (mergekit 0.1.5 rounds several methods' intermediate steps
 //! to the inputs' dtype). Deltas are never stored: each pass recomputes
 //! them from the inputs, block by block, so memory stays at the output
@@ -18,18 +19,21 @@
 //!   element index): the same mask on every device and chunking.
 
 mod geometry;
+mod gpu;
 mod rank;
 pub mod rng;
 mod sce;
 mod sphere;
 
 pub use geometry::{model_stock, nearswap, nuslerp, Vectors};
+pub(crate) use gpu::GtaParams;
 pub use sce::sce;
 pub use sphere::{karcher, multislerp};
 
 use super::codec::{with_codec, Codec};
 use super::diff::Diff;
 use super::CPU_BLOCK;
+use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::ops::select::key;
 use crate::tensor::{DType, Tensor, TensorRef};
@@ -379,6 +383,7 @@ fn della_mask(
 /// the sign of Σ wᵢδᵢ count, each element divided by the weights that
 /// counted there; then base + λ·Δ. `name` keys the random stream.
 pub fn gta(
+    dev: &Device,
     ts: &[TensorRef],
     terms: &[Term],
     g: &Gta,
@@ -459,6 +464,23 @@ pub fn gta(
     let wsum: f32 = terms.iter().map(|t| t.weight).sum();
     let divisor = if wsum.abs() < 1e-8 { 1.0 } else { wsum };
     let models = terms.len();
+    let kept_share = |counts: Vec<u64>| -> Vec<f64> {
+        counts
+            .iter()
+            .map(|&c| if n == 0 { 0.0 } else { c as f64 / n as f64 })
+            .collect()
+    };
+    if let Device::Gpu(gpu) = dev {
+        if let Some((tensor, diff, counts)) =
+            gpu::combine(gpu, ts, terms, &masks, &scale, g, divisor, cast, out)?
+        {
+            return Ok(Merged {
+                tensor,
+                diff,
+                kept: kept_share(counts),
+            });
+        }
+    }
     // Model by model over the block's arrays (loops the compiler can
     // vectorize), each element's sums still taken in model order.
     let (tensor, diff, counts) = write_blocks(base, out, |b, r, ys| {
@@ -519,17 +541,14 @@ pub fn gta(
             (counted, other)
         })
     });
-    let kept = (0..models)
-        .map(|i| {
-            let c: u64 = counts.iter().map(|c| c[i]).sum();
-            if n == 0 {
-                0.0
-            } else {
-                c as f64 / n as f64
-            }
-        })
+    let totals = (0..models)
+        .map(|i| counts.iter().map(|c| c[i]).sum())
         .collect();
-    Ok(Merged { tensor, diff, kept })
+    Ok(Merged {
+        tensor,
+        diff,
+        kept: kept_share(totals),
+    })
 }
 
 /// Σ wᵢ·xᵢ, divided by Σ wᵢ when `normalize` (an error if that sum is 0).

@@ -28,6 +28,39 @@ impl Smallest {
         Ok(find_many(n, 1, &[(0, k)], &all)?.remove(0))
     }
 
+    /// The cut's key.
+    pub(crate) fn key(&self) -> u32 {
+        self.cut.key
+    }
+
+    /// The flat index of the last key equal to the cut that is among the k
+    /// smallest (the `ties`-th in flat order), or None when none is: with
+    /// it, membership is a test of one element (key below the cut, or equal
+    /// to it at that index or before). Reads one block of keys.
+    pub(crate) fn last_tie(&self, n: usize, keys: &Keys) -> Option<u64> {
+        let ties = self.cut.ties;
+        if ties == 0 {
+            return None;
+        }
+        // The block holding it: the last with fewer ties before it.
+        let b = self
+            .ties_before
+            .partition_point(|&t| t < ties)
+            .checked_sub(1)?;
+        let mut seen = self.ties_before[b];
+        let mut buf = Vec::new();
+        keys(b * CPU_BLOCK..((b + 1) * CPU_BLOCK).min(n), &mut buf);
+        for (j, &k) in buf.iter().enumerate() {
+            if k == self.cut.key {
+                seen += 1;
+                if seen == ties {
+                    return Some((b * CPU_BLOCK + j) as u64);
+                }
+            }
+        }
+        None
+    }
+
     /// Keys equal to the cut before block `b` (the first tie rank there).
     pub(crate) fn ties_before(&self, b: usize) -> u64 {
         self.ties_before.get(b).copied().unwrap_or(0)

@@ -169,7 +169,7 @@ fn the_task_arithmetic_family_follows_its_rules() {
                 let tx: Vec<Tensor> = xs.iter().map(|x| tensor(DType::F32, &shape, x)).collect();
                 let mut refs = vec![tb.view()];
                 refs.extend(tx.iter().map(|t| t.view()));
-                let m = gta(&refs, &terms, &g, "w", None, dtype).unwrap();
+                let m = gta(&Device::Cpu, &refs, &terms, &g, "w", None, dtype).unwrap();
                 let got = m.tensor.to_f32_vec();
                 let ctx = format!("n={n} {sparsify:?} consensus={consensus} {dtype}");
                 for (e, (&a, &b)) in got.iter().zip(&want).enumerate() {
@@ -215,13 +215,32 @@ fn dare_keeps_each_element_with_the_density_and_repeats() {
         lambda: 1.0,
         seed: 7,
     };
-    let m = gta(&[tb.view(), tx.view()], &terms, &g, "w", None, DType::F32).unwrap();
+    let m = gta(
+        &Device::Cpu,
+        &[tb.view(), tx.view()],
+        &terms,
+        &g,
+        "w",
+        None,
+        DType::F32,
+    )
+    .unwrap();
     // Bernoulli(0.3) over n: the share within 5 standard deviations.
     let sd = (0.3f64 * 0.7 / n as f64).sqrt();
     assert!((m.kept[0] - 0.3).abs() < 5.0 * sd, "{}", m.kept[0]);
-    let again = gta(&[tb.view(), tx.view()], &terms, &g, "w", None, DType::F32).unwrap();
+    let again = gta(
+        &Device::Cpu,
+        &[tb.view(), tx.view()],
+        &terms,
+        &g,
+        "w",
+        None,
+        DType::F32,
+    )
+    .unwrap();
     assert_eq!(m.tensor.data, again.tensor.data);
     let other = gta(
+        &Device::Cpu,
         &[tb.view(), tx.view()],
         &terms,
         &Gta { seed: 8, ..g },
@@ -236,6 +255,7 @@ fn dare_keeps_each_element_with_the_density_and_repeats() {
     assert!(got.iter().zip(&x).all(|(g, x)| *g == 0.0 || g == x));
     // Rescaled, the L1 norm of the delta comes back.
     let r = gta(
+        &Device::Cpu,
         &[tb.view(), tx.view()],
         &terms,
         &Gta { rescale: true, ..g },
@@ -317,7 +337,16 @@ fn della_keeps_large_deltas_more_often() {
         lambda: 1.0,
         seed: 3,
     };
-    let m = gta(&[tb.view(), tx.view()], &terms, &g, "w", None, DType::F32).unwrap();
+    let m = gta(
+        &Device::Cpu,
+        &[tb.view(), tx.view()],
+        &terms,
+        &g,
+        "w",
+        None,
+        DType::F32,
+    )
+    .unwrap();
     let got = m.tensor.to_f32_vec();
     let share = |r: std::ops::Range<usize>| {
         got[r.clone()].iter().filter(|v| **v != 0.0).count() as f64 / r.len() as f64
