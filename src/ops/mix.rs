@@ -16,13 +16,12 @@ use super::diff::Diff;
 use super::kernels::Kernel;
 use super::{
     chunk_diff, chunk_elems, chunks, f32_at, finish_special, finite_param, matrix_tiles, params,
-    same_shape, term_special, tile_input, u32_at, Tile, CPU_BLOCK,
+    same_shape, slots, term_special, tile_input, u32_at, Tile, CPU_BLOCK,
 };
-use crate::device::{Chunk, Device, Gpu, Input, StreamLayout};
+use crate::device::{Chunk, Device, Gpu, StreamLayout};
 use crate::error::{Error, Result};
 use crate::tensor::{Tensor, TensorRef};
 use rayon::prelude::*;
-use std::borrow::Cow;
 
 /// Most models `mix` combines in one call.
 pub const MAX_MIX_INPUTS: usize = 16;
@@ -143,18 +142,7 @@ fn mix_gpu(g: &Gpu, inputs: &[TensorRef], weights: &[f32]) -> Result<(Tensor, Di
             ..Default::default()
         }),
         inputs: vec![
-            Input {
-                parts: inputs
-                    .iter()
-                    .enumerate()
-                    .map(|(i, t)| {
-                        (
-                            (i * ce * es) as u64,
-                            Cow::Borrowed(&t.data[r.start * es..r.end * es]),
-                        )
-                    })
-                    .collect(),
-            },
+            slots(inputs, r.clone(), ce),
             bytemuck::cast_slice(weights).into(),
         ],
         read: vec![(r.len() * es) as u64],

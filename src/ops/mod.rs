@@ -207,6 +207,29 @@ pub(crate) fn values(t: &TensorRef, r: Range<usize>) -> Vec<f32> {
     codec::with_codec!(t.dtype, C => bytes.chunks_exact(C::SIZE).map(|x| C::to_f32(C::read(x, 0))).collect())
 }
 
+/// One input binding holding elements `r` of each of `ts` (one dtype), the
+/// i-th in a slot starting at element i·`slot` (kernels that combine several
+/// tensors take them through one binding, not one each).
+pub(crate) fn slots<'a>(
+    ts: &[TensorRef<'a>],
+    r: Range<usize>,
+    slot: usize,
+) -> crate::device::Input<'a> {
+    crate::device::Input {
+        parts: ts
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                let es = t.dtype.size();
+                (
+                    (i * slot * es) as u64,
+                    std::borrow::Cow::Borrowed(&t.data[r.start * es..r.end * es]),
+                )
+            })
+            .collect(),
+    }
+}
+
 pub(crate) fn f32_bytes(v: &[f32]) -> &[u8] {
     bytemuck::cast_slice(v)
 }

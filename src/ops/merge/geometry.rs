@@ -57,28 +57,24 @@ impl Vectors {
     }
 }
 
-/// Per vector, the sums of the `k` terms `f` gives for each element
-/// (`f(r)` returns them element by element: k values for each of `r`), in
-/// f64, each added in element order and blocks in block order, so they
-/// repeat exactly.
+/// Per vector, the sums of `k` terms of its elements, in f64, each added in
+/// element order and blocks in block order, so they repeat exactly. `f(r,
+/// s, acc)` adds the terms of elements `r` into `acc`, element e (counted
+/// from r.start) into `acc[(e % s)·k ..][..k]`: s is 1 for a whole tensor or
+/// a row, the stride for vectors along dimension 0 (blocks of whole rows).
 fn sums(
     n: usize,
     layout: Layout,
     k: usize,
-    f: impl Fn(Range<usize>) -> Vec<f64> + Sync,
+    f: impl Fn(Range<usize>, usize, &mut [f64]) + Sync,
 ) -> Vec<Vec<f64>> {
-    let add = |acc: &mut [f64], terms: &[f64]| {
-        for t in terms.chunks_exact(k) {
-            acc.iter_mut().zip(t).for_each(|(a, v)| *a += v);
-        }
-    };
     match layout {
         Layout::Whole => {
             let parts: Vec<Vec<f64>> = (0..n.div_ceil(CPU_BLOCK))
                 .into_par_iter()
                 .map(|b| {
                     let mut acc = vec![0f64; k];
-                    add(&mut acc, &f(block_range(b, n)));
+                    f(block_range(b, n), 1, &mut acc);
                     acc
                 })
                 .collect();
@@ -93,23 +89,19 @@ fn sums(
             .with_min_len((CPU_BLOCK / l).max(1))
             .map(|r| {
                 let mut acc = vec![0f64; k];
-                add(&mut acc, &f(r * l..(r + 1) * l));
+                f(r * l..(r + 1) * l, 1, &mut acc);
                 acc
             })
             .collect(),
         Layout::Strided(stride) => {
-            // Blocks of whole rows; each gives every vector's partial sums.
             let rows = n / stride;
             let per_block = (CPU_BLOCK / stride).max(1);
             let parts: Vec<Vec<f64>> = (0..rows.div_ceil(per_block))
                 .into_par_iter()
                 .map(|b| {
                     let (r0, r1) = (b * per_block, ((b + 1) * per_block).min(rows));
-                    let terms = f(r0 * stride..r1 * stride);
                     let mut acc = vec![0f64; stride * k];
-                    for row in terms.chunks_exact(stride * k) {
-                        acc.iter_mut().zip(row).for_each(|(a, v)| *a += v);
-                    }
+                    f(r0 * stride..r1 * stride, stride, &mut acc);
                     acc
                 })
                 .collect();
@@ -172,7 +164,7 @@ pub fn model_stock(
         .flat_map(|i| (i + 1..m).map(move |j| (i, j)))
         .collect();
     let k = m + pairs.len();
-    let s = sums(n, layout, k, |r| {
+    let s = sums(n, layout, k, |r, stride, acc| {
         let mut b0 = Vec::new();
         decode(base, r.clone(), cast, &mut b0);
         let ds: Vec<Vec<f32>> = ts[1..]
@@ -184,16 +176,15 @@ pub fn model_stock(
                 x
             })
             .collect();
-        let mut terms = vec![0f64; r.len() * k];
-        for (e, t) in terms.chunks_exact_mut(k).enumerate() {
+        for e in 0..r.len() {
+            let a = &mut acc[(e % stride) * k..][..k];
             for (i, d) in ds.iter().enumerate() {
-                t[i] = d[e] as f64 * d[e] as f64;
+                a[i] += d[e] as f64 * d[e] as f64;
             }
             for (p, &(i, j)) in pairs.iter().enumerate() {
-                t[m + p] = ds[i][e] as f64 * ds[j][e] as f64;
+                a[m + p] += ds[i][e] as f64 * ds[j][e] as f64;
             }
         }
-        terms
     });
     let t: Vec<f32> = s
         .iter()
@@ -265,16 +256,16 @@ pub fn nuslerp(
         }
         bad
     };
-    let s = sums(n, layout, 3, |r| {
+    let s = sums(n, layout, 3, |r, stride, acc| {
         let (mut a, mut b) = (Vec::new(), Vec::new());
         vecs(r, &mut a, &mut b);
-        a.iter()
-            .zip(&b)
-            .flat_map(|(&x, &y)| {
-                let (x, y) = (x as f64, y as f64);
-                [x * x, y * y, x * y]
-            })
-            .collect()
+        for (e, (&x, &y)) in a.iter().zip(&b).enumerate() {
+            let (x, y) = (x as f64, y as f64);
+            let v = &mut acc[(e % stride) * 3..][..3];
+            v[0] += x * x;
+            v[1] += y * y;
+            v[2] += x * y;
+        }
     });
     let coef: Vec<(f32, f32)> = s
         .iter()

@@ -13,13 +13,12 @@
 
 use super::rank::Smallest;
 use super::{delta_keys, Gta, Mask, Term};
-use crate::device::{Chunk, Gpu, Input, StreamLayout};
+use crate::device::{Chunk, Gpu, StreamLayout};
 use crate::error::Result;
 use crate::ops::diff::Diff;
 use crate::ops::kernels::Kernel;
-use crate::ops::{chunk_diff, chunk_elems, params, u32_at};
+use crate::ops::{chunk_diff, chunk_elems, params, slots, u32_at};
 use crate::tensor::{DType, Tensor, TensorRef};
-use std::borrow::Cow;
 
 /// Most models one dispatch combines (the kernel's per-element arrays).
 pub(crate) const MAX_GPU_MODELS: usize = 16;
@@ -210,18 +209,7 @@ pub(crate) fn combine(
                 ..Default::default()
             }),
             inputs: vec![
-                Input {
-                    parts: ts
-                        .iter()
-                        .enumerate()
-                        .map(|(i, t)| {
-                            (
-                                (i * ce * es) as u64,
-                                Cow::Borrowed(&t.data[r.start * es..r.end * es]),
-                            )
-                        })
-                        .collect(),
-                },
+                slots(ts, r.clone(), ce),
                 bytemuck::cast_slice(&term_words).to_vec().into(),
                 bits.into(),
             ],
