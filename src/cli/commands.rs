@@ -538,15 +538,6 @@ pub(super) fn merge(a: MergeArgs) -> Result<()> {
     let cfg = modelpress::jobs::merge::config::MergeConfig::load(&config)?;
     let (op, models) = modelpress::jobs::merge::Merge::open(cfg, seed, unsafe_truncate_embeddings)?;
     let mut opts = options(&common)?;
-    if matches!(opts.device, Device::Gpu(_)) && !op.config().method.combines_on_gpu() {
-        // Say where the work runs rather than pretend.
-        use std::io::Write;
-        let _ = writeln!(
-            std::io::stderr(),
-            "modelpress: merge method {} runs on the CPU backend in this version (the task-arithmetic family combines on the GPU)",
-            op.config().method.name()
-        );
-    }
     opts.extra_inputs.push(config);
     job_with(&op, &models, &common, &opts).map(|_| ())
 }

@@ -145,6 +145,8 @@ kernels! {
     Mix => MIX, "mix", mix::MixParams;
     MixRows => MIX, "mix_rows", mix::RowMixParams;
     GtaCombine => MERGE, "gta_combine", merge::GtaParams;
+    MergeSum => MERGE, "merge_sum", merge::SumParams;
+    SceCombine => MERGE, "sce_combine", merge::SceParams;
     KeyHist => SELECT, "key_hist", select::HistParams;
     CutApply => SELECT, "cut_apply", select::CutParams;
     NmPrune => SELECT, "nm_prune", select::NmParams;

@@ -228,22 +228,6 @@ impl Method {
         self.spec().per_model
     }
 
-    /// Whether its per-element pass runs on a GPU device (the
-    /// task-arithmetic family); the others run on the CPU backend.
-    pub fn combines_on_gpu(self) -> bool {
-        matches!(
-            self,
-            Method::TaskArithmetic
-                | Method::Ties
-                | Method::DareLinear
-                | Method::DareTies
-                | Method::Breadcrumbs
-                | Method::BreadcrumbsTies
-                | Method::Della
-                | Method::DellaLinear
-        )
-    }
-
     /// Whether the method needs `base_model`.
     pub fn needs_base(self) -> bool {
         self.spec().needs_base

@@ -652,17 +652,19 @@ impl TensorOp for Merge {
             (r.tensor, r.diff, Some(r.kept))
         } else {
             let (t, d) = match m {
-                Method::Slerp => merge::slerp(&with_base()?[0], &pick[0], plan.t, cast, out)?,
-                Method::Nearswap => merge::nearswap(&with_base()?[0], &pick[0], plan.t, cast, out)?,
+                Method::Slerp => merge::slerp(dev, &with_base()?[0], &pick[0], plan.t, cast, out)?,
+                Method::Nearswap => {
+                    merge::nearswap(dev, &with_base()?[0], &pick[0], plan.t, cast, out)?
+                }
                 Method::ModelStock => {
                     let by = if plan.filter_wise {
                         merge::Vectors::Rows
                     } else {
                         merge::Vectors::Whole
                     };
-                    merge::model_stock(&with_base()?, by, cast, out)?
+                    merge::model_stock(dev, &with_base()?, by, cast, out)?
                 }
-                Method::Sce => merge::sce(&with_base()?, plan.select_topk, cast, out)?,
+                Method::Sce => merge::sce(dev, &with_base()?, plan.select_topk, cast, out)?,
                 Method::Nuslerp => {
                     let total = weights[0] + weights[1];
                     let t = if total.abs() < 1e-6 {
@@ -671,10 +673,11 @@ impl TensorOp for Merge {
                         weights[1] / total
                     };
                     let b = base.as_ref();
-                    merge::nuslerp(b, &pick[0], &pick[1], t, plan.vectors, cast, out)?
+                    merge::nuslerp(dev, b, &pick[0], &pick[1], t, plan.vectors, cast, out)?
                 }
-                Method::Karcher => merge::karcher(&pick, plan.max_iter, plan.tol, cast, out)?,
+                Method::Karcher => merge::karcher(dev, &pick, plan.max_iter, plan.tol, cast, out)?,
                 Method::Multislerp => merge::multislerp(
+                    dev,
                     base.as_ref(),
                     &pick,
                     &weights,
@@ -683,8 +686,8 @@ impl TensorOp for Merge {
                     cast,
                     out,
                 )?,
-                Method::Linear => merge::linear(&pick, &weights, plan.normalize, cast, out)?,
-                _ => merge::linear(&pick, &weights, false, cast, out)?,
+                Method::Linear => merge::linear(dev, &pick, &weights, plan.normalize, cast, out)?,
+                _ => merge::linear(dev, &pick, &weights, false, cast, out)?,
             };
             (t, d, None)
         };

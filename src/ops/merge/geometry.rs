@@ -4,7 +4,9 @@
 //! interpolation of two models or of their deltas from a base), over the
 //! whole flattened tensor or row by row (the last dimension).
 
-use super::{block_range, check_inputs, decode, write_blocks};
+use super::gpu_sum::{self, Sum};
+use super::{block_range, check_inputs, decode, on_gpu, write_blocks};
+use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::ops::diff::Diff;
 use crate::ops::CPU_BLOCK;
@@ -27,7 +29,7 @@ pub enum Vectors {
 
 /// How a tensor's elements fall into vectors.
 #[derive(Clone, Copy)]
-enum Layout {
+pub(super) enum Layout {
     Whole,
     /// Contiguous vectors of this length.
     Rows(usize),
@@ -37,7 +39,7 @@ enum Layout {
 
 impl Layout {
     /// The vector element `i` belongs to.
-    fn of(self, i: usize) -> usize {
+    pub(super) fn of(self, i: usize) -> usize {
         match self {
             Layout::Whole => 0,
             Layout::Rows(l) => i / l,
@@ -47,7 +49,7 @@ impl Layout {
 }
 
 impl Vectors {
-    fn layout(self, t: &TensorRef) -> Layout {
+    pub(super) fn layout(self, t: &TensorRef) -> Layout {
         match self {
             Vectors::Whole => Layout::Whole,
             Vectors::Rows => Layout::Rows(t.shape.last().copied().unwrap_or(1).max(1)),
@@ -117,6 +119,7 @@ fn sums(
 /// NearSwap: w = clamp(t / max(|a − b|, 1e-6), 0, 1), then w·b + (1 − w)·a,
 /// element by element (`a` is the base).
 pub fn nearswap(
+    dev: &Device,
     a: &TensorRef,
     b: &TensorRef,
     t: f32,
@@ -125,6 +128,11 @@ pub fn nearswap(
 ) -> Result<(Tensor, Diff)> {
     check_inputs("nearswap", &[*a, *b], out)?;
     crate::ops::finite_param("nearswap t", t)?;
+    if let Device::Gpu(g) = dev {
+        if let Some(r) = gpu_sum::nearswap(g, a, b, t, cast, out)? {
+            return Ok(r);
+        }
+    }
     let (tensor, diff, _) = write_blocks(a, out, |_, r, ys| {
         let mut y = Vec::new();
         decode(a, r.clone(), cast, ys);
@@ -144,6 +152,7 @@ pub fn nearswap(
 /// denominator is within 1e-6 of 0 — the result t·mean(wᵢ) + (1 − t)·w₀, per
 /// tensor or per row. `ts[0]` is the base.
 pub fn model_stock(
+    dev: &Device,
     ts: &[TensorRef],
     by: Vectors,
     cast: Option<DType>,
@@ -205,6 +214,25 @@ pub fn model_stock(
             }
         })
         .collect();
+    // On a GPU: the models summed from 0, divided by m, then tk·avg +
+    // (1 − tk)·base.
+    let s = Sum {
+        first: base,
+        base: Some(base),
+        terms: &ts[1..],
+        delta: false,
+        init: 0.0,
+        divide: Some(m as f32),
+        coefs: t
+            .iter()
+            .flat_map(|&tk| std::iter::repeat_n(1.0, m).chain([tk, 1.0 - tk]))
+            .collect(),
+        layout,
+        blend: true,
+    };
+    if let Some(r) = on_gpu(dev, &s, cast, out)? {
+        return Ok(r);
+    }
     let (tensor, diff, _) = write_blocks(base, out, |_, r, ys| {
         let mut x = Vec::new();
         decode(base, r.clone(), cast, ys);
@@ -227,7 +255,9 @@ pub fn model_stock(
 /// a base, base + the interpolation of their deltas — per tensor, per row
 /// or per column: unit vectors (norms clamped to ≥ 1e-7), cos θ clamped to [−1, 1],
 /// and the plain lerp where 1 − cos² θ ≤ 1e-16.
+#[allow(clippy::too_many_arguments)]
 pub fn nuslerp(
+    dev: &Device,
     base: Option<&TensorRef>,
     v0: &TensorRef,
     v1: &TensorRef,
@@ -285,6 +315,23 @@ pub fn nuslerp(
         })
         .collect();
     let first = base.copied().unwrap_or(*v0);
+    // On a GPU: (0 + ca·a) + cb·b equals 0 + (ca·a + cb·b) bit for bit
+    // (zeros' signs included), then + base.
+    let pair = [*v0, *v1];
+    let s = Sum {
+        first: &first,
+        base,
+        terms: &pair,
+        delta: base.is_some(),
+        init: 0.0,
+        divide: None,
+        coefs: coef.iter().flat_map(|&(a, b)| [a, b, 1.0, 1.0]).collect(),
+        layout,
+        blend: base.is_some(),
+    };
+    if let Some(r) = on_gpu(dev, &s, cast, out)? {
+        return Ok(r);
+    }
     let (tensor, diff, _) = write_blocks(&first, out, |_, r, ys| {
         let (mut a, mut b) = (Vec::new(), Vec::new());
         let bad = vecs(r.clone(), &mut a, &mut b);

@@ -11,7 +11,7 @@
 //! exactly. A chunk that meets a NaN or an infinity (which WGSL does not
 //! promise to handle) makes the caller run the CPU pass instead.
 
-use super::rank::Smallest;
+use super::rank::{Keys, Smallest};
 use super::{delta_keys, Gta, Mask, Term};
 use crate::device::{Chunk, Gpu, StreamLayout};
 use crate::error::Result;
@@ -25,6 +25,21 @@ pub(crate) const MAX_GPU_MODELS: usize = 16;
 
 /// Words of one `GtaTerm` in the WGSL.
 const TERM_WORDS: usize = 12;
+
+kernel_params!(SceParams {
+    n: u32,
+    k: u32,
+    stride: u32,
+    start_lo: u32,
+    start_hi: u32,
+    cast_dt: u32,
+    masked: u32,
+    key: u32,
+    has_last: u32,
+    last_lo: u32,
+    last_hi: u32,
+    _pad0: u32,
+});
 
 kernel_params!(GtaParams {
     n: u32,
@@ -247,4 +262,83 @@ fn gcd(a: usize, b: usize) -> usize {
     } else {
         gcd(b, a % b)
     }
+}
+
+/// SCE's last pass on `g` (`sce_combine`): `cut` drops the elements whose
+/// deltas' variance (`keys`) is among the smallest; the models' `weights`
+/// found on the host. None as `combine`.
+pub(crate) fn sce_combine(
+    g: &Gpu,
+    ts: &[TensorRef],
+    cut: Option<(&Smallest, &Keys)>,
+    weights: &[f32],
+    cast: Option<DType>,
+    out: DType,
+) -> Result<Option<(Tensor, Diff)>> {
+    let base = &ts[0];
+    let k = ts.len() - 1;
+    let n = base.numel();
+    let dt = base.dtype;
+    if k == 0
+        || k > MAX_GPU_MODELS
+        || n == 0
+        || ts.iter().any(|t| t.dtype != dt)
+        || weights.iter().any(|w| !w.is_finite())
+    {
+        return Ok(None);
+    }
+    let (es, eo) = (dt.size(), out.size());
+    let Ok(ce) = chunk_elems(g, n, ((k + 1) * es + eo) as f64, 4 * k as u64 + 256) else {
+        return Ok(None);
+    };
+    let (key, last) = match cut {
+        Some((s, keys)) => (s.key(), s.last_tie(n, keys)),
+        None => (0, None),
+    };
+    let layout = StreamLayout {
+        inputs: vec![((k + 1) * ce * es) as u64, 4 * k as u64],
+        outputs: vec![((ce * eo).next_multiple_of(4) as u64, false), (4, true)],
+    };
+    let pipeline = g
+        .ctx
+        .pipeline(Kernel::SceCombine, dt.shader_code(), out.shader_code())?;
+    let ranges: Vec<_> = crate::ops::chunks(n, ce).collect();
+    let (has_last, last) = (u32::from(last.is_some()), last.unwrap_or(0));
+    let jobs = ranges.iter().map(|r| Chunk {
+        params: params(&SceParams {
+            n: r.len() as u32,
+            k: k as u32,
+            stride: (ce * es / 4) as u32,
+            start_lo: r.start as u32,
+            start_hi: (r.start as u64 >> 32) as u32,
+            cast_dt: cast.map_or(3, |c| c.shader_code()),
+            masked: u32::from(cut.is_some()),
+            key,
+            has_last,
+            last_lo: last as u32,
+            last_hi: (last >> 32) as u32,
+            ..Default::default()
+        }),
+        inputs: vec![
+            slots(ts, r.clone(), ce),
+            bytemuck::cast_slice(weights).to_vec().into(),
+        ],
+        read: vec![(r.len() * eo).next_multiple_of(4) as u64, 4],
+        workgroups: g.ctx.workgroups_for((r.len() * eo).div_ceil(4) as u64),
+    });
+    let mut t = Tensor::for_overwrite(out, base.shape);
+    let mut d = Diff::default();
+    let mut clean = true;
+    g.ctx.stream(&pipeline, &layout, jobs, |c, outs| {
+        let r = &ranges[c];
+        if u32_at(outs[1], 0) != 0 {
+            clean = false;
+            return Ok(());
+        }
+        let chunk = &mut t.data[r.start * eo..r.end * eo];
+        chunk.copy_from_slice(&outs[0][..chunk.len()]);
+        d = d.merge(chunk_diff(&[base], r.clone(), out, chunk));
+        Ok(())
+    })?;
+    Ok(clean.then_some((t, d)))
 }

@@ -5,8 +5,10 @@
 //! in `sphere`, `sce` in `sce`.
 //! The exact math is in ../shared/reference/pruning_merging.md §3.
 //!
-//! On a GPU device the chain's combining pass runs in `gpu` (the masks and
-//! factors found here first). This is the CPU reference: every step in f32, rounded once into the
+//! On a GPU device each method's last, per-element pass runs on the GPU:
+//! the chain's and SCE's in `gpu` (masks and factors found here first),
+//! the others' in `gpu_sum` (coefficients found here first). This is the
+//! CPU reference: every step in f32, rounded once into the
 //! output dtype (mergekit 0.1.5 rounds several methods' intermediate steps
 //! to the inputs' dtype). Deltas are never stored: each pass recomputes
 //! them from the inputs, block by block, so memory stays at the output
@@ -20,13 +22,15 @@
 
 mod geometry;
 mod gpu;
+mod gpu_sum;
 mod rank;
 pub mod rng;
 mod sce;
 mod sphere;
 
 pub use geometry::{model_stock, nearswap, nuslerp, Vectors};
-pub(crate) use gpu::GtaParams;
+pub(crate) use gpu::{GtaParams, SceParams};
+pub(crate) use gpu_sum::SumParams;
 pub use sce::sce;
 pub use sphere::{karcher, multislerp};
 
@@ -551,9 +555,24 @@ pub fn gta(
     })
 }
 
+/// The last pass `s` on the GPU when `dev` is one and the pass can run
+/// there (None: run the CPU reference).
+fn on_gpu(
+    dev: &Device,
+    s: &gpu_sum::Sum,
+    cast: Option<DType>,
+    out: DType,
+) -> Result<Option<(Tensor, Diff)>> {
+    match dev {
+        Device::Gpu(g) => gpu_sum::sum(g, s, cast, out),
+        Device::Cpu => Ok(None),
+    }
+}
+
 /// Σ wᵢ·xᵢ, divided by Σ wᵢ when `normalize` (an error if that sum is 0).
 /// The figures are against `ts[0]`.
 pub fn linear(
+    dev: &Device,
     ts: &[TensorRef],
     weights: &[f32],
     normalize: bool,
@@ -573,6 +592,11 @@ pub fn linear(
         return Err(Error::input(
             "linear merge: the weights sum to 0 (set normalize: false to add them as they are)",
         ));
+    }
+    let mut s = gpu_sum::Sum::whole(&ts[0], ts, weights, -0.0);
+    s.divide = normalize.then_some(wsum);
+    if let Some(r) = on_gpu(dev, &s, cast, out)? {
+        return Ok(r);
     }
     let (t, d, _) = write_blocks(&ts[0], out, |_, r, ys| {
         let mut x = Vec::new();
@@ -598,6 +622,7 @@ pub fn linear(
 /// exceeds 1e-8; when |cos| > 0.9995, the plain lerp (1 − t)·a + t·b.
 /// Norms and the dot product are summed in f64.
 pub fn slerp(
+    dev: &Device,
     a: &TensorRef,
     b: &TensorRef,
     t: f32,
@@ -643,6 +668,15 @@ pub fn slerp(
             (theta_t.sin() / sin0) as f32,
         )
     };
+    let pair = [*a, *b];
+    if let Some(r) = on_gpu(
+        dev,
+        &gpu_sum::Sum::whole(a, &pair, &[ca, cb], -0.0),
+        cast,
+        out,
+    )? {
+        return Ok(r);
+    }
     let (tensor, diff, _) = write_blocks(a, out, |_, r, ys| {
         let mut y = Vec::new();
         decode(a, r.clone(), cast, ys);

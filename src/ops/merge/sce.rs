@@ -3,8 +3,9 @@
 //! mean square of its kept delta, and only deltas agreeing with the sign of
 //! their sum counted, element by element.
 
-use super::rank::Smallest;
+use super::rank::{Keys, Smallest};
 use super::{block_range, check_inputs, decode, write_blocks, Mask};
+use crate::device::Device;
 use crate::error::Result;
 use crate::ops::diff::Diff;
 use crate::ops::select::key;
@@ -45,6 +46,7 @@ fn variances(d: &[f32], m: usize, len: usize, out: &mut Vec<f32>) {
 /// element, the deltas agreeing with the sign of Σδᵢ are averaged with
 /// those weights (divisor clamped to ≥ 1e-6) and added to the base.
 pub fn sce(
+    dev: &Device,
     ts: &[TensorRef],
     select_topk: f64,
     cast: Option<DType>,
@@ -54,17 +56,18 @@ pub fn sce(
     let m = ts.len() - 1;
     let n = ts[0].numel();
     let blocks = n.div_ceil(CPU_BLOCK);
+    // The variances' sort keys: what the mask ranks.
+    let var_keys = |r: Range<usize>, keys: &mut Vec<u32>| {
+        let (mut d, mut v) = (Vec::new(), Vec::new());
+        let len = r.len();
+        deltas(ts, r, cast, &mut d);
+        variances(&d, m, len, &mut v);
+        keys.clear();
+        keys.extend(v.iter().map(|&x| key(x)));
+    };
     let mask = if select_topk >= 1.0 || m == 0 {
         Mask::All
     } else {
-        let var_keys = |r: Range<usize>, keys: &mut Vec<u32>| {
-            let (mut d, mut v) = (Vec::new(), Vec::new());
-            let len = r.len();
-            deltas(ts, r, cast, &mut d);
-            variances(&d, m, len, &mut v);
-            keys.clear();
-            keys.extend(v.iter().map(|&x| key(x)));
-        };
         let nonzero: u64 = (0..blocks)
             .into_par_iter()
             .map(|b| {
@@ -124,6 +127,15 @@ pub fn sce(
     } else {
         means.iter().map(|v| (v / total) as f32).collect()
     };
+    if let Device::Gpu(g) = dev {
+        let cut = match &mask {
+            Mask::Above(s) => Some((s, &var_keys as &Keys)),
+            _ => None,
+        };
+        if let Some(r) = super::gpu::sce_combine(g, ts, cut, &w, cast, out)? {
+            return Ok(r);
+        }
+    }
     let (tensor, diff, _) = write_blocks(&ts[0], out, |b, r, ys| {
         let len = r.len();
         let mut d = Vec::new();

@@ -9,7 +9,10 @@
 //! tangent is ever stored or rounded (mergekit rounds each to the inputs'
 //! dtype).
 
-use super::{block_range, check_inputs, decode, write_blocks};
+use super::geometry::Layout;
+use super::gpu_sum::Sum;
+use super::{block_range, check_inputs, decode, on_gpu, write_blocks};
+use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::ops::diff::Diff;
 use crate::ops::CPU_BLOCK;
@@ -87,14 +90,30 @@ fn dots(u: &[Vec<f64>], c: &[f64]) -> Vec<f64> {
 /// `base` (when given) + Σ cᵢ·(xᵢ − base), each element in f32, rounded
 /// once into `out`; the figures are against `first`.
 fn combine(
+    dev: &Device,
     first: &TensorRef,
     base: Option<&TensorRef>,
     ts: &[TensorRef],
     c: &[f64],
     cast: Option<DType>,
     out: DType,
-) -> (Tensor, Diff) {
+) -> Result<(Tensor, Diff)> {
     let c: Vec<f32> = c.iter().map(|&v| v as f32).collect();
+    // On a GPU: from 0, cᵢ·(xᵢ − base) added in order, then 1·acc + 1·base.
+    let s = Sum {
+        first,
+        base,
+        terms: ts,
+        delta: base.is_some(),
+        init: 0.0,
+        divide: None,
+        coefs: c.iter().copied().chain([1.0, 1.0]).collect(),
+        layout: Layout::Whole,
+        blend: base.is_some(),
+    };
+    if let Some(r) = on_gpu(dev, &s, cast, out)? {
+        return Ok(r);
+    }
     let (t, d, _) = write_blocks(first, out, |_, r, ys| {
         let (mut x, mut z) = (Vec::new(), Vec::new());
         ys.clear();
@@ -115,18 +134,28 @@ fn combine(
         }
         ((), other)
     });
-    (t, d)
+    Ok((t, d))
 }
 
 /// A lone input `t`, rounded into `out` (both methods return it
 /// unchanged); the figures are against `first`.
-fn copy(first: &TensorRef, t: &TensorRef, cast: Option<DType>, out: DType) -> (Tensor, Diff) {
+fn copy(
+    dev: &Device,
+    first: &TensorRef,
+    t: &TensorRef,
+    cast: Option<DType>,
+    out: DType,
+) -> Result<(Tensor, Diff)> {
+    let lone = [*t];
+    if let Some(r) = on_gpu(dev, &Sum::whole(first, &lone, &[1.0], -0.0), cast, out)? {
+        return Ok(r);
+    }
     let same = std::ptr::eq(first.data, t.data);
     let (t2, d, _) = write_blocks(first, out, |_, r, ys| {
         let nonfinite = decode(t, r, cast, ys);
         ((), if same { 0 } else { nonfinite })
     });
-    (t2, d)
+    Ok((t2, d))
 }
 
 /// The Karcher mean of `ts` with equal weights: on the unit sphere, from
@@ -136,6 +165,7 @@ fn copy(first: &TensorRef, t: &TensorRef, cast: Option<DType>, out: DType) -> (T
 /// inputs' mean norm. A lone input is returned as it is; all-zero inputs
 /// give zeros.
 pub fn karcher(
+    dev: &Device,
     ts: &[TensorRef],
     max_iter: usize,
     tol: f64,
@@ -150,7 +180,7 @@ pub fn karcher(
     }
     let m = ts.len();
     if m == 1 {
-        return Ok(copy(&ts[0], &ts[0], cast, out));
+        return copy(dev, &ts[0], &ts[0], cast, out);
     }
     let g = gram(ts, None, cast);
     let norms: Vec<f64> = (0..m).map(|i| g[i][i].sqrt()).collect();
@@ -161,7 +191,7 @@ pub fn karcher(
     let valid: Vec<bool> = norms.iter().map(|&n| n > tol).collect();
     let count = valid.iter().filter(|&&v| v).count();
     if count == 0 {
-        return Ok(combine(&ts[0], None, ts, &vec![0.0; m], cast, out));
+        return combine(dev, &ts[0], None, ts, &vec![0.0; m], cast, out);
     }
     // Equal weights 1/m, renormalized over the valid inputs.
     let a: Vec<f64> = valid
@@ -206,7 +236,7 @@ pub fn karcher(
     }
     let scale: f64 = norms.iter().sum::<f64>() / m as f64;
     let c: Vec<f64> = (0..m).map(|i| scale * beta[i] * inv(i)).collect();
-    Ok(combine(&ts[0], None, ts, &c, cast, out))
+    combine(dev, &ts[0], None, ts, &c, cast, out)
 }
 
 /// Multi-SLERP of `ts` (less `base` when given) with `weights` (divided by
@@ -216,7 +246,9 @@ pub fn karcher(
 /// base. A lone model is returned as it is; where every model equals the
 /// base, the base; a zero mean falls back to the weighted sum for two
 /// models and is an error for more.
+#[allow(clippy::too_many_arguments)]
 pub fn multislerp(
+    dev: &Device,
     base: Option<&TensorRef>,
     ts: &[TensorRef],
     weights: &[f32],
@@ -242,7 +274,7 @@ pub fn multislerp(
     }
     let first = base.copied().unwrap_or(ts[0]);
     if ts.len() == 1 {
-        return Ok(copy(&first, &ts[0], cast, out));
+        return copy(dev, &first, &ts[0], cast, out);
     }
     let m = ts.len();
     let mut w: Vec<f64> = weights.iter().map(|&v| v as f64).collect();
@@ -267,12 +299,12 @@ pub fn multislerp(
     if norms.iter().all(|&n| n == 0.0) {
         // No direction to interpolate: every model is the base (a frozen
         // norm, say). mergekit fails here for three models or more.
-        return Ok(combine(&first, base, ts, &vec![0.0; m], cast, out));
+        return combine(dev, &first, base, ts, &vec![0.0; m], cast, out);
     }
     let mn = norm(&u, &w);
     if mn < eps {
         if m == 2 {
-            return Ok(combine(&first, base, ts, &w, cast, out));
+            return combine(dev, &first, base, ts, &w, cast, out);
         }
         return Err(Error::input(
             "multislerp: the weighted mean of the unit vectors is zero (antipodal models with balancing weights); change the weights",
@@ -287,5 +319,5 @@ pub fn multislerp(
     let c: Vec<f64> = (0..m)
         .map(|i| avg * (tn.cos() * beta[i] + tangent[i] * tn.sin() / tn) / (norms[i] + eps))
         .collect();
-    Ok(combine(&first, base, ts, &c, cast, out))
+    combine(dev, &first, base, ts, &c, cast, out)
 }

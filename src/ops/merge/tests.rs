@@ -276,12 +276,21 @@ fn linear_and_slerp() {
     let a: Vec<f32> = (0..n).map(|_| rng.normal() as f32).collect();
     let b: Vec<f32> = (0..n).map(|_| rng.normal() as f32).collect();
     let (ta, tb) = (tensor(DType::F32, &[n], &a), tensor(DType::F32, &[n], &b));
-    let (l, _) = linear(&[ta.view(), tb.view()], &[1.0, 3.0], true, None, DType::F32).unwrap();
+    let (l, _) = linear(
+        &Device::Cpu,
+        &[ta.view(), tb.view()],
+        &[1.0, 3.0],
+        true,
+        None,
+        DType::F32,
+    )
+    .unwrap();
     let got = l.to_f32_vec();
     for i in 0..n {
         assert_eq!(got[i], (1.0 * a[i] + 3.0 * b[i]) / 4.0);
     }
     assert!(linear(
+        &Device::Cpu,
         &[ta.view(), tb.view()],
         &[1.0, -1.0],
         true,
@@ -292,9 +301,9 @@ fn linear_and_slerp() {
     // slerp: t = 0 is `a`, t = 1 is `b` (to rounding), and in between the
     // norm follows the great circle: for orthogonal-ish unit vectors the
     // midpoint has the same norm, where a lerp would shrink it.
-    let (s0, _) = slerp(&ta.view(), &tb.view(), 0.0, None, DType::F32).unwrap();
+    let (s0, _) = slerp(&Device::Cpu, &ta.view(), &tb.view(), 0.0, None, DType::F32).unwrap();
     assert_eq!(s0.to_f32_vec(), a);
-    let (s1, _) = slerp(&ta.view(), &tb.view(), 1.0, None, DType::F32).unwrap();
+    let (s1, _) = slerp(&Device::Cpu, &ta.view(), &tb.view(), 1.0, None, DType::F32).unwrap();
     for (x, y) in s1.to_f32_vec().iter().zip(&b) {
         assert!((x - y).abs() <= 1e-5 * (1.0 + y.abs()));
     }
@@ -303,10 +312,18 @@ fn linear_and_slerp() {
     let ua: Vec<f32> = a.iter().map(|x| (*x as f64 / na) as f32).collect();
     let ub: Vec<f32> = b.iter().map(|x| (*x as f64 / nb) as f32).collect();
     let (tua, tub) = (tensor(DType::F32, &[n], &ua), tensor(DType::F32, &[n], &ub));
-    let (m, _) = slerp(&tua.view(), &tub.view(), 0.5, None, DType::F32).unwrap();
+    let (m, _) = slerp(
+        &Device::Cpu,
+        &tua.view(),
+        &tub.view(),
+        0.5,
+        None,
+        DType::F32,
+    )
+    .unwrap();
     assert!((norm(&m.to_f32_vec()) - 1.0).abs() < 1e-4);
     // Nearly parallel: the lerp.
-    let (p, _) = slerp(&ta.view(), &ta.view(), 0.3, None, DType::F32).unwrap();
+    let (p, _) = slerp(&Device::Cpu, &ta.view(), &ta.view(), 0.3, None, DType::F32).unwrap();
     for (x, y) in p.to_f32_vec().iter().zip(&a) {
         assert_eq!(*x, 0.7 * y + 0.3 * y);
     }
@@ -377,6 +394,7 @@ fn model_stock_keeps_the_base_when_offsets_cancel() {
     let (tb, ta, tm) = (t(&base), t(&a), t(&b));
     // cos θ ≈ −1 between the offsets: 1 + (N − 1)·cos θ ≈ 0, t = 0.
     let (out, _) = model_stock(
+        &Device::Cpu,
         &[tb.view(), ta.view(), tm.view()],
         Vectors::Whole,
         None,
@@ -389,6 +407,7 @@ fn model_stock_keeps_the_base_when_offsets_cancel() {
     }
     // Equal offsets: cos θ = 1, t = 1, the models' mean.
     let (out, _) = model_stock(
+        &Device::Cpu,
         &[tb.view(), ta.view(), ta.view()],
         Vectors::Whole,
         None,
@@ -421,11 +440,27 @@ fn karcher_and_multislerp_on_simple_geometry() {
     };
     let (x1, x2, y1) = (scaled(&x, 1.0), scaled(&x, 2.0), scaled(&y, 1.0));
     // One direction: the mean of the norms along it.
-    let (k, _) = karcher(&[x1.view(), x2.view()], 10, 1e-5, None, DType::F32).unwrap();
+    let (k, _) = karcher(
+        &Device::Cpu,
+        &[x1.view(), x2.view()],
+        10,
+        1e-5,
+        None,
+        DType::F32,
+    )
+    .unwrap();
     close(&k.to_f32_vec(), &scaled(&x, 1.5).to_f32_vec(), 1e-5);
     // Two orthogonal unit-norm directions: the midpoint of the arc, at the
     // mean norm (x and y are nearly orthogonal and of norm ≈ √n).
-    let (k, _) = karcher(&[x1.view(), y1.view()], 10, 1e-7, None, DType::F32).unwrap();
+    let (k, _) = karcher(
+        &Device::Cpu,
+        &[x1.view(), y1.view()],
+        10,
+        1e-7,
+        None,
+        DType::F32,
+    )
+    .unwrap();
     let (nx, ny) = (norm(&x), norm(&y));
     let mid: Vec<f32> = x.iter().zip(&y).map(|(a, b)| a / nx + b / ny).collect();
     let want: Vec<f32> = mid
@@ -434,6 +469,7 @@ fn karcher_and_multislerp_on_simple_geometry() {
         .collect();
     close(&k.to_f32_vec(), &want, 1e-4);
     let (m, _) = multislerp(
+        &Device::Cpu,
         None,
         &[x1.view(), x2.view()],
         &[0.5, 0.5],
@@ -446,6 +482,7 @@ fn karcher_and_multislerp_on_simple_geometry() {
     close(&m.to_f32_vec(), &scaled(&x, 1.5).to_f32_vec(), 1e-5);
     // Every model equal to the base: the base.
     let (m, _) = multislerp(
+        &Device::Cpu,
         Some(&y1.view()),
         &[y1.view(), y1.view(), y1.view()],
         &[1.0, 1.0, 1.0],
@@ -460,6 +497,7 @@ fn karcher_and_multislerp_on_simple_geometry() {
     // for three.
     let neg = scaled(&x, -1.0);
     let (m, _) = multislerp(
+        &Device::Cpu,
         None,
         &[x1.view(), neg.view()],
         &[1.0, 1.0],
@@ -471,6 +509,7 @@ fn karcher_and_multislerp_on_simple_geometry() {
     .unwrap();
     assert!(m.to_f32_vec().iter().all(|v| v.abs() < 1e-6));
     assert!(multislerp(
+        &Device::Cpu,
         None,
         &[x1.view(), neg.view(), x1.view(), neg.view()],
         &[1.0; 4],
@@ -481,6 +520,7 @@ fn karcher_and_multislerp_on_simple_geometry() {
     )
     .is_err());
     assert!(multislerp(
+        &Device::Cpu,
         None,
         &[x1.view(), y1.view()],
         &[1.0, -1.0],
@@ -516,6 +556,7 @@ fn nuslerp_by_columns_is_by_rows_of_the_transpose() {
         tensor(DType::F32, &[c, r], &tr(&b)),
     );
     let (cols, _) = nuslerp(
+        &Device::Cpu,
         None,
         &ta.view(),
         &tb.view(),
@@ -526,6 +567,7 @@ fn nuslerp_by_columns_is_by_rows_of_the_transpose() {
     )
     .unwrap();
     let (rows, _) = nuslerp(
+        &Device::Cpu,
         None,
         &sa.view(),
         &sb.view(),
@@ -542,6 +584,7 @@ fn nuslerp_by_columns_is_by_rows_of_the_transpose() {
         tensor(DType::F32, &[c], &b[..c]),
     );
     let (x, _) = nuslerp(
+        &Device::Cpu,
         None,
         &v0.view(),
         &v1.view(),
@@ -552,6 +595,7 @@ fn nuslerp_by_columns_is_by_rows_of_the_transpose() {
     )
     .unwrap();
     let (w, _) = nuslerp(
+        &Device::Cpu,
         None,
         &v0.view(),
         &v1.view(),
