@@ -101,6 +101,22 @@ def seqsum(v):
     return total
 
 
+def lanesum(v):
+    """f64 sum as the rescaling sums it (ops/merge l1_sums): within each
+    block of 32768, element e into lane e % 8 in order, the eight lanes
+    then added in order; then the blocks in order."""
+    total = 0.0
+    for b in range(0, v.size, BLOCK):
+        x = np.asarray(v[b : b + BLOCK], np.float64)
+        x = np.concatenate([x, np.zeros(-x.size % 8)]).reshape(-1, 8)
+        lanes = np.cumsum(x, axis=0)[-1] if x.size else np.zeros(8)
+        part = 0.0
+        for lane in lanes:
+            part += float(lane)
+        total += part
+    return total
+
+
 def della_keep(d, row_len, dens, eps, key_):
     rows = d.reshape(-1, row_len)
     order = np.argsort(key(rows), axis=1, kind="stable")
@@ -131,8 +147,8 @@ def gta(base, xs, terms, sparsify, consensus, normalize, rescale, lam, seed, nam
             keep = ranks_between(d, bottom, k)
         s = np.float32(1.0)
         if rescale and sparsify != "none":
-            a = seqsum(np.abs(d))
-            b = seqsum(np.where(keep, np.abs(d), np.float32(0)))
+            a = lanesum(np.abs(d))
+            b = lanesum(np.where(keep, np.abs(d), np.float32(0)))
             if a >= 1e-7 and b >= 1e-7:
                 s = np.float32(a / b)
         wd.append(np.where(keep, np.float32(w) * (d * s), np.float32(0)).astype(np.float32))

@@ -205,7 +205,8 @@ impl Mask {
         match self {
             Mask::All => keep.resize(d.len(), true),
             Mask::Random { key, p } => {
-                keep.extend(r.map(|i| rng::uniform(*key, i as u64) < *p));
+                keep.resize(r.len(), false);
+                rng::below(*key, r.start as u64, *p, keep);
             }
             Mask::Above(s) => {
                 let mut tie = s.ties_before(b);
@@ -224,12 +225,50 @@ impl Mask {
                 row_len,
                 words,
                 bits,
-            } => keep.extend(r.map(|i| {
-                let (row, j) = (i / row_len, i % row_len);
-                bits[row * words + j / 64] >> (j % 64) & 1 == 1
-            })),
+            } => {
+                // Row by row: no division per element.
+                for (row, seg) in super::row_segments(r, *row_len) {
+                    let w = &bits[row * words..(row + 1) * words];
+                    let first = row * row_len;
+                    keep.extend(seg.map(|i| {
+                        let j = i - first;
+                        w[j / 64] >> (j % 64) & 1 == 1
+                    }));
+                }
+            }
         }
     }
+}
+
+/// Σ|d| and Σ|d| where `keep`, in f64 over eight lanes (element e adds
+/// into lane e % 8, in order; the lanes are then added in order), so that
+/// the loop vectorizes and the sums still repeat exactly.
+fn l1_sums(d: &[f32], keep: &[bool]) -> (f64, f64) {
+    fast!({
+        let (mut all, mut kept) = ([0f64; 8], [0f64; 8]);
+        let (dc, dr) = d.as_chunks::<8>();
+        let (kc, kr) = keep.as_chunks::<8>();
+        for (x, k) in dc.iter().zip(kc) {
+            // The select in f32 and as a mask: loops the compiler vectorizes.
+            let mut a = [0f32; 8];
+            let mut m = [0f32; 8];
+            for j in 0..8 {
+                a[j] = x[j].abs();
+                m[j] = f32::from_bits(a[j].to_bits() & (k[j] as u32).wrapping_neg());
+            }
+            for j in 0..8 {
+                all[j] += a[j] as f64;
+                kept[j] += m[j] as f64;
+            }
+        }
+        for (j, (&x, &k)) in dr.iter().zip(kr).enumerate() {
+            let a = x.abs() as f64;
+            all[j] += a;
+            kept[j] += if k { a } else { 0.0 };
+        }
+        let total = |l: [f64; 8]| l.iter().fold(0.0, |s, x| s + x);
+        (total(all), total(kept))
+    })
 }
 
 /// δ = x − base for elements `r`; returns x's NaN and infinite values.
@@ -329,8 +368,24 @@ fn mask_for(
             Mask::Between(lo, cut()?)
         }
         Sparsify::Della if term.density >= 1.0 => Mask::All,
+        Sparsify::Della if della_row_len(base) >> 32 != 0 => {
+            return Err(Error::input(format!(
+                "{name}: DELLA ranks within rows; rows of 2³² elements or more are not supported"
+            )))
+        }
         Sparsify::Della => della_mask(base, x, term, g, name, model, cast),
     })
+}
+
+/// The rows DELLA ranks in: the `(shape[0], rest)` view's (a 1-D tensor
+/// is one row).
+fn della_row_len(base: &TensorRef) -> usize {
+    if base.shape.len() < 2 {
+        base.numel()
+    } else {
+        base.rows().1
+    }
+    .max(1)
 }
 
 /// DELLA's draws: in each row of the `(shape[0], rest)` view (a 1-D tensor
@@ -346,12 +401,7 @@ fn della_mask(
     cast: Option<DType>,
 ) -> Mask {
     let n = base.numel();
-    let row_len = if base.shape.len() < 2 {
-        n
-    } else {
-        base.rows().1
-    }
-    .max(1);
+    let row_len = della_row_len(base);
     let words = row_len.div_ceil(64);
     let mut bits = vec![0u64; (n / row_len) * words];
     let stream = rng::stream_key(g.seed, name, model);
@@ -362,11 +412,18 @@ fn della_mask(
         |(bufs, order), (row, w)| {
             let start = row * row_len;
             deltas(base, x, start..start + row_len, cast, bufs);
+            // (key, index) packed in one u64: sorts as the pair, faster.
             order.clear();
-            order.extend(bufs.1.iter().enumerate().map(|(j, &v)| (key(v), j)));
+            order.extend(
+                bufs.1
+                    .iter()
+                    .enumerate()
+                    .map(|(j, &v)| (key(v) as u64) << 32 | j as u64),
+            );
             order.sort_unstable();
             let last = (row_len - 1).max(1) as f32;
-            for (rank, &(_, j)) in order.iter().enumerate() {
+            for (rank, &o) in order.iter().enumerate() {
+                let j = (o & 0xffff_ffff) as usize;
                 let p = low + (rank as f32 / last) * spread;
                 if rng::uniform(stream, (start + j) as u64) < p {
                     w[j / 64] |= 1 << (j % 64);
@@ -433,28 +490,32 @@ pub fn gta(
     // Rescale: each thinned delta back to its L1 norm (sums in f64, in
     // block order, so that they repeat exactly).
     let scale: Vec<f32> = if g.rescale && g.sparsify != Sparsify::None {
-        masks
-            .iter()
-            .enumerate()
-            .map(|(i, m)| {
-                let parts: Vec<(f64, f64)> = (0..n.div_ceil(CPU_BLOCK))
-                    .into_par_iter()
-                    .map_init(
-                        || ((Vec::new(), Vec::new()), Vec::new()),
-                        |(bufs, keep), b| {
-                            let r = block_range(b, n);
-                            deltas(base, &ts[i + 1], r.clone(), cast, bufs);
-                            m.block(b, r, &bufs.1, keep);
-                            let (mut all, mut kept) = (0f64, 0f64);
-                            for (&d, &k) in bufs.1.iter().zip(keep.iter()) {
-                                all += d.abs() as f64;
-                                kept += if k { d.abs() as f64 } else { 0.0 };
-                            }
-                            (all, kept)
-                        },
-                    )
-                    .collect();
-                let (all, kept) = parts.iter().fold((0.0, 0.0), |a, p| (a.0 + p.0, a.1 + p.1));
+        // Every model in one pass (the base decoded once per block).
+        let parts: Vec<Vec<(f64, f64)>> = (0..n.div_ceil(CPU_BLOCK))
+            .into_par_iter()
+            .map_init(
+                || (Vec::new(), Vec::new(), Vec::new()),
+                |(b0, d, keep), b| {
+                    let r = block_range(b, n);
+                    decode(base, r.clone(), cast, b0);
+                    masks
+                        .iter()
+                        .enumerate()
+                        .map(|(i, m)| {
+                            decode(&ts[i + 1], r.clone(), cast, d);
+                            fast!(d.iter_mut().zip(b0.iter()).for_each(|(x, b)| *x -= b));
+                            m.block(b, r.clone(), d, keep);
+                            l1_sums(d, keep)
+                        })
+                        .collect()
+                },
+            )
+            .collect();
+        (0..masks.len())
+            .map(|i| {
+                let (all, kept) = parts
+                    .iter()
+                    .fold((0.0, 0.0), |a, p| (a.0 + p[i].0, a.1 + p[i].1));
                 if all < 1e-7 || kept < 1e-7 {
                     1.0
                 } else {

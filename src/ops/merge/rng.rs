@@ -35,6 +35,23 @@ pub fn uniform(key: u32, i: u64) -> f32 {
     (h >> 8) as f32 * (1.0 / 16_777_216.0)
 }
 
+/// `out[j] = uniform(key, start + j) < p` for every j: the same draws in
+/// a loop that vectorizes (the index's high half is fixed per run).
+pub fn below(key: u32, start: u64, p: f32, out: &mut [bool]) {
+    let mut j = 0;
+    while j < out.len() {
+        let i = start + j as u64;
+        let lo0 = i as u32;
+        let run = ((1u64 << 32) - lo0 as u64).min((out.len() - j) as u64) as usize;
+        let h = mix32((i >> 32) as u32 ^ 0x85eb_ca6b);
+        fast!(for (k, o) in out[j..j + run].iter_mut().enumerate() {
+            let x = mix32(key ^ mix32(lo0.wrapping_add(k as u32) ^ h));
+            *o = ((x >> 8) as f32 * (1.0 / 16_777_216.0)) < p;
+        });
+        j += run;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -58,5 +75,17 @@ mod tests {
         }
         // Elements past 2³² draw anew, not a repeat of the low ones.
         assert_ne!(uniform(k, 5), uniform(k, 5 + (1 << 32)));
+        // The vectorized run draws the same, across the 2³² boundary too.
+        for start in [0u64, 12_345, (1 << 32) - 700] {
+            let mut got = vec![false; 2000];
+            below(k, start, 0.37, &mut got);
+            for (j, g) in got.iter().enumerate() {
+                assert_eq!(
+                    *g,
+                    uniform(k, start + j as u64) < 0.37,
+                    "start {start} j {j}"
+                );
+            }
+        }
     }
 }
