@@ -51,4 +51,45 @@ rm -rf cpy
 rm -rf mp; echo "modelpress: $(t $B merge ties.yml -o mp --device cpu)"
 rm -rf mp; echo "modelpress again: $(t $B merge ties.yml -o mp --device cpu)"
 mkdir -p cpy; echo "cp+sync again: $( { /usr/bin/time -f '%e s' sh -c 'for f in base ft1 ft2 ft3; do cp $f/model.safetensors cpy/$f.st; done; sync' ; } 2>&1 | tail -1)"; rm -rf cpy
+if [ -z "${SKIP_MERGEKIT:-}" ]; then
 rm -rf mk; echo "mergekit: $(HF_HUB_OFFLINE=1 t "$V/bin/mergekit-yaml" ties.yml mk --no-copy-tokenizer)"
+fi
+
+# Other methods on the same models, each beside cp + sync of the files it reads
+# (before and after), as issue 11 measures.
+m() { # name, yaml body
+    printf '%s\ndtype: bfloat16\n' "$2" > "$1.yml"
+}
+models() { # the three fine-tunes with weights 1, 0.5, 0.3 and extra parameters $1
+    printf 'models:\n'
+    for i in 1 2 3; do
+        w=$(echo "1.0 0.5 0.3" | cut -d' ' -f$i)
+        printf '  - {model: %s/ft%s, parameters: {weight: %s%s}}\n' "$D" $i $w "$1"
+    done
+}
+m linear "merge_method: linear
+$(models '')"
+m slerp "merge_method: slerp
+base_model: $D/base
+models: [{model: $D/base}, {model: $D/ft1}]
+parameters: {t: [0, 0.5, 1]}"
+m task_arithmetic "merge_method: task_arithmetic
+base_model: $D/base
+$(models '')"
+m dare_ties "merge_method: dare_ties
+base_model: $D/base
+$(models ', density: 0.5')"
+m della "merge_method: della
+base_model: $D/base
+$(models ', density: 0.5, epsilon: 0.1')"
+for x in model_stock karcher; do
+    m $x "merge_method: $x
+base_model: $D/base
+models: [{model: $D/ft1}, {model: $D/ft2}, {model: $D/ft3}]"
+done
+cs() { rm -rf cpy; mkdir cpy; /usr/bin/time -f '%e' sh -c "for f in $*; do cp \$f/model.safetensors cpy/\$f.st; done; sync" 2>&1 | tail -1; rm -rf cpy; }
+for x in task_arithmetic ties linear slerp dare_ties model_stock karcher della; do
+    case $x in linear) ins="ft1 ft2 ft3";; slerp) ins="base ft1";; *) ins="base ft1 ft2 ft3";; esac
+    c1=$(cs $ins); rm -rf mp; r=$(t $B merge $x.yml -o mp --device cpu); c2=$(cs $ins)
+    echo "$x: modelpress $r | cp+sync $c1 s, $c2 s"
+done
