@@ -326,19 +326,5 @@ pub(crate) fn sce_combine(
         read: vec![(r.len() * eo).next_multiple_of(4) as u64, 4],
         workgroups: g.ctx.workgroups_for((r.len() * eo).div_ceil(4) as u64),
     });
-    let mut t = Tensor::for_overwrite(out, base.shape);
-    let mut d = Diff::default();
-    let mut clean = true;
-    g.ctx.stream(&pipeline, &layout, jobs, |c, outs| {
-        let r = &ranges[c];
-        if u32_at(outs[1], 0) != 0 {
-            clean = false;
-            return Ok(());
-        }
-        let chunk = &mut t.data[r.start * eo..r.end * eo];
-        chunk.copy_from_slice(&outs[0][..chunk.len()]);
-        d = d.merge(chunk_diff(&[base], r.clone(), out, chunk));
-        Ok(())
-    })?;
-    Ok(clean.then_some((t, d)))
+    super::gpu_sum::gather(g, &pipeline, &layout, jobs, &ranges, base, out)
 }

@@ -204,10 +204,27 @@ fn run(
             workgroups: g.ctx.workgroups_for((r.len() * eo).div_ceil(4) as u64),
         }
     });
+    gather(g, &pipeline, &layout, jobs, &ranges, first, out)
+}
+
+/// Streams `jobs` (chunks `ranges` of a tensor shaped like `first`) whose
+/// outputs are the result in `out` and a flag word set where an input was
+/// NaN or infinite: the tensor and its figures against `first`, or None
+/// when any chunk raised the flag.
+pub(super) fn gather<'a>(
+    g: &Gpu,
+    pipeline: &wgpu::ComputePipeline,
+    layout: &StreamLayout,
+    jobs: impl IntoIterator<Item = Chunk<'a>>,
+    ranges: &[std::ops::Range<usize>],
+    first: &TensorRef,
+    out: DType,
+) -> Result<Option<(Tensor, Diff)>> {
+    let eo = out.size();
     let mut tensor = Tensor::for_overwrite(out, first.shape);
     let mut d = Diff::default();
     let mut clean = true;
-    g.ctx.stream(&pipeline, &layout, jobs, |c, outs| {
+    g.ctx.stream(pipeline, layout, jobs, |c, outs| {
         let r = &ranges[c];
         if u32_at(outs[1], 0) != 0 {
             clean = false;
