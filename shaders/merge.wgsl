@@ -71,15 +71,20 @@ fn draw(key: u32, lo: u32, hi: u32) -> f32 {
     return f32(h >> 8u) * (1.0 / 16777216.0);
 }
 
+// f32 bits `b` rounded through dtype `c` (mergekit's `dtype`); 3: none.
+fn through_cast(b: u32, c: u32) -> u32 {
+    if (c < 3u) {
+        return raw_to_f32_bits(f32_bits_to_raw(b, c), c);
+    }
+    return b;
+}
+
 // Element `e` of input slot `s` as f32 bits, rounded through the cast
 // dtype when there is one (mergekit's `dtype`).
 fn load(s: u32, e: u32) -> u32 {
     let epw = elems_per_word(DTYPE);
     let b = raw_to_f32_bits(lane_raw(g_src[s * gp.stride + e / epw], e % epw, DTYPE), DTYPE);
-    if (gp.cast_dt < 3u) {
-        return raw_to_f32_bits(f32_bits_to_raw(b, gp.cast_dt), gp.cast_dt);
-    }
-    return b;
+    return through_cast(b, gp.cast_dt);
 }
 
 // Whether (lo, hi) ≤ (llo, lhi) as 64-bit numbers.
@@ -238,10 +243,7 @@ const SUM_NEARSWAP: u32 = 16u;
 fn sum_load(s: u32, e: u32) -> u32 {
     let epw = elems_per_word(DTYPE);
     let b = raw_to_f32_bits(lane_raw(s_src[s * sp.stride + e / epw], e % epw, DTYPE), DTYPE);
-    if (sp.cast_dt < 3u) {
-        return raw_to_f32_bits(f32_bits_to_raw(b, sp.cast_dt), sp.cast_dt);
-    }
-    return b;
+    return through_cast(b, sp.cast_dt);
 }
 
 // The vector of chunk element `e`: 0 (whole), its row counted from the
@@ -348,10 +350,7 @@ struct SceParams {
 fn sce_load(s: u32, e: u32) -> u32 {
     let epw = elems_per_word(DTYPE);
     let b = raw_to_f32_bits(lane_raw(c_src[s * cp.stride + e / epw], e % epw, DTYPE), DTYPE);
-    if (cp.cast_dt < 3u) {
-        return raw_to_f32_bits(f32_bits_to_raw(b, cp.cast_dt), cp.cast_dt);
-    }
-    return b;
+    return through_cast(b, cp.cast_dt);
 }
 
 @compute @workgroup_size(WG)

@@ -4,7 +4,7 @@
 //! interpolation of two models or of their deltas from a base), over the
 //! whole flattened tensor or row by row (the last dimension).
 
-use super::gpu_sum::{self, Sum};
+use super::gpu_sum::Sum;
 use super::{block_range, check_inputs, decode, on_gpu, write_blocks};
 use crate::device::Device;
 use crate::error::{Error, Result};
@@ -128,10 +128,8 @@ pub fn nearswap(
 ) -> Result<(Tensor, Diff)> {
     check_inputs("nearswap", &[*a, *b], out)?;
     crate::ops::finite_param("nearswap t", t)?;
-    if let Device::Gpu(g) = dev {
-        if let Some(r) = gpu_sum::nearswap(g, a, b, t, cast, out)? {
-            return Ok(r);
-        }
+    if let Some(r) = on_gpu(dev, &Sum::nearswap(a, b, t), cast, out)? {
+        return Ok(r);
     }
     let (tensor, diff, _) = write_blocks(a, out, |_, r, ys| {
         let mut y = Vec::new();
@@ -229,6 +227,7 @@ pub fn model_stock(
             .collect(),
         layout,
         blend: true,
+        nearswap: None,
     };
     if let Some(r) = on_gpu(dev, &s, cast, out)? {
         return Ok(r);
@@ -328,6 +327,7 @@ pub fn nuslerp(
         coefs: coef.iter().flat_map(|&(a, b)| [a, b, 1.0, 1.0]).collect(),
         layout,
         blend: base.is_some(),
+        nearswap: None,
     };
     if let Some(r) = on_gpu(dev, &s, cast, out)? {
         return Ok(r);

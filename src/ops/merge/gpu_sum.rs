@@ -41,7 +41,8 @@ const MAX_TERMS: usize = 64;
 
 /// What a method's last pass computes, per element e of vector v:
 /// acc = `init`; acc += c[v][i]·xᵢ over `terms` (xᵢ − base when `delta`);
-/// acc /= `divide`; y = p[v]·acc + q[v]·base when `blend`, else acc.
+/// acc /= `divide`; y = p[v]·acc + q[v]·base when `blend`, else acc. With
+/// `nearswap` (t), NearSwap of the base towards the one term instead.
 pub(crate) struct Sum<'t, 'a> {
     /// The figures (`Diff`) are against this input.
     pub first: &'t TensorRef<'a>,
@@ -56,6 +57,7 @@ pub(crate) struct Sum<'t, 'a> {
     pub coefs: Vec<f32>,
     pub layout: Layout,
     pub blend: bool,
+    pub nearswap: Option<f32>,
 }
 
 impl<'t, 'a> Sum<'t, 'a> {
@@ -79,6 +81,16 @@ impl<'t, 'a> Sum<'t, 'a> {
             coefs,
             layout: Layout::Whole,
             blend: false,
+            nearswap: None,
+        }
+    }
+
+    /// NearSwap of `base` towards `b` at `t`.
+    pub(crate) fn nearswap(base: &'t TensorRef<'a>, b: &'t TensorRef<'a>, t: f32) -> Self {
+        Sum {
+            base: Some(base),
+            nearswap: Some(t),
+            ..Sum::whole(base, std::slice::from_ref(b), &[0.0], 0.0)
         }
     }
 }
@@ -97,35 +109,9 @@ pub(crate) fn sum(
     let flags = flag(s.base.is_some(), HAS_BASE)
         | flag(s.delta, DELTA)
         | flag(s.divide.is_some(), DIVIDE)
-        | flag(s.blend, BLEND);
-    run(g, s.first, &ts, s.terms.len(), flags, s, 0.0, cast, out)
-}
-
-/// NearSwap of `a` (the base) towards `b` at `t` on `g` (None as `sum`).
-pub(crate) fn nearswap(
-    g: &Gpu,
-    a: &TensorRef,
-    b: &TensorRef,
-    t: f32,
-    cast: Option<DType>,
-    out: DType,
-) -> Result<Option<(Tensor, Diff)>> {
-    let s = Sum::whole(a, std::slice::from_ref(b), &[0.0], 0.0);
-    run(g, a, &[*a, *b], 1, HAS_BASE | NEARSWAP, &s, t, cast, out)
-}
-
-#[allow(clippy::too_many_arguments)]
-fn run(
-    g: &Gpu,
-    first: &TensorRef,
-    ts: &[TensorRef],
-    k: usize,
-    flags: u32,
-    s: &Sum,
-    t: f32,
-    cast: Option<DType>,
-    out: DType,
-) -> Result<Option<(Tensor, Diff)>> {
+        | flag(s.blend, BLEND)
+        | flag(s.nearswap.is_some(), NEARSWAP);
+    let (first, k, t) = (s.first, s.terms.len(), s.nearswap.unwrap_or(0.0));
     let n = first.numel();
     let dt = first.dtype;
     let width = k + 2;
@@ -197,7 +183,7 @@ fn run(
                 ..Default::default()
             }),
             inputs: vec![
-                slots(ts, r.clone(), ce),
+                slots(&ts, r.clone(), ce),
                 bytemuck::cast_slice(coefs).to_vec().into(),
             ],
             read: vec![(r.len() * eo).next_multiple_of(4) as u64, 4],

@@ -320,29 +320,11 @@ fn counts(keys: &[u32], lo: u32, hi: u32, cands: &[u32]) -> (u64, u64, [u64; CAN
     (below, inside, eq)
 }
 
-/// The distinct keys of `keys` with their counts, ascending. Few distinct
-/// keys (deltas of 16-bit weights take few values) are counted in place;
-/// more are sorted.
+/// The distinct keys of `keys` with their counts, ascending (the keys the
+/// sample did not foresee; the few it did are counted in `counts`).
 fn tally(keys: &mut [u32]) -> Vec<(u32, u64)> {
-    const FEW: usize = 16;
-    let mut pairs: Vec<(u32, u64)> = Vec::with_capacity(FEW);
-    let mut few = true;
-    for &k in keys.iter() {
-        if let Some(p) = pairs.iter_mut().find(|p| p.0 == k) {
-            p.1 += 1;
-        } else if pairs.len() < FEW {
-            pairs.push((k, 1));
-        } else {
-            few = false;
-            break;
-        }
-    }
-    if few {
-        pairs.sort_unstable_by_key(|p| p.0);
-        return pairs;
-    }
     keys.sort_unstable();
-    pairs.clear();
+    let mut pairs: Vec<(u32, u64)> = Vec::new();
     for &k in keys.iter() {
         match pairs.last_mut() {
             Some((last, c)) if *last == k => *c += 1,

@@ -110,6 +110,7 @@ fn combine(
         coefs: c.iter().copied().chain([1.0, 1.0]).collect(),
         layout: Layout::Whole,
         blend: base.is_some(),
+        nearswap: None,
     };
     if let Some(r) = on_gpu(dev, &s, cast, out)? {
         return Ok(r);
