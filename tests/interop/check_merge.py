@@ -180,7 +180,7 @@ run("sample", "base", "--seed", "1", device=False)
 for i in (2, 3, 4):
     run("sample", f"noise{i}", "--seed", str(i), device=False)
     run("mix", "base", f"noise{i}", "--weights", f"1,{0.01 * i}", "-o", f"ft{i}")
-models = {p: load(p)[0] for p in ("base", "ft2", "ft3", "ft4")}
+models = {p: load(p)[0] for p in ("base", "ft2", "ft3", "ft4", "noise2", "noise3")}
 layers = json.load(open("base/config.json"))["num_hidden_layers"]
 names = list(models["base"].keys())
 
@@ -239,6 +239,13 @@ configs = {
     "nearswap": {"merge_method": "nearswap", "base_model": "base", "models": [{"model": "ft2"}], "parameters": {"t": 0.001}},
     "model_stock": {"merge_method": "model_stock", "base_model": "base", "models": m3([{}, {}, {}])},
     "model_stock_rows": {"merge_method": "model_stock", "base_model": "base", "models": m3([{}, {}, {}]), "parameters": {"filter_wise": True}},
+    # Two and four models: the sums' unrolled loops (three is above, five the general loop).
+    "model_stock_2": {"merge_method": "model_stock", "base_model": "base", "models": [{"model": "ft2"}, {"model": "ft4"}]},
+    "model_stock_4_rows": {
+        "merge_method": "model_stock", "base_model": "base", "parameters": {"filter_wise": True},
+        "models": [{"model": m} for m in ("ft2", "ft3", "ft4", "noise2")],
+    },
+    "model_stock_5": {"merge_method": "model_stock", "base_model": "base", "models": [{"model": m} for m in ("ft2", "ft3", "ft4", "noise2", "noise3")]},
     "nuslerp": {"merge_method": "nuslerp", "models": [{"model": "ft2", "parameters": {"weight": 1.0}}, {"model": "ft3", "parameters": {"weight": [0.2, 3.0]}}]},
     "nuslerp_base_rows": {
         "merge_method": "nuslerp", "base_model": "base",

@@ -116,6 +116,58 @@ fn sums(
     }
 }
 
+/// `f(e, acc[(e % stride)·k ..][..k])` for e in 0..len, in order, without
+/// a division per element (one slice for the common stride of 1).
+#[inline(always)]
+fn each_vector(
+    len: usize,
+    stride: usize,
+    k: usize,
+    acc: &mut [f64],
+    mut f: impl FnMut(usize, &mut [f64]),
+) {
+    if stride == 1 {
+        let a = &mut acc[..k];
+        (0..len).for_each(|e| f(e, a));
+        return;
+    }
+    let mut c = 0;
+    for e in 0..len {
+        f(e, &mut acc[c * k..][..k]);
+        c += 1;
+        if c == stride {
+            c = 0;
+        }
+    }
+}
+
+/// Model Stock's sums for M ≤ 4 models and one vector: ‖δᵢ‖² into
+/// `acc[i]`, then δᵢ·δⱼ for i < j, each added in element order as the
+/// generic loop adds them (the same bits), with the sums held in registers
+/// rather than in memory. Returns true.
+#[inline(always)]
+#[allow(clippy::needless_range_loop)] // indices into M arrays at once, unrolled
+fn gram<const M: usize>(d: [&[f32]; M], acc: &mut [f64]) -> bool {
+    let k = M + M * (M - 1) / 2;
+    let mut a = [0f64; 10];
+    a[..k].copy_from_slice(&acc[..k]);
+    for e in 0..d[0].len() {
+        let x: [f64; M] = std::array::from_fn(|i| d[i][e] as f64);
+        for i in 0..M {
+            a[i] += x[i] * x[i];
+        }
+        let mut p = M;
+        for i in 0..M {
+            for j in i + 1..M {
+                a[p] += x[i] * x[j];
+                p += 1;
+            }
+        }
+    }
+    acc[..k].copy_from_slice(&a[..k]);
+    true
+}
+
 /// NearSwap: w = clamp(t / max(|a − b|, 1e-6), 0, 1), then w·b + (1 − w)·a,
 /// element by element (`a` is the base).
 pub fn nearswap(
@@ -183,14 +235,22 @@ pub fn model_stock(
                 x
             })
             .collect();
-        for e in 0..r.len() {
-            let a = &mut acc[(e % stride) * k..][..k];
-            for (i, d) in ds.iter().enumerate() {
-                a[i] += d[e] as f64 * d[e] as f64;
-            }
-            for (p, &(i, j)) in pairs.iter().enumerate() {
-                a[m + p] += ds[i][e] as f64 * ds[j][e] as f64;
-            }
+        let unrolled = stride == 1
+            && match m {
+                2 => gram::<2>(std::array::from_fn(|i| &ds[i][..]), acc),
+                3 => gram::<3>(std::array::from_fn(|i| &ds[i][..]), acc),
+                4 => gram::<4>(std::array::from_fn(|i| &ds[i][..]), acc),
+                _ => false,
+            };
+        if !unrolled {
+            each_vector(r.len(), stride, k, acc, |e, a| {
+                for (i, d) in ds.iter().enumerate() {
+                    a[i] += d[e] as f64 * d[e] as f64;
+                }
+                for (p, &(i, j)) in pairs.iter().enumerate() {
+                    a[m + p] += ds[i][e] as f64 * ds[j][e] as f64;
+                }
+            });
         }
     });
     let t: Vec<f32> = s
@@ -288,13 +348,12 @@ pub fn nuslerp(
     let s = sums(n, layout, 3, |r, stride, acc| {
         let (mut a, mut b) = (Vec::new(), Vec::new());
         vecs(r, &mut a, &mut b);
-        for (e, (&x, &y)) in a.iter().zip(&b).enumerate() {
-            let (x, y) = (x as f64, y as f64);
-            let v = &mut acc[(e % stride) * 3..][..3];
+        each_vector(a.len(), stride, 3, acc, |e, v| {
+            let (x, y) = (a[e] as f64, b[e] as f64);
             v[0] += x * x;
             v[1] += y * y;
             v[2] += x * y;
-        }
+        });
     });
     let coef: Vec<(f32, f32)> = s
         .iter()

@@ -2,7 +2,7 @@
 //! task arithmetic family (`task_arithmetic`, `ties`, `dare_*`,
 //! `breadcrumbs*`, `della*`), `linear` and `slerp` here; `nearswap`,
 //! `model_stock` and `nuslerp` in `geometry`, `karcher` and `multislerp`
-//! in `sphere`, `sce` in `sce`.
+//! in `sphere`, `sce` in `sce`; DELLA's rank-driven masks in `della`.
 //! The exact math is in ../shared/reference/pruning_merging.md §3.
 //!
 //! On a GPU device each method's last, per-element pass runs on the GPU:
@@ -20,6 +20,7 @@
 //! - DARE draws from `rng::uniform`, keyed by (seed, tensor name, model,
 //!   element index): the same mask on every device and chunking.
 
+mod della;
 mod geometry;
 mod gpu;
 mod gpu_sum;
@@ -157,11 +158,12 @@ fn write_blocks<S: Send>(
             |(ys, xs), (b, ob)| {
                 let r = block_range(b, n);
                 let (s, other) = f(b, r.clone(), ys);
-                for (k, y) in ys.iter_mut().enumerate() {
+                // Exact-size chunks zipped: the rounding loop vectorizes.
+                fast!(for (y, o) in ys.iter_mut().zip(ob.chunks_exact_mut(O::SIZE)) {
                     let raw = O::from_f32(*y);
-                    O::write(ob, k, raw);
+                    O::write(o, 0, raw);
                     *y = O::to_f32(raw);
-                }
+                });
                 decode(base, r, None, xs);
                 let mut d = Diff::default();
                 d.add_f32s(xs, ys);
@@ -368,74 +370,8 @@ fn mask_for(
             Mask::Between(lo, cut()?)
         }
         Sparsify::Della if term.density >= 1.0 => Mask::All,
-        Sparsify::Della if della_row_len(base) >> 32 != 0 => {
-            return Err(Error::input(format!(
-                "{name}: DELLA ranks within rows; rows of 2³² elements or more are not supported"
-            )))
-        }
-        Sparsify::Della => della_mask(base, x, term, g, name, model, cast),
+        Sparsify::Della => della::mask(base, x, term, g, name, model, cast)?,
     })
-}
-
-/// The rows DELLA ranks in: the `(shape[0], rest)` view's (a 1-D tensor
-/// is one row).
-fn della_row_len(base: &TensorRef) -> usize {
-    if base.shape.len() < 2 {
-        base.numel()
-    } else {
-        base.rows().1
-    }
-    .max(1)
-}
-
-/// DELLA's draws: in each row of the `(shape[0], rest)` view (a 1-D tensor
-/// is one row), the element of rank k by |δ| ascending (ties to the lower
-/// index), of n, is kept with probability (density − ε) + k/(n − 1)·2ε.
-fn della_mask(
-    base: &TensorRef,
-    x: &TensorRef,
-    term: &Term,
-    g: &Gta,
-    name: &str,
-    model: u32,
-    cast: Option<DType>,
-) -> Mask {
-    let n = base.numel();
-    let row_len = della_row_len(base);
-    let words = row_len.div_ceil(64);
-    let mut bits = vec![0u64; (n / row_len) * words];
-    let stream = rng::stream_key(g.seed, name, model);
-    let low = (term.density - term.epsilon) as f32;
-    let spread = (2.0 * term.epsilon) as f32;
-    bits.par_chunks_mut(words).enumerate().for_each_init(
-        || ((Vec::new(), Vec::new()), Vec::new()),
-        |(bufs, order), (row, w)| {
-            let start = row * row_len;
-            deltas(base, x, start..start + row_len, cast, bufs);
-            // (key, index) packed in one u64: sorts as the pair, faster.
-            order.clear();
-            order.extend(
-                bufs.1
-                    .iter()
-                    .enumerate()
-                    .map(|(j, &v)| (key(v) as u64) << 32 | j as u64),
-            );
-            order.sort_unstable();
-            let last = (row_len - 1).max(1) as f32;
-            for (rank, &o) in order.iter().enumerate() {
-                let j = (o & 0xffff_ffff) as usize;
-                let p = low + (rank as f32 / last) * spread;
-                if rng::uniform(stream, (start + j) as u64) < p {
-                    w[j / 64] |= 1 << (j % 64);
-                }
-            }
-        },
-    );
-    Mask::Bits {
-        row_len,
-        words,
-        bits,
-    }
 }
 
 /// The generalized task-arithmetic chain over `ts[0]` (the base) and the

@@ -31,25 +31,47 @@ pub fn stream_key(seed: u64, tensor: &str, model: u32) -> u32 {
 /// A uniform draw in [0, 1) with 24 bits (exact in f32) for element `i`.
 #[inline(always)]
 pub fn uniform(key: u32, i: u64) -> f32 {
-    let h = mix32(key ^ mix32(i as u32 ^ mix32((i >> 32) as u32 ^ 0x85eb_ca6b)));
-    (h >> 8) as f32 * (1.0 / 16_777_216.0)
+    draw(key, i as u32, mix32((i >> 32) as u32 ^ 0x85eb_ca6b))
+}
+
+/// Calls `f(j, lo, h)` for each run of indices `start + j..` that shares
+/// the high half `(i >> 32)`: the draw of element `start + j + k` is then
+/// `draw(key, lo + k, h)`, a loop that vectorizes.
+#[inline(always)]
+fn runs(start: u64, len: usize, mut f: impl FnMut(std::ops::Range<usize>, u32, u32)) {
+    let mut j = 0;
+    while j < len {
+        let i = start + j as u64;
+        let lo = i as u32;
+        let run = ((1u64 << 32) - lo as u64).min((len - j) as u64) as usize;
+        f(j..j + run, lo, mix32((i >> 32) as u32 ^ 0x85eb_ca6b));
+        j += run;
+    }
+}
+
+/// `uniform(key, i)` for `i` with low half `lo` and mixed high half `h`.
+#[inline(always)]
+fn draw(key: u32, lo: u32, h: u32) -> f32 {
+    (mix32(key ^ mix32(lo ^ h)) >> 8) as f32 * (1.0 / 16_777_216.0)
 }
 
 /// `out[j] = uniform(key, start + j) < p` for every j: the same draws in
-/// a loop that vectorizes (the index's high half is fixed per run).
+/// a loop that vectorizes.
 pub fn below(key: u32, start: u64, p: f32, out: &mut [bool]) {
-    let mut j = 0;
-    while j < out.len() {
-        let i = start + j as u64;
-        let lo0 = i as u32;
-        let run = ((1u64 << 32) - lo0 as u64).min((out.len() - j) as u64) as usize;
-        let h = mix32((i >> 32) as u32 ^ 0x85eb_ca6b);
-        fast!(for (k, o) in out[j..j + run].iter_mut().enumerate() {
-            let x = mix32(key ^ mix32(lo0.wrapping_add(k as u32) ^ h));
-            *o = ((x >> 8) as f32 * (1.0 / 16_777_216.0)) < p;
-        });
-        j += run;
-    }
+    runs(start, out.len(), |r, lo, h| {
+        fast!(for (k, o) in out[r.clone()].iter_mut().enumerate() {
+            *o = draw(key, lo.wrapping_add(k as u32), h) < p;
+        })
+    });
+}
+
+/// `out[j] = uniform(key, start + j)` for every j, vectorized.
+pub fn uniforms(key: u32, start: u64, out: &mut [f32]) {
+    runs(start, out.len(), |r, lo, h| {
+        fast!(for (k, o) in out[r.clone()].iter_mut().enumerate() {
+            *o = draw(key, lo.wrapping_add(k as u32), h);
+        })
+    });
 }
 
 #[cfg(test)]
@@ -85,6 +107,11 @@ mod tests {
                     uniform(k, start + j as u64) < 0.37,
                     "start {start} j {j}"
                 );
+            }
+            let mut u = vec![0f32; 2000];
+            uniforms(k, start, &mut u);
+            for (j, u) in u.iter().enumerate() {
+                assert_eq!(u.to_bits(), uniform(k, start + j as u64).to_bits());
             }
         }
     }
