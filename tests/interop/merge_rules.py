@@ -190,10 +190,10 @@ def linear(xs, ws, normalize):
     return acc
 
 
-def vec_sums(vs, row_len, stride=None):
+def vec_sums(vs, row_len, stride=None, lanes=False):
     """Per vector (the whole tensor, rows of row_len, or with `stride` the
     vectors along dimension 0), the f64 sums of the products of each pair
-    (i, j) of `vs`, as ops/merge sums them."""
+    (i, j) of `vs`, as ops/merge sums them (over eight lanes: `lanes`)."""
     n = vs[0].size
     if stride is not None:
         # Blocks of whole rows, each summed row by row, then the blocks.
@@ -209,7 +209,8 @@ def vec_sums(vs, row_len, stride=None):
                     out[c][i, j] = float(total[c])
         return out
     def one(idx):
-        return {(i, j): (seqsum(vs[i][idx].astype(np.float64) * vs[j][idx].astype(np.float64)))
+        total = lanesum if lanes else seqsum
+        return {(i, j): (total(vs[i][idx].astype(np.float64) * vs[j][idx].astype(np.float64)))
                 for i in range(len(vs)) for j in range(i, len(vs))}
     if row_len is None:
         return [one(slice(0, n))]
@@ -225,7 +226,7 @@ def per_element(coef, n, row_len, stride=None):
 
 
 def slerp(a, b, t):
-    s = vec_sums([a, b], None)[0]
+    s = vec_sums([a, b], None, lanes=True)[0]
     na, nb = math.sqrt(s[0, 0]), math.sqrt(s[1, 1])
     unit = lambda x: x if x > 1e-8 else 1.0
     dot = s[0, 1] / (unit(na) * unit(nb))

@@ -121,13 +121,17 @@ fn decode(t: &TensorRef, r: Range<usize>, cast: Option<DType>, buf: &mut Vec<f32
     buf.clear();
     buf.resize(r.len(), 0.0);
     // Exact-size slices zipped: no bounds checks, so the loop vectorizes.
-    with_codec!(t.dtype, C => fast!({
+    // The NaN/inf count as an integer test on the bits, in the same
+    // vectorized code.
+    let nonfinite = with_codec!(t.dtype, C => fast!({
         let bytes = &t.data[r.start * C::SIZE..r.end * C::SIZE];
         for (y, x) in buf.iter_mut().zip(bytes.chunks_exact(C::SIZE)) {
             *y = C::to_f32(C::read(x, 0));
         }
+        buf.iter()
+            .map(|v| (v.to_bits() & 0x7f80_0000 == 0x7f80_0000) as u64)
+            .sum::<u64>()
     }));
-    let nonfinite = buf.iter().filter(|v| !v.is_finite()).count() as u64;
     if let Some(c) = cast.filter(|&c| c != t.dtype && c != DType::F32) {
         with_codec!(c, K => buf.iter_mut().for_each(|v| *v = K::to_f32(K::from_f32(*v))));
     }
@@ -270,6 +274,31 @@ fn l1_sums(d: &[f32], keep: &[bool]) -> (f64, f64) {
         }
         let total = |l: [f64; 8]| l.iter().fold(0.0, |s, x| s + x);
         (total(all), total(kept))
+    })
+}
+
+/// Σu², Σv², Σuv in f64 over eight lanes, as `l1_sums` adds (element e
+/// into lane e % 8, the lanes then added in order): a loop that vectorizes.
+fn gram_lanes(x: &[f32], y: &[f32]) -> [f64; 3] {
+    fast!({
+        let mut l = [[0f64; 8]; 3];
+        let (xc, xr) = x.as_chunks::<8>();
+        let (yc, yr) = y.as_chunks::<8>();
+        let mut add = |j: usize, u: f32, v: f32| {
+            let (u, v) = (u as f64, v as f64);
+            l[0][j] += u * u;
+            l[1][j] += v * v;
+            l[2][j] += u * v;
+        };
+        for (u, v) in xc.iter().zip(yc) {
+            for j in 0..8 {
+                add(j, u[j], v[j]);
+            }
+        }
+        for (j, (&u, &v)) in xr.iter().zip(yr).enumerate() {
+            add(j, u, v);
+        }
+        l.map(|lanes| lanes.iter().fold(0.0, |s, x| s + x))
     })
 }
 
@@ -637,14 +666,7 @@ pub fn slerp(
                 let r = block_range(blk, n);
                 decode(a, r.clone(), cast, x);
                 decode(b, r, cast, y);
-                let mut s = [0f64; 3];
-                for (&u, &v) in x.iter().zip(y.iter()) {
-                    let (u, v) = (u as f64, v as f64);
-                    s[0] += u * u;
-                    s[1] += v * v;
-                    s[2] += u * v;
-                }
-                s
+                gram_lanes(x, y)
             },
         )
         .collect();
