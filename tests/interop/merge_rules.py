@@ -117,6 +117,22 @@ def lanesum(v):
     return total
 
 
+def rowlanesum(v, row_len):
+    """f64 sum as DELLA's masks take it (ops/merge/della row_l1): within
+    each row, element e into lane e % 8 in order, the lanes then added in
+    order; then the rows in order."""
+    x = np.asarray(v, np.float64).reshape(-1, row_len)
+    x = np.concatenate([x, np.zeros((x.shape[0], -row_len % 8))], axis=1).reshape(x.shape[0], -1, 8)
+    lanes = np.cumsum(x, axis=1)[:, -1, :]
+    rows = np.zeros(x.shape[0])
+    for lane in range(8):
+        rows = rows + lanes[:, lane]
+    total = 0.0
+    for r in rows:
+        total += float(r)
+    return total
+
+
 def della_keep(d, row_len, dens, eps, key_):
     rows = d.reshape(-1, row_len)
     order = np.argsort(key(rows), axis=1, kind="stable")
@@ -147,8 +163,9 @@ def gta(base, xs, terms, sparsify, consensus, normalize, rescale, lam, seed, nam
             keep = ranks_between(d, bottom, k)
         s = np.float32(1.0)
         if rescale and sparsify != "none":
-            a = lanesum(np.abs(d))
-            b = lanesum(np.where(keep, np.abs(d), np.float32(0)))
+            total = (lambda v: rowlanesum(v, row_len)) if sparsify == "della" and dens < 1 else lanesum
+            a = total(np.abs(d))
+            b = total(np.where(keep, np.abs(d), np.float32(0)))
             if a >= 1e-7 and b >= 1e-7:
                 s = np.float32(a / b)
         wd.append(np.where(keep, np.float32(w) * (d * s), np.float32(0)).astype(np.float32))

@@ -3,7 +3,7 @@
 //! stable radix sort of the row's keys (`ascending`) over only the bits in
 //! which they differ, and the draws from one vectorized run per row.
 
-use super::{delta_keys, rng, Gta, Mask, Term};
+use super::{delta_keys, lane_sum, rng, Gta, Mask, Term};
 use crate::error::{Error, Result};
 use crate::tensor::{DType, TensorRef};
 use rayon::prelude::*;
@@ -22,6 +22,7 @@ pub(super) fn row_len(base: &TensorRef) -> usize {
 /// DELLA's draws: in each row of the `(shape[0], rest)` view (a 1-D tensor
 /// is one row), the element of rank k by |δ| ascending (ties to the lower
 /// index), of n, is kept with probability (density − ε) + k/(n − 1)·2ε.
+/// Also returns Σ|δ| and the kept Σ|δ| for the rescaling (see `row_l1`).
 pub(super) fn mask(
     base: &TensorRef,
     x: &TensorRef,
@@ -30,7 +31,7 @@ pub(super) fn mask(
     name: &str,
     model: u32,
     cast: Option<DType>,
-) -> Result<Mask> {
+) -> Result<(Mask, (f64, f64))> {
     let row_len = row_len(base);
     if row_len >> 32 != 0 {
         return Err(Error::input(format!(
@@ -48,31 +49,58 @@ pub(super) fn mask(
     let odds: Vec<f32> = (0..row_len)
         .map(|rank| low + (rank as f32 / last) * spread)
         .collect();
-    bits.par_chunks_mut(words).enumerate().for_each_init(
-        || (Vec::new(), Sorter::default(), Vec::new(), Vec::new()),
-        |(keys, sorter, draws, odds_at), (row, w)| {
-            let start = row * row_len;
-            delta_keys(base, x, start..start + row_len, cast, keys);
-            // Each element's probability put in its place, then the draws
-            // compared in index order: no branch on a coin flip.
-            odds_at.resize(row_len, 0.0);
-            for (&o, &p) in sorter.ascending(keys).iter().zip(&odds) {
-                odds_at[o as u32 as usize] = p;
-            }
-            draws.resize(row_len, 0.0);
-            rng::uniforms(stream, start as u64, draws);
-            fast!(
-                for ((w, u), p) in w.iter_mut().zip(draws.chunks(64)).zip(odds_at.chunks(64)) {
-                    *w = pack(u, p);
+    // Per row, the L1 sums the rescaling needs, taken here (rows then
+    // added in order) so that no later pass reads the inputs for them.
+    let mut l1 = vec![(0f64, 0f64); n / row_len];
+    bits.par_chunks_mut(words)
+        .zip(l1.par_iter_mut())
+        .enumerate()
+        .for_each_init(
+            || (Vec::new(), Sorter::default(), Vec::new(), Vec::new()),
+            |(keys, sorter, draws, odds_at), (row, (w, l1))| {
+                let start = row * row_len;
+                delta_keys(base, x, start..start + row_len, cast, keys);
+                // Each element's probability put in its place, then the
+                // draws compared in index order: no branch on a coin flip.
+                odds_at.resize(row_len, 0.0);
+                for (&o, &p) in sorter.ascending(keys).iter().zip(&odds) {
+                    odds_at[o as u32 as usize] = p;
                 }
-            );
+                draws.resize(row_len, 0.0);
+                rng::uniforms(stream, start as u64, draws);
+                fast!(
+                    for ((w, u), p) in w.iter_mut().zip(draws.chunks(64)).zip(odds_at.chunks(64)) {
+                        *w = pack(u, p);
+                    }
+                );
+                *l1 = row_l1(keys, draws, odds_at);
+            },
+        );
+    let l1 = l1.iter().fold((0.0, 0.0), |a, r| (a.0 + r.0, a.1 + r.1));
+    Ok((
+        Mask::Bits {
+            row_len,
+            words,
+            bits,
         },
-    );
-    Ok(Mask::Bits {
-        row_len,
-        words,
-        bits,
-    })
+        l1,
+    ))
+}
+
+/// Σ|δ| and Σ|δ| over the kept elements (draw below its probability) of
+/// one row, from the keys (|δ|'s bits), each in f64 over eight lanes as
+/// `l1_sums` adds them (element e of the row into lane e % 8, the lanes
+/// then added in order). The kept values are written over the draws
+/// first: summed in the same loop as the select, the compiler turns the
+/// select into a branch per element.
+fn row_l1(keys: &[u32], draws: &mut [f32], odds: &[f32]) -> (f64, f64) {
+    fast!({
+        for ((u, &p), &k) in draws.iter_mut().zip(odds).zip(keys) {
+            *u = f32::from_bits(k & ((*u < p) as u32).wrapping_neg());
+        }
+    });
+    let all = lane_sum(keys.len(), |i| f32::from_bits(keys[i]));
+    (all, lane_sum(draws.len(), |i| draws[i]))
 }
 
 /// Bit k set where `u[k] < p[k]`, for up to 64 elements: the compares as

@@ -246,34 +246,37 @@ impl Mask {
     }
 }
 
-/// Σ|d| and Σ|d| where `keep`, in f64 over eight lanes (element e adds
-/// into lane e % 8, in order; the lanes are then added in order), so that
-/// the loop vectorizes and the sums still repeat exactly.
-fn l1_sums(d: &[f32], keep: &[bool]) -> (f64, f64) {
+/// Σ|d| and Σ|d| where `keep`, each in f64 over eight lanes (`lane_sum`);
+/// `d` is left holding the kept |d|, 0 elsewhere. The select is stored
+/// before it is summed: summed in the same loop, the compiler turns it
+/// into a branch per element, a coin flip for DARE.
+fn l1_sums(d: &mut [f32], keep: &[bool]) -> (f64, f64) {
+    let all = lane_sum(d.len(), |i| d[i].abs());
     fast!({
-        let (mut all, mut kept) = ([0f64; 8], [0f64; 8]);
-        let (dc, dr) = d.as_chunks::<8>();
-        let (kc, kr) = keep.as_chunks::<8>();
-        for (x, k) in dc.iter().zip(kc) {
-            // The select in f32 and as a mask: loops the compiler vectorizes.
-            let mut a = [0f32; 8];
-            let mut m = [0f32; 8];
-            for j in 0..8 {
-                a[j] = x[j].abs();
-                m[j] = f32::from_bits(a[j].to_bits() & (k[j] as u32).wrapping_neg());
-            }
-            for j in 0..8 {
-                all[j] += a[j] as f64;
-                kept[j] += m[j] as f64;
+        for (x, &k) in d.iter_mut().zip(keep) {
+            *x = if k { x.abs() } else { 0.0 };
+        }
+    });
+    (all, lane_sum(d.len(), |i| d[i]))
+}
+
+/// Σ f(i) for i < n in f64 over eight lanes (i into lane i % 8, the lanes
+/// then added in order), so that the loop vectorizes and the sum still
+/// repeats exactly.
+#[inline(always)]
+fn lane_sum(n: usize, f: impl Fn(usize) -> f32) -> f64 {
+    fast!({
+        let mut l = [0f64; 8];
+        let whole = n / 8 * 8;
+        for c in (0..whole).step_by(8) {
+            for (j, l) in l.iter_mut().enumerate() {
+                *l += f(c + j) as f64;
             }
         }
-        for (j, (&x, &k)) in dr.iter().zip(kr).enumerate() {
-            let a = x.abs() as f64;
-            all[j] += a;
-            kept[j] += if k { a } else { 0.0 };
+        for i in whole..n {
+            l[i % 8] += f(i) as f64;
         }
-        let total = |l: [f64; 8]| l.iter().fold(0.0, |s, x| s + x);
-        (total(all), total(kept))
+        l.iter().fold(0.0, |s, x| s + x)
     })
 }
 
@@ -371,7 +374,8 @@ fn cut_counts(n: usize, term: &Term, sparsify: Sparsify) -> Vec<u64> {
     }
 }
 
-/// A model's mask; `cuts` yields the rank cuts `cut_counts` asked for.
+/// A model's mask, and its L1 sums (Σ|δ|, kept Σ|δ|) where making it took
+/// them; `cuts` yields the rank cuts `cut_counts` asked for.
 #[allow(clippy::too_many_arguments)]
 fn mask_for(
     base: &TensorRef,
@@ -382,12 +386,16 @@ fn mask_for(
     model: u32,
     cast: Option<DType>,
     cuts: &mut impl Iterator<Item = Smallest>,
-) -> Result<Mask> {
+) -> Result<(Mask, Option<(f64, f64)>)> {
     let mut cut = || {
         cuts.next()
             .ok_or_else(|| Error::input("merge: a rank cut is missing"))
     };
-    Ok(match g.sparsify {
+    if g.sparsify == Sparsify::Della && term.density < 1.0 {
+        let (mask, l1) = della::mask(base, x, term, g, name, model, cast)?;
+        return Ok((mask, Some(l1)));
+    }
+    let mask = match g.sparsify {
         Sparsify::None => Mask::All,
         Sparsify::Random => Mask::Random {
             key: rng::stream_key(g.seed, name, model),
@@ -398,9 +406,9 @@ fn mask_for(
             let lo = cut()?;
             Mask::Between(lo, cut()?)
         }
-        Sparsify::Della if term.density >= 1.0 => Mask::All,
-        Sparsify::Della => della::mask(base, x, term, g, name, model, cast)?,
-    })
+        Sparsify::Della => Mask::All, // density ≥ 1
+    };
+    Ok((mask, None))
 }
 
 /// The generalized task-arithmetic chain over `ts[0]` (the base) and the
@@ -447,40 +455,51 @@ pub fn gta(
         })?
     };
     let mut cuts = cuts.into_iter();
-    let masks = terms
+    let (masks, known): (Vec<Mask>, Vec<Option<(f64, f64)>>) = terms
         .iter()
         .enumerate()
         .map(|(i, t)| mask_for(base, &ts[i + 1], t, g, name, i as u32 + 1, cast, &mut cuts))
-        .collect::<Result<Vec<_>>>()?;
+        .collect::<Result<Vec<_>>>()?
+        .into_iter()
+        .unzip();
     // Rescale: each thinned delta back to its L1 norm (sums in f64, in
-    // block order, so that they repeat exactly).
+    // block order — DELLA's in row order, taken with its mask — so that
+    // they repeat exactly).
     let scale: Vec<f32> = if g.rescale && g.sparsify != Sparsify::None {
-        // Every model in one pass (the base decoded once per block).
-        let parts: Vec<Vec<(f64, f64)>> = (0..n.div_ceil(CPU_BLOCK))
-            .into_par_iter()
-            .map_init(
-                || (Vec::new(), Vec::new(), Vec::new()),
-                |(b0, d, keep), b| {
-                    let r = block_range(b, n);
-                    decode(base, r.clone(), cast, b0);
-                    masks
-                        .iter()
-                        .enumerate()
-                        .map(|(i, m)| {
-                            decode(&ts[i + 1], r.clone(), cast, d);
-                            fast!(d.iter_mut().zip(b0.iter()).for_each(|(x, b)| *x -= b));
-                            m.block(b, r.clone(), d, keep);
-                            l1_sums(d, keep)
-                        })
-                        .collect()
-                },
-            )
-            .collect();
-        (0..masks.len())
-            .map(|i| {
-                let (all, kept) = parts
-                    .iter()
-                    .fold((0.0, 0.0), |a, p| (a.0 + p[i].0, a.1 + p[i].1));
+        // Every model whose mask did not bring them in one pass (the base
+        // decoded once per block).
+        let pending: Vec<usize> = (0..masks.len()).filter(|&i| known[i].is_none()).collect();
+        let parts: Vec<Vec<(f64, f64)>> = if pending.is_empty() {
+            Vec::new()
+        } else {
+            (0..n.div_ceil(CPU_BLOCK))
+                .into_par_iter()
+                .map_init(
+                    || (Vec::new(), Vec::new(), Vec::new()),
+                    |(b0, d, keep), b| {
+                        let r = block_range(b, n);
+                        decode(base, r.clone(), cast, b0);
+                        pending
+                            .iter()
+                            .map(|&i| {
+                                decode(&ts[i + 1], r.clone(), cast, d);
+                                fast!(d.iter_mut().zip(b0.iter()).for_each(|(x, b)| *x -= b));
+                                masks[i].block(b, r.clone(), d, keep);
+                                l1_sums(d, keep)
+                            })
+                            .collect()
+                    },
+                )
+                .collect()
+        };
+        let mut l1: Vec<(f64, f64)> = known.iter().map(|k| k.unwrap_or_default()).collect();
+        for (at, &i) in pending.iter().enumerate() {
+            l1[i] = parts
+                .iter()
+                .fold((0.0, 0.0), |a, p| (a.0 + p[at].0, a.1 + p[at].1));
+        }
+        l1.into_iter()
+            .map(|(all, kept)| {
                 if all < 1e-7 || kept < 1e-7 {
                     1.0
                 } else {
