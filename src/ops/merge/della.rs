@@ -10,7 +10,7 @@ use rayon::prelude::*;
 
 /// The rows DELLA ranks in: the `(shape[0], rest)` view's (a 1-D tensor
 /// is one row).
-pub(super) fn row_len(base: &TensorRef) -> usize {
+fn row_len(base: &TensorRef) -> usize {
     if base.shape.len() < 2 {
         base.numel()
     } else {
