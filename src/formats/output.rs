@@ -217,6 +217,18 @@ impl Staged {
     fn create(dest: &Path, is_dir: bool) -> Result<(Staged, Option<File>)> {
         let tmp = temp_path(dest, if is_dir { Kind::Staging } else { Kind::Tmp })?;
         let mut list = live();
+        // Until the temporary holds its flock, another run's stale scan
+        // (`clean_stale`, under the same directory lock) must not see it:
+        // unlocked, it would look left behind and be removed. Not in a
+        // staging directory of ours: private, and its liveness flock would
+        // make the lock wait forever (as in `commit`, whose lock order,
+        // `live` then the directory, this keeps).
+        let dir = parent_dir(dest);
+        let _scan = if list.iter().any(|(_, p, is_dir)| *is_dir && p == dir) {
+            None
+        } else {
+            lock_dir(dir)
+        };
         let file = if is_dir {
             std::fs::create_dir(&tmp).map_err(io(&tmp))?;
             None
@@ -541,10 +553,10 @@ pub fn commit(items: Vec<Staged>, replace: bool) -> Result<()> {
 pub fn clean_stale(dest: &Path) -> Result<Vec<String>> {
     let dir = parent_dir(dest);
     let name = file_name(dest)?;
+    let _lock = lock_dir(dir);
     let Ok(entries) = std::fs::read_dir(dir) else {
         return Ok(Vec::new());
     };
-    let _lock = lock_dir(dir);
     let mut notes = Vec::new();
     for e in entries.flatten() {
         let fname = e.file_name().to_string_lossy().into_owned();
